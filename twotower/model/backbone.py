@@ -1,0 +1,117 @@
+"""The backbone: embeddings -> residual sub-layers (pre-norm, mixer, add) -> norm -> LM head."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .cache import ForwardContext, ModelCache, append_context, left_padding
+from .config import BackboneConfig
+from .layers import MLP, Attention, MoE, RMSNorm, RotaryTable
+from .mamba2 import Mamba2
+
+
+class SubLayer(nn.Module):
+    def __init__(self, cfg: BackboneConfig, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        if kind == "attention":
+            self.mixer = Attention(cfg)
+        elif kind == "mamba":
+            self.mixer = Mamba2(cfg)
+        elif kind == "mlp":
+            self.mixer = MLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_activation, cfg.mlp_bias)
+        else:
+            self.mixer = MoE(cfg.hidden_size, cfg.moe)
+
+    def mix(self, h: torch.Tensor, ctx: ForwardContext, rope, state) -> torch.Tensor:
+        if self.kind == "attention":
+            return self.mixer(h, ctx, rope, state)
+        if self.kind == "mamba":
+            return self.mixer(h, ctx, state)
+        return self.mixer(h)
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext, rope, state) -> torch.Tensor:
+        return x + self.mix(self.norm(x), ctx, rope, state)
+
+
+class Backbone(nn.Module):
+    def __init__(self, config: BackboneConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(SubLayer(config, kind) for kind in config.layer_types)
+        self.norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rotary = (
+            RotaryTable(config.rope, config.head_dim, config.max_position_embeddings)
+            if config.rope is not None and "attention" in config.layer_types
+            else None
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    def new_cache(self, batch: int, max_len: int) -> ModelCache:
+        if max_len > self.config.max_position_embeddings:
+            raise ValueError(
+                f"{max_len} tokens exceed the model's context of {self.config.max_position_embeddings}"
+            )
+        return ModelCache(self.config, batch, max_len, dtype=self.dtype, device=self.device)
+
+    def check_token_ids(self, input_ids: torch.Tensor) -> None:
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
+            raise ValueError(
+                f"token ids must lie in [0, {self.config.vocab_size}); got {int(input_ids.min())}..{int(input_ids.max())}"
+            )
+
+    def hidden_states(self, input_ids: torch.Tensor, ctx: ForwardContext, cache: ModelCache | None) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        rope = self.rotary(ctx.positions, x.dtype) if self.rotary is not None else None
+        for i, layer in enumerate(self.layers):
+            x = layer(x, ctx, rope, cache.layers[i] if cache is not None else None)
+        return self.norm(x)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        cache: ModelCache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        last_only: bool = False,
+        record: bool = False,
+    ) -> torch.Tensor:
+        """Logits for ``input_ids`` (B, T).
+
+        Without a cache: one causal pass; ``attention_mask`` (B, T) marks real tokens of
+        left-padded rows. With a cache: the tokens are appended to every row (a prompt's left
+        padding is given by ``attention_mask`` on the first call) and the cache advances.
+        ``record`` keeps per-token Mamba states so the cache can roll back into this call.
+        """
+        self.check_token_ids(input_ids)
+        b, t = input_ids.shape
+        valid = attention_mask.bool() if attention_mask is not None else None
+        if cache is not None:
+            if valid is not None:
+                cache.set_left_padding(valid)
+            ctx = cache.context(t, valid, record)
+        elif valid is None:
+            positions = torch.arange(t, device=input_ids.device).expand(b, t)
+            ctx = ForwardContext(positions=positions, attn_mask=None, is_causal=True)
+        else:
+            zeros = torch.zeros(b, dtype=torch.long, device=input_ids.device)
+            ctx = append_context(zeros, left_padding(valid), t, valid)
+            ctx.slots = None  # nothing to write
+        h = self.hidden_states(input_ids, ctx, cache)
+        if cache is not None:
+            cache.advance(t)
+        if last_only:
+            h = h[:, -1:]
+        return self.lm_head(h)

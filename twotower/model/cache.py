@@ -1,0 +1,170 @@
+"""Inference state of a backbone: per-row lengths, a preallocated KV cache per attention
+sub-layer, conv and SSM states per Mamba-2 sub-layer.
+
+Rows of a batch live in one slot space. Row ``b`` holds real tokens in slots
+``starts[b] .. lengths[b]-1`` (left padding before ``starts[b]``); its next token goes to
+slot ``lengths[b]`` and has RoPE position ``lengths[b] - starts[b]``. Rows may have different
+lengths (after a per-row rollback), so every write and every mask is per row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import BackboneConfig
+
+
+class KVCache:
+    """Keys/values of one attention sub-layer, (batch, kv_heads, max_len, head_dim)."""
+
+    def __init__(self, batch: int, kv_heads: int, max_len: int, head_dim: int, dtype, device) -> None:
+        self.k = torch.zeros(batch, kv_heads, max_len, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+
+    def write(self, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new (B, H, T, D) keys/values and return all keys/values up to ``ctx.kv_len``."""
+        if ctx.uniform_slot is not None:
+            s = ctx.uniform_slot
+            self.k[:, :, s : s + k.shape[2]] = k
+            self.v[:, :, s : s + v.shape[2]] = v
+        else:
+            rows = torch.arange(k.shape[0], device=k.device)[:, None]
+            self.k[rows, :, ctx.slots] = k.transpose(1, 2)
+            self.v[rows, :, ctx.slots] = v.transpose(1, 2)
+        return self.k[:, :, : ctx.kv_len], self.v[:, :, : ctx.kv_len]
+
+
+class MambaState:
+    """Conv state (last K-1 conv inputs) and SSM state of one Mamba-2 sub-layer.
+
+    When an extension is recorded, the conv input window and the SSM state after every new
+    token are kept so that ``rollback`` can return each row to any position inside it.
+    """
+
+    def __init__(self, batch: int, conv_dim: int, kernel: int, heads: int, head_dim: int, state: int, dtype, device) -> None:
+        self.conv = torch.zeros(batch, conv_dim, kernel - 1, dtype=dtype, device=device)
+        self.ssm = torch.zeros(batch, heads, head_dim, state, dtype=torch.float32, device=device)
+        self.conv_window: torch.Tensor | None = None  # (B, conv_dim, K-1+T) of the last recorded extension
+        self.ssm_history: torch.Tensor | None = None  # (B, T+1, H, P, N): state before and after each token
+
+    def rollback(self, keep: torch.Tensor) -> None:
+        """Keep only the first ``keep[b]`` tokens of row b's last recorded extension."""
+        if self.conv_window is None or self.ssm_history is None:
+            raise RuntimeError("Mamba state can only roll back inside an extension made with record=True")
+        k = self.conv.shape[-1]
+        rows = torch.arange(keep.shape[0], device=keep.device)
+        idx = keep[:, None] + torch.arange(k, device=keep.device)  # (B, K-1)
+        self.conv = torch.gather(self.conv_window, 2, idx[:, None, :].expand(-1, self.conv.shape[1], -1)).contiguous()
+        self.ssm = self.ssm_history[rows, keep].contiguous()
+        self.conv_window = self.ssm_history = None  # positions changed: the record no longer applies
+
+
+@dataclass
+class ForwardContext:
+    """Everything a sub-layer needs to know about where the current tokens sit."""
+
+    positions: torch.Tensor  # (B, T) RoPE positions
+    attn_mask: torch.Tensor | None  # (B, 1, T, kv_len) bool, True = attend; None with is_causal or T == 1
+    is_causal: bool = False  # no cache, no padding: let SDPA build the causal mask
+    slots: torch.Tensor | None = None  # (B, T) cache slots of the new tokens; None = no cache
+    uniform_slot: int | None = None  # all rows write at the same slot (fast path)
+    kv_len: int = 0
+    valid: torch.Tensor | None = None  # (B, T) False at left-padding positions (zeroed for Mamba)
+    record: bool = False  # keep per-token Mamba states for rollback
+
+
+def left_padding(valid: torch.Tensor) -> torch.Tensor:
+    """Number of padding slots per row of a (B, T) left-padding mask (True = real token)."""
+    if bool((valid[:, 1:].int() < valid[:, :-1].int()).any()):
+        raise ValueError("attention_mask must describe left padding (zeros, then ones)")
+    if not bool(valid[:, -1].all()):
+        raise ValueError("every row needs at least one real token")
+    return (~valid).sum(1)
+
+
+def append_context(
+    lengths: torch.Tensor,
+    starts: torch.Tensor,
+    num_new: int,
+    valid: torch.Tensor | None = None,
+    record: bool = False,
+) -> ForwardContext:
+    """Context for ``num_new`` tokens written after each row's ``lengths[b]`` slots."""
+    device = lengths.device
+    slots = lengths[:, None] + torch.arange(num_new, device=device)  # (B, T)
+    kv_len = int(lengths.max()) + num_new
+    uniform = bool((lengths == lengths[0]).all())
+    if uniform and num_new == 1 and not bool(starts.any()):
+        mask = None  # a single query that sees every slot written so far
+    else:
+        keys = torch.arange(kv_len, device=device)
+        mask = (keys <= slots[:, :, None]) & (keys >= starts[:, None, None])
+        mask = mask[:, None]
+    return ForwardContext(
+        positions=slots - starts[:, None],
+        attn_mask=mask,
+        slots=slots,
+        uniform_slot=int(lengths[0]) if uniform else None,
+        kv_len=kv_len,
+        valid=valid,
+        record=record,
+    )
+
+
+class ModelCache:
+    def __init__(self, config: BackboneConfig, batch: int, max_len: int, dtype=torch.float32, device="cpu") -> None:
+        self.max_len = max_len
+        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
+        self.starts = torch.zeros(batch, dtype=torch.long, device=device)
+        self.layers: list[KVCache | MambaState | None] = []
+        for kind in config.layer_types:
+            if kind == "attention":
+                self.layers.append(
+                    KVCache(batch, config.num_key_value_heads, max_len, config.head_dim, dtype, device)
+                )
+            elif kind == "mamba":
+                m = config.mamba
+                conv_dim = m.num_heads * m.head_dim + 2 * m.n_groups * m.state_size
+                self.layers.append(
+                    MambaState(batch, conv_dim, m.conv_kernel, m.num_heads, m.head_dim, m.state_size, dtype, device)
+                )
+            else:
+                self.layers.append(None)
+
+    @property
+    def batch_size(self) -> int:
+        return self.lengths.shape[0]
+
+    def context(self, num_new: int, valid: torch.Tensor | None = None, record: bool = False) -> ForwardContext:
+        """Context for appending ``num_new`` tokens to every row."""
+        if int(self.lengths.max()) + num_new > self.max_len:
+            raise ValueError(
+                f"cache overflow: {int(self.lengths.max())} + {num_new} tokens exceed its {self.max_len} slots"
+            )
+        return append_context(self.lengths, self.starts, num_new, valid, record)
+
+    def set_left_padding(self, valid: torch.Tensor) -> None:
+        """Declare a fresh cache's left padding from the first call's (B, T) attention mask."""
+        if bool(self.lengths.any()):
+            raise ValueError("attention_mask (left padding) is only accepted on the first call on a cache")
+        self.starts = left_padding(valid)
+
+    def advance(self, num_new: int) -> None:
+        self.lengths += num_new
+
+    def rollback(self, lengths: torch.Tensor) -> None:
+        """Return every row to ``lengths[b]`` tokens (slots). Mamba layers need the last
+        extension to have been recorded and the target to lie inside it."""
+        lengths = lengths.to(self.lengths)
+        if bool((lengths > self.lengths).any()) or bool((lengths < self.starts).any()):
+            raise ValueError("rollback target outside the cached tokens")
+        mamba = [s for s in self.layers if isinstance(s, MambaState)]
+        if mamba:
+            first = self.lengths - mamba[0].ssm_history.shape[1] + 1 if mamba[0].ssm_history is not None else None
+            if first is None or bool((lengths < first).any()):
+                raise ValueError("Mamba states can only roll back inside the last recorded extension")
+            for s in mamba:
+                s.rollback(lengths - first)
+        self.lengths = lengths.clone()

@@ -1,0 +1,194 @@
+"""Norms, rotary embeddings and the attention, MLP and MoE mixers (Mamba-2 is in mamba2.py)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import ForwardContext, KVCache
+from .config import BackboneConfig, MoEConfig, RopeConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 (bf16 variance is too coarse), scale in the input dtype as Llama does.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
+    inv_freq = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if rope.kind == "default":
+        return inv_freq
+    if rope.kind != "llama3":
+        raise ValueError(f"unsupported RoPE scaling {rope.kind!r} (supported: default, llama3)")
+    # Llama 3.1 scaling: keep high frequencies, divide low ones by `factor`, interpolate between.
+    old_len = rope.original_max_position_embeddings
+    low_wavelen = old_len / rope.low_freq_factor
+    high_wavelen = old_len / rope.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
+    smooth = (old_len / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+class RotaryTable(nn.Module):
+    """Precomputed cos/sin for every position, looked up per row (rows have their own positions)."""
+
+    def __init__(self, rope: RopeConfig, head_dim: int, max_positions: int) -> None:
+        super().__init__()
+        freqs = torch.outer(torch.arange(max_positions).float(), rope_inv_freq(rope, head_dim))
+        emb = torch.cat([freqs, freqs], dim=-1)
+        self.register_buffer("cos", emb.cos(), persistent=False)
+        self.register_buffer("sin", emb.sin(), persistent=False)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if int(positions.max()) >= self.cos.shape[0]:
+            raise ValueError(f"position {int(positions.max())} beyond the model's {self.cos.shape[0]} positions")
+        return self.cos[positions].to(dtype)[:, None], self.sin[positions].to(dtype)[:, None]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: BackboneConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        h, bias = cfg.hidden_size, cfg.attention_bias
+        self.q_proj = nn.Linear(h, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        ctx: ForwardContext,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        cache: KVCache | None,
+    ) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim)
+        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.write(k, v, ctx)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=ctx.attn_mask, is_causal=ctx.is_causal, enable_gqa=self.n_kv != self.n_heads
+        )
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
+
+
+def relu2(x: torch.Tensor) -> torch.Tensor:
+    return F.relu(x).square()
+
+
+class MLP(nn.Module):
+    """SwiGLU (gate/up/down, Llama) or squared-ReLU (up/down, NemotronH)."""
+
+    def __init__(self, hidden: int, intermediate: int, activation: str, bias: bool = False) -> None:
+        super().__init__()
+        if activation not in ("swiglu", "relu2"):
+            raise ValueError(f"unsupported MLP activation {activation!r}")
+        self.gated = activation == "swiglu"
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=bias) if self.gated else None
+        self.up_proj = nn.Linear(hidden, intermediate, bias=bias)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gated:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(relu2(self.up_proj(x)))
+
+
+class MoE(nn.Module):
+    """Top-k routed experts plus an optional shared expert.
+
+    Sigmoid routing (NemotronH / DeepSeek-V3): scores = sigmoid(router logits); experts are
+    chosen on scores + correction bias within the best ``topk_group`` of ``n_group`` groups;
+    weights are the uncorrected scores, optionally normalised, times ``routed_scaling_factor``.
+    Softmax routing: weights = softmax(logits) top-k, optionally normalised.
+    """
+
+    def __init__(self, hidden: int, cfg: MoEConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        n, inter = cfg.num_experts, cfg.expert_intermediate_size
+        self.router = nn.Linear(hidden, n, bias=False)
+        self.register_buffer("correction_bias", torch.zeros(n))
+        self.gated = cfg.activation == "swiglu"
+        self.gate_proj = nn.Parameter(torch.empty(n, inter, hidden)) if self.gated else None
+        self.up_proj = nn.Parameter(torch.empty(n, inter, hidden))
+        self.down_proj = nn.Parameter(torch.empty(n, hidden, inter))
+        for p in (self.gate_proj, self.up_proj, self.down_proj):
+            if p is not None:
+                nn.init.normal_(p, std=0.02)
+        self.shared = (
+            MLP(hidden, cfg.shared_expert_intermediate_size, cfg.activation)
+            if cfg.shared_expert_intermediate_size
+            else None
+        )
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.cfg
+        dtype = torch.float64 if cfg.router_dtype == "float64" else torch.float32
+        logits = F.linear(x.to(dtype), self.router.weight.to(dtype))
+        if cfg.scoring == "softmax":
+            scores = logits.softmax(-1)
+            weights, idx = scores.topk(cfg.top_k, dim=-1)
+        else:
+            scores = logits.sigmoid()
+            choice = scores + self.correction_bias.to(dtype)
+            if cfg.n_group > 1:
+                grouped = choice.view(-1, cfg.n_group, cfg.num_experts // cfg.n_group)
+                group_scores = grouped.topk(2, dim=-1).values.sum(-1)
+                keep = group_scores.topk(cfg.topk_group, dim=-1).indices
+                group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
+                choice = choice.masked_fill(~group_mask.repeat_interleave(grouped.shape[-1], dim=1), float("-inf"))
+            idx = choice.topk(cfg.top_k, dim=-1).indices
+            weights = scores.gather(1, idx)
+        if cfg.norm_topk_prob:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return weights * cfg.routed_scaling_factor, idx
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        weights, idx = self.route(flat)
+        out = torch.zeros_like(flat, dtype=weights.dtype)
+        # Loop over the experts that received tokens (the experts' own loop, as in transformers).
+        for e in idx.unique().tolist():
+            token, slot = torch.where(idx == e)
+            h = flat[token]
+            if self.gated:
+                h = F.silu(F.linear(h, self.gate_proj[e])) * F.linear(h, self.up_proj[e])
+            else:
+                h = relu2(F.linear(h, self.up_proj[e]))
+            h = F.linear(h, self.down_proj[e])
+            out.index_add_(0, token, h.to(out.dtype) * weights[token, slot, None])
+        out = out.to(x.dtype).view(shape)
+        if self.shared is not None:
+            out = out + self.shared(x)
+        return out
