@@ -1,0 +1,69 @@
+"""``twotower bench ar``: our KV-cached AR decoding vs transformers ``generate()`` on the same
+weights, greedy, batch 1, a fixed number of new tokens (EOS disabled on both sides)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..checkpoints import checkpoint_dir, load_backbone
+from ..generate import generate_ar
+from .box import describe_box
+from .timing import interleaved
+
+PROMPT = "The history of the printing press begins"
+
+
+def run_ar_bench(
+    model: str, dtypes: list[str], max_new_tokens: int = 128, repeats: int = 5, output: str | None = None
+) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from ..cli import _torch_dtype
+
+    if repeats < 1 or max_new_tokens < 1:
+        raise ValueError("--repeats and --max-new-tokens must be >= 1")
+    results = {"model": model, "max_new_tokens": max_new_tokens, "batch": 1, "repeats": repeats,
+               "prompt": PROMPT, "box": describe_box(), "runs": []}
+    for name in dtypes:
+        dtype = _torch_dtype(name)
+        ours, tokenizer = load_backbone(model, dtype=dtype)
+        hf = AutoModelForCausalLM.from_pretrained(checkpoint_dir(model), dtype=dtype).eval()
+        hf.generation_config.eos_token_id = None  # both sides generate exactly max_new_tokens
+        hf.generation_config.pad_token_id = tokenizer.pad_token_id or 0
+        ids = tokenizer(PROMPT, return_tensors="pt").input_ids
+        outputs = {}
+
+        def run_ours():
+            outputs["twotower"] = generate_ar(ours, ids[0], max_new_tokens=max_new_tokens, eos_token_id=[]).tokens[0]
+
+        def run_hf():
+            with torch.inference_mode():
+                g = hf.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
+            outputs["transformers"] = g[0, ids.shape[1]:].tolist()
+
+        bar = tqdm(total=repeats + 1, desc=f"bench ar {name}", leave=False)
+        t = interleaved({"twotower": run_ours, "transformers": run_hf}, repeats, on_round=lambda r: bar.update())
+        bar.close()
+        run = {
+            "dtype": name,
+            "tokens_per_second": {k: max_new_tokens / t.median(k) for k in t.seconds},
+            "seconds": t.seconds,
+            "speedup_vs_transformers": t.ratio("transformers", "twotower"),
+            "identical_tokens": outputs["twotower"] == outputs["transformers"],
+        }
+        results["runs"].append(run)
+        print(
+            f"{name:9s} twotower {run['tokens_per_second']['twotower']:6.1f} tok/s | transformers "
+            f"{run['tokens_per_second']['transformers']:6.1f} tok/s | speed-up x{run['speedup_vs_transformers']:.2f}"
+            f" | identical tokens: {run['identical_tokens']}"
+        )
+        del ours, hf
+    if output:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_text(json.dumps(results, indent=2))
+        print(f"wrote {output}")
+    return results

@@ -1,0 +1,61 @@
+"""Token choice shared by every decoding mode: greedy, or Gumbel-max sampling with one random
+generator per row, so that a row's samples never depend on its batch mates."""
+
+from __future__ import annotations
+
+import torch
+from transformers.generation.logits_process import LogitsProcessorList, TopKLogitsWarper, TopPLogitsWarper
+
+
+def check_sampling_args(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    if not temperature >= 0:  # also rejects NaN
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
+class Sampler:
+    def __init__(
+        self,
+        batch: int,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        check_sampling_args(temperature, top_k, top_p)
+        self.temperature = temperature
+        warpers = []
+        if top_k is not None:
+            warpers.append(TopKLogitsWarper(top_k))
+        if top_p is not None and top_p < 1:
+            warpers.append(TopPLogitsWarper(top_p))
+        self.warpers = LogitsProcessorList(warpers)
+        self.generators = []
+        if temperature > 0:
+            base = seed if seed is not None else int(torch.randint(0, 2**62, ()).item())
+            # Row i draws from its own stream: batch mates cannot shift its random numbers.
+            self.generators = [torch.Generator(device=device).manual_seed(base + i) for i in range(batch)]
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def __call__(self, logits: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Choose one token per row of ``logits`` (R, ..., V). ``rows`` maps logits rows to batch
+        rows (default: identity), so subsets of the batch keep their own random streams."""
+        if self.greedy:
+            return logits.argmax(-1)
+        flat = logits.float().reshape(logits.shape[0], -1, logits.shape[-1]) / self.temperature
+        if len(self.warpers):
+            shape = flat.shape
+            flat = self.warpers(None, flat.reshape(-1, shape[-1])).view(shape)
+        row_ids = range(logits.shape[0]) if rows is None else rows.tolist()
+        noise = torch.stack(
+            [torch.rand(flat.shape[1:], generator=self.generators[r], device=flat.device) for r in row_ids]
+        )
+        gumbel = -torch.log(-torch.log(noise.clamp_min(1e-20)))
+        return (flat + gumbel).argmax(-1).view(logits.shape[:-1])
