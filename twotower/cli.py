@@ -95,12 +95,14 @@ def cmd_bench_ar(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from .checkpoints import DEFAULT_MODEL
 
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    common.add_argument("-v", "--verbose", action="store_true", help="log progress")
+
     p = argparse.ArgumentParser(prog="twotower", description="Two-tower block-diffusion language models.")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("-v", "--verbose", action="store_true", help="log progress")
     sub = p.add_subparsers(dest="command", required=True)
 
-    g = sub.add_parser("generate", help="generate a continuation of a prompt")
+    g = sub.add_parser("generate", parents=[common], help="generate a continuation of a prompt")
     g.add_argument("prompt")
     g.add_argument("--model", default=DEFAULT_MODEL, help=f"registry name, .gguf file or checkpoint dir (default {DEFAULT_MODEL})")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
@@ -115,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="benchmarks that write JSON")
     bsub = b.add_subparsers(dest="bench", required=True)
-    ar = bsub.add_parser("ar", help="our AR decoding vs transformers generate(), interleaved")
+    ar = bsub.add_parser("ar", parents=[common], help="our AR decoding vs transformers generate(), interleaved")
     ar.add_argument("--model", default=DEFAULT_MODEL)
     ar.add_argument("--dtypes", nargs="+", choices=DTYPES, default=list(DTYPES))
     ar.add_argument("--max-new-tokens", type=int, default=128)

@@ -1,0 +1,67 @@
+"""The command line: real text from the default model, and clear errors without tracebacks."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from twotower.cli import main
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "twotower.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_generate_prints_continuation_and_summary():
+    r = run_cli("generate", "The capital of France is", "--max-new-tokens", "8", "--threads", "1")
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout
+    assert "[ar] 8 tokens" in r.stderr and "tokens/s" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_generate_chat_bfloat16_no_stream(capsys):
+    code = main(["generate", "What is 2+2?", "--chat", "--max-new-tokens", "12", "--dtype", "bfloat16", "--no-stream"])
+    out = capsys.readouterr()
+    assert code == 0
+    assert out.out.strip()
+    assert "<|im_start|>" not in out.out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["generate", "hello", "--model", "no-such-model"], "unknown model"),
+        (["generate", "hello", "--model", "/nonexistent/model.gguf"], "unknown model"),
+        (["generate", "   "], "prompt is empty"),
+        (["generate", "hello", "--max-new-tokens", "0"], "max-new-tokens"),
+        (["generate", "hello", "--temperature", "-1"], "temperature"),
+        (["generate", "word " * 9000], "context"),
+    ],
+)
+def test_bad_input_exits_with_clear_message(args, message, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_corrupt_gguf_is_reported(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TWOTOWER_CACHE", str(tmp_path / "cache"))
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + b"\x00" * 64)
+    assert main(["generate", "hello", "--model", str(bad)]) == 2
+    assert "cannot read GGUF" in capsys.readouterr().err
+    assert not list((tmp_path / "cache" / "converted").glob("broken*"))  # nothing half-written kept
+
+
+def test_bench_ar_writes_json(tmp_path):
+    out = tmp_path / "ar.json"
+    code = main(["bench", "ar", "--threads", "1", "--dtypes", "float32", "--max-new-tokens", "4", "--repeats", "1",
+                 "--output", str(out)])
+    assert code == 0
+    data = json.loads(out.read_text())
+    run = data["runs"][0]
+    assert run["identical_tokens"] is True
+    assert set(run["tokens_per_second"]) == {"twotower", "transformers"}
+    assert len(run["seconds"]["twotower"]) == 1 and data["box"]["threads"] == 1
