@@ -61,10 +61,14 @@ def config_from_hf(hf) -> BackboneConfig:
         if window and getattr(hf, "use_sliding_window", model_type == "mistral"):
             # Exact only while the context fits the window: cap the context there.
             common["max_position_embeddings"] = min(common["max_position_embeddings"], window)
+        # Qwen2 always has q/k/v biases and never an o_proj bias; the others put
+        # `attention_bias` on all four projections.
+        bias = bool(getattr(hf, "attention_bias", False))
         return BackboneConfig(
             layer_types=["attention", "mlp"] * hf.num_hidden_layers,
             norm_eps=hf.rms_norm_eps,
-            attention_bias=model_type == "qwen2" or bool(getattr(hf, "attention_bias", False)),
+            attention_bias=model_type == "qwen2" or bias,
+            attention_out_bias=model_type != "qwen2" and bias,
             qk_norm=model_type == "qwen3",
             rope=_rope(hf),
             intermediate_size=hf.intermediate_size,
@@ -78,14 +82,19 @@ def config_from_hf(hf) -> BackboneConfig:
     layer_types = [kinds[k] for k in hf.layers_block_type]
     if getattr(hf, "moe_latent_size", None):
         raise ValueError("NemotronH with moe_latent_size is not supported yet")
+    # transformers' NemotronH MLPs and experts are never gated: down(act(up(x)))
+    if hf.mlp_hidden_act != "relu2":
+        raise ValueError(f"NemotronH with mlp_hidden_act={hf.mlp_hidden_act!r} is not supported (expected relu2)")
+    if hf.mamba_hidden_act != "silu":
+        raise ValueError(f"NemotronH with mamba_hidden_act={hf.mamba_hidden_act!r} is not supported (expected silu)")
     low, high = hf.time_step_min, float("inf")  # transformers' mixer clamps dt to (time_step_min, inf)
     return BackboneConfig(
         layer_types=layer_types,
         norm_eps=hf.layer_norm_epsilon,
-        attention_bias=bool(hf.attention_bias),
+        attention_bias=False,  # transformers' NemotronH attention ignores config.attention_bias
         rope=None,
         intermediate_size=hf.intermediate_size,
-        mlp_activation=hf.mlp_hidden_act if hf.mlp_hidden_act == "relu2" else "swiglu",
+        mlp_activation="relu2",
         mlp_bias=bool(hf.mlp_bias),
         mamba=MambaConfig(
             num_heads=hf.mamba_num_heads,
@@ -103,7 +112,8 @@ def config_from_hf(hf) -> BackboneConfig:
             num_experts=hf.n_routed_experts,
             top_k=hf.num_experts_per_tok,
             expert_intermediate_size=hf.moe_intermediate_size,
-            shared_expert_intermediate_size=hf.moe_shared_expert_intermediate_size * hf.n_shared_experts,
+            # one shared expert of this size whatever n_shared_experts says (as in transformers)
+            shared_expert_intermediate_size=hf.moe_shared_expert_intermediate_size,
             scoring="sigmoid",
             norm_topk_prob=bool(hf.norm_topk_prob),
             routed_scaling_factor=float(hf.routed_scaling_factor),

@@ -97,8 +97,12 @@ class Backbone(nn.Module):
         """
         self.check_token_ids(input_ids)
         b, t = input_ids.shape
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask {tuple(attention_mask.shape)} does not match input_ids {(b, t)}")
         valid = attention_mask.bool() if attention_mask is not None else None
         if cache is not None:
+            if cache.batch_size != b:
+                raise ValueError(f"a cache for {cache.batch_size} rows cannot take a batch of {b}")
             if valid is not None:
                 cache.set_left_padding(valid)
             ctx = cache.context(t, valid, record)

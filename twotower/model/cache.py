@@ -101,7 +101,9 @@ def append_context(
     else:
         keys = torch.arange(kv_len, device=device)
         mask = (keys <= slots[:, :, None]) & (keys >= starts[:, None, None])
-        mask = mask[:, None]
+        # A padding query sees no real key; let it see itself so that no row of the mask is empty
+        # (some SDPA kernels return NaN there, and NaN would leak through later layers).
+        mask = (mask | (keys == slots[:, :, None]))[:, None]
     return ForwardContext(
         positions=slots - starts[:, None],
         attn_mask=mask,

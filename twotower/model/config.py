@@ -69,7 +69,8 @@ class BackboneConfig:
     num_attention_heads: int = 0
     num_key_value_heads: int = 0
     head_dim: int = 0
-    attention_bias: bool = False
+    attention_bias: bool = False  # bias on the q/k/v projections
+    attention_out_bias: bool = False  # bias on o_proj (Llama/Qwen3 attention_bias; never in Qwen2)
     qk_norm: bool = False  # per-head RMSNorm on q and k (Qwen3)
     rope: RopeConfig | None = None  # None = NoPE
     # dense MLP sub-layers

@@ -49,7 +49,7 @@ def ssd_chunk_scan(
     chunk_states = torch.einsum("bclhn,bhcl,bclhp->bchpn", B, decay_to_end, x)
     # 3. carry states across chunks, starting from the initial state
     if initial_state is None:
-        initial_state = torch.zeros_like(chunk_states[:, :1, 0])
+        initial_state = torch.zeros_like(chunk_states[:, 0])
     states = torch.cat([initial_state[:, None], chunk_states], dim=1)  # (b, c+1, h, p, n)
     chunk_decay = torch.exp(segsum(F.pad(a_cum[..., -1], (1, 0))))  # (b, h, c+1, c+1)
     states = torch.einsum("bhzc,bchpn->bzhpn", chunk_decay, states)
@@ -115,9 +115,11 @@ class Mamba2(nn.Module):
         m = self.m
         b, t, _ = hidden.shape
         valid = ctx.valid[..., None].to(hidden.dtype) if ctx.valid is not None else None
-        if valid is not None:
-            hidden = hidden * valid  # padding must leave the conv and SSM states at zero
         z, xbc, dt = self.in_proj(hidden).split([self.d_inner, self.conv_dim, m.num_heads], dim=-1)
+        if valid is not None:
+            # Zero the conv inputs at padding (not just the hidden states: in_proj may have a
+            # bias), so a padded row sees the same zero history as the row alone.
+            xbc = xbc * valid
 
         # causal depthwise conv over [previous K-1 inputs ; new inputs]
         past = state.conv if state is not None else xbc.new_zeros(b, self.conv_dim, m.conv_kernel - 1)
