@@ -186,4 +186,19 @@ def state_dict_from_hf(sd: dict[str, torch.Tensor], config: BackboneConfig, mode
                 out[f"layers.{layer}.mixer.{proj}_proj"] = torch.stack([experts[(layer, proj, e)] for e in range(n)])
     if config.tie_embeddings:
         out["lm_head.weight"] = out["embed_tokens.weight"]
+    return fuse_projections(out)
+
+
+def fuse_projections(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Concatenate q/k/v into ``qkv_proj`` and gate/up into ``up_proj`` (gate first), the
+    layout of our attention and SwiGLU modules."""
+    out = dict(sd)
+    for key in [k for k in sd if ".mixer.q_proj." in k]:
+        prefix, suffix = key.split(".mixer.q_proj.")
+        parts = [out.pop(f"{prefix}.mixer.{p}_proj.{suffix}") for p in "qkv"]
+        out[f"{prefix}.mixer.qkv_proj.{suffix}"] = torch.cat(parts, dim=0)
+    for key in [k for k in sd if re.search(r"\.mixer\.(shared\.)?gate_proj\.", k)]:
+        gate = out.pop(key)
+        up_key = key.replace("gate_proj.", "up_proj.")
+        out[up_key] = torch.cat([gate, out[up_key]], dim=0)
     return out

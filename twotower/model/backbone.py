@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .linear import Linear
 from .cache import ForwardContext, ModelCache, append_context, left_padding
 from .config import BackboneConfig
 from .layers import MLP, Attention, MoE, RMSNorm, RotaryTable
@@ -43,7 +44,7 @@ class Backbone(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(SubLayer(config, kind) for kind in config.layer_types)
         self.norm = RMSNorm(config.hidden_size, config.norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = (

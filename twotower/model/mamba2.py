@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .linear import Linear
 from .cache import ForwardContext, MambaState
 from .config import BackboneConfig
 
@@ -101,7 +102,7 @@ class Mamba2(nn.Module):
         self.m = m
         self.d_inner = m.num_heads * m.head_dim
         self.conv_dim = self.d_inner + 2 * m.n_groups * m.state_size
-        self.in_proj = nn.Linear(cfg.hidden_size, self.d_inner + self.conv_dim + m.num_heads, bias=m.use_bias)
+        self.in_proj = Linear(cfg.hidden_size, self.d_inner + self.conv_dim + m.num_heads, bias=m.use_bias)
         self.conv1d = nn.Conv1d(
             self.conv_dim, self.conv_dim, m.conv_kernel, groups=self.conv_dim, bias=m.use_conv_bias
         )
@@ -109,7 +110,7 @@ class Mamba2(nn.Module):
         self.A_log = nn.Parameter(torch.log(torch.arange(1, m.num_heads + 1, dtype=torch.float32)))
         self.D = nn.Parameter(torch.ones(m.num_heads))
         self.norm = GatedRMSNorm(self.d_inner, self.d_inner // m.n_groups, cfg.norm_eps)
-        self.out_proj = nn.Linear(self.d_inner, cfg.hidden_size, bias=m.use_bias)
+        self.out_proj = Linear(self.d_inner, cfg.hidden_size, bias=m.use_bias)
 
     def forward(self, hidden: torch.Tensor, ctx: ForwardContext, state: MambaState | None) -> torch.Tensor:
         m = self.m
