@@ -33,7 +33,7 @@ def test_generate_chat_bfloat16_no_stream(capsys):
     "args, message",
     [
         (["generate", "hello", "--model", "no-such-model"], "unknown model"),
-        (["generate", "hello", "--model", "/nonexistent/model.gguf"], "unknown model"),
+        (["generate", "hello", "--model", "/nonexistent/model.gguf"], "checkpoint not found"),
         (["generate", "   "], "prompt is empty"),
         (["generate", "hello", "--max-new-tokens", "0"], "max-new-tokens"),
         (["generate", "hello", "--temperature", "-1"], "temperature"),
@@ -65,3 +65,27 @@ def test_bench_ar_writes_json(tmp_path):
     assert run["identical_tokens"] is True
     assert set(run["tokens_per_second"]) == {"twotower", "transformers"}
     assert len(run["seconds"]["twotower"]) == 1 and data["box"]["threads"] == 1
+
+
+def test_damaged_conversion_cache_is_rebuilt(tmp_path, monkeypatch):
+    import shutil
+
+    from twotower.checkpoints import load
+    from twotower.checkpoints.load import load_backbone
+
+    gguf = load.resolve("smollm2-135m")
+    # Seed the cache from the real one when it exists (saves a conversion), then damage it.
+    real = load._converted_dir(gguf)
+    monkeypatch.setenv("TWOTOWER_CACHE", str(tmp_path))
+    target = load._converted_dir(gguf)
+    target.parent.mkdir(parents=True)
+    if real.is_dir():
+        shutil.copytree(real, target)
+    else:
+        load.checkpoint_dir("smollm2-135m")
+    weights = target / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: 1 << 20])
+    model, tokenizer = load_backbone("smollm2-135m")
+    assert model.config.vocab_size == 49152
+    assert weights.stat().st_size > 100 << 20
+

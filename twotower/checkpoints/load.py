@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 
 from ..model.backbone import Backbone
 from ..model.config import BackboneConfig
+from ..model.devices import resolve_device
 from .convert import config_from_hf, state_dict_from_hf
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,8 @@ def resolve(name_or_path: str) -> Path:
         if path.suffix != ".gguf":
             raise CheckpointError(f"{path}: expected a .gguf file or a checkpoint directory")
         return path
+    if path.suffix == ".gguf" or "/" in name_or_path or os.sep in name_or_path:
+        raise CheckpointError(f"checkpoint not found: {path}")
     known = ", ".join(sorted(REGISTRY))
     raise CheckpointError(f"unknown model {name_or_path!r}: not a known name ({known}) nor an existing path")
 
@@ -113,14 +116,18 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _converted_dir(gguf: Path) -> Path:
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_root() / "converted" / f"{gguf.stem}-{key}"
+
+
 def checkpoint_dir(name_or_path: str) -> Path:
     """The transformers-format directory for a model, converting a GGUF file on first use."""
     path = resolve(name_or_path)
     if path.is_dir():
         return path
-    stat = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    out = cache_root() / "converted" / f"{path.stem}-{key}"
+    out = _converted_dir(path)
     if not (out / "model.safetensors").is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
         _convert_gguf(path, out)
@@ -163,7 +170,18 @@ def load_backbone(
     """Load a backbone and its tokenizer (None when the directory has none)."""
     from transformers import AutoConfig, AutoTokenizer
 
+    device = resolve_device(device)
     directory = checkpoint_dir(name_or_path)
+    try:
+        weights = _read_safetensors(directory)
+    except CheckpointError:
+        if directory.parent != cache_root() / "converted":
+            raise
+        # Our own conversion cache got damaged (disk full, manual edit): rebuild it from the GGUF.
+        log.warning("conversion cache %s is damaged; converting again", directory)
+        shutil.rmtree(directory, ignore_errors=True)
+        directory = checkpoint_dir(name_or_path)
+        weights = _read_safetensors(directory)
     try:
         hf_config = AutoConfig.from_pretrained(directory)
     except Exception as e:
@@ -175,7 +193,7 @@ def load_backbone(
         tokenizer = None
     if tokenizer is not None and tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in config.eos_token_ids:
         config.eos_token_ids.append(tokenizer.eos_token_id)
-    state = state_dict_from_hf(_read_safetensors(directory), config, hf_config.model_type)
+    state = state_dict_from_hf(weights, config, hf_config.model_type)
     model = backbone_from_state_dict(config, state).to(device=device, dtype=dtype)
     model.requires_grad_(False)
     return model.eval(), tokenizer
