@@ -1,7 +1,7 @@
 # Two commands for a fresh machine (see README):
 #   make demo   set up and generate text with the default model
 #   make test   set up and run the whole test suite
-PROMPT ?= Write a short poem about the sea.
+PROMPT ?= Explain in two sentences why the sky is blue.
 ARGS ?= --chat
 
 .PHONY: setup demo test
