@@ -44,15 +44,27 @@ class Sampler:
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    def warped(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits (..., V) after temperature, top-k and top-p: what sampling draws from."""
+        flat = logits.float().reshape(-1, logits.shape[-1]) / self.temperature
+        if len(self.warpers):
+            flat = self.warpers(None, flat)
+        return flat.view(logits.shape)
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """The sampling distribution (..., V) (sampling only; greedy has none)."""
+        return self.warped(logits).softmax(-1)
+
+    def uniform(self, row: int, shape: tuple[int, ...]) -> torch.Tensor:
+        """Uniform numbers from row ``row``'s own stream (acceptance tests of verified decoding)."""
+        return torch.rand(shape, generator=self.generators[row], device=self.generators[row].device)
+
     def __call__(self, logits: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Choose one token per row of ``logits`` (R, ..., V). ``rows`` maps logits rows to batch
         rows (default: identity), so subsets of the batch keep their own random streams."""
         if self.greedy:
             return logits.argmax(-1)
-        flat = logits.float().reshape(logits.shape[0], -1, logits.shape[-1]) / self.temperature
-        if len(self.warpers):
-            shape = flat.shape
-            flat = self.warpers(None, flat.reshape(-1, shape[-1])).view(shape)
+        flat = self.warped(logits).reshape(logits.shape[0], -1, logits.shape[-1])
         row_ids = range(logits.shape[0]) if rows is None else rows.tolist()
         noise = torch.stack(
             [torch.rand(flat.shape[1:], generator=self.generators[r], device=flat.device) for r in row_ids]

@@ -33,8 +33,26 @@ class SubLayer(nn.Module):
             return self.mixer(h, ctx, state)
         return self.mixer(h)
 
-    def forward(self, x: torch.Tensor, ctx: ForwardContext, rope, state) -> torch.Tensor:
-        return x + self.mix(self.norm(x), ctx, rope, state)
+    def forward(
+        self,
+        x: torch.Tensor,
+        ctx: ForwardContext,
+        rope,
+        state,
+        mod: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+        modulate_before_norm: bool = False,
+    ) -> torch.Tensor:
+        """``mod`` = (shift, scale, gate) of adaLN time conditioning (denoiser only):
+        ``x + gate * mixer(modulate(norm(x)))``, or ``norm(modulate(x))`` in the released
+        model's order for its Mamba and attention layers."""
+        if mod is None:
+            return x + self.mix(self.norm(x), ctx, rope, state)
+        shift, scale, gate = mod
+        if modulate_before_norm:
+            h = self.norm(x * (1 + scale) + shift)
+        else:
+            h = self.norm(x) * (1 + scale) + shift
+        return x + gate * self.mix(h, ctx, rope, state)
 
 
 class Backbone(nn.Module):
@@ -88,13 +106,15 @@ class Backbone(nn.Module):
         attention_mask: torch.Tensor | None = None,
         last_only: bool = False,
         record: bool = False,
+        boundary_every: int | None = None,
     ) -> torch.Tensor:
         """Logits for ``input_ids`` (B, T).
 
         Without a cache: one causal pass; ``attention_mask`` (B, T) marks real tokens of
         left-padded rows. With a cache: the tokens are appended to every row (a prompt's left
         padding is given by ``attention_mask`` on the first call) and the cache advances.
-        ``record`` keeps per-token Mamba states so the cache can roll back into this call.
+        ``record`` keeps per-token Mamba states so the cache can roll back into this call;
+        ``boundary_every`` keeps them every that many tokens (the denoiser's training view).
         """
         self.check_token_ids(input_ids)
         b, t = input_ids.shape
@@ -105,8 +125,9 @@ class Backbone(nn.Module):
             if cache.batch_size != b:
                 raise ValueError(f"a cache for {cache.batch_size} rows cannot take a batch of {b}")
             if valid is not None:
-                cache.set_left_padding(valid)
+                cache.set_left_padding(valid, allow_empty_rows=True)  # more tokens may follow
             ctx = cache.context(t, valid, record)
+            ctx.boundary_every = boundary_every
         elif valid is None:
             positions = torch.arange(t, device=input_ids.device).expand(b, t)
             ctx = ForwardContext(positions=positions, attn_mask=None, is_causal=True)

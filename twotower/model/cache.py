@@ -48,6 +48,15 @@ class MambaState:
         self.ssm = torch.zeros(batch, heads, head_dim, state, dtype=torch.float32, device=device)
         self.conv_window: torch.Tensor | None = None  # (B, conv_dim, K-1+T) of the last recorded extension
         self.ssm_history: torch.Tensor | None = None  # (B, T+1, H, P, N): state before and after each token
+        self.boundary_ssm: torch.Tensor | None = None  # (B, T/every + 1, H, P, N) with boundary_every
+
+    @classmethod
+    def view(cls, conv: torch.Tensor, ssm: torch.Tensor) -> MambaState:
+        """A read-only state over existing tensors (the denoiser's seeds)."""
+        state = cls.__new__(cls)
+        state.conv, state.ssm = conv, ssm
+        state.conv_window = state.ssm_history = state.boundary_ssm = None
+        return state
 
     def rollback(self, keep: torch.Tensor) -> None:
         """Keep only the first ``keep[b]`` tokens of row b's last recorded extension."""
@@ -73,13 +82,20 @@ class ForwardContext:
     kv_len: int = 0
     valid: torch.Tensor | None = None  # (B, T) False at left-padding positions (zeroed for Mamba)
     record: bool = False  # keep per-token Mamba states for rollback
+    boundary_every: int | None = None  # keep Mamba states every this many tokens (training context pass)
+    # Denoiser passes read the context tower's state and never write it:
+    write: bool = True
+    prefix_len: int = 0  # context key slots each query may see (masked per row by attn_mask)
+    blocks: int = 1  # the T tokens of a row are this many independent blocks (Mamba restarts each)
 
 
-def left_padding(valid: torch.Tensor) -> torch.Tensor:
-    """Number of padding slots per row of a (B, T) left-padding mask (True = real token)."""
+def left_padding(valid: torch.Tensor, allow_empty_rows: bool = False) -> torch.Tensor:
+    """Number of padding slots per row of a (B, T) left-padding mask (True = real token).
+    Empty rows are allowed only where a cache is being filled in pieces (a prompt's context
+    part may be empty while its last token still comes)."""
     if bool((valid[:, 1:].int() < valid[:, :-1].int()).any()):
         raise ValueError("attention_mask must describe left padding (zeros, then ones)")
-    if not bool(valid[:, -1].all()):
+    if not allow_empty_rows and not bool(valid[:, -1].all()):
         raise ValueError("every row needs at least one real token")
     return (~valid).sum(1)
 
@@ -147,11 +163,11 @@ class ModelCache:
             )
         return append_context(self.lengths, self.starts, num_new, valid, record)
 
-    def set_left_padding(self, valid: torch.Tensor) -> None:
+    def set_left_padding(self, valid: torch.Tensor, allow_empty_rows: bool = False) -> None:
         """Declare a fresh cache's left padding from the first call's (B, T) attention mask."""
         if bool(self.lengths.any()):
             raise ValueError("attention_mask (left padding) is only accepted on the first call on a cache")
-        self.starts = left_padding(valid)
+        self.starts = left_padding(valid, allow_empty_rows)
 
     def advance(self, num_new: int) -> None:
         self.lengths += num_new

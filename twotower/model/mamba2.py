@@ -30,9 +30,11 @@ def ssd_chunk_scan(
     C: torch.Tensor,  # (b, l, h, n)
     chunk_size: int,
     initial_state: torch.Tensor | None = None,  # (b, h, p, n)
-) -> tuple[torch.Tensor, torch.Tensor]:
+    return_chunk_states: bool = False,
+):
     """y_t = C_t . h_t with h_t = exp(a_t) h_{t-1} + B_t x_t, computed chunk by chunk.
-    Returns y (b, l, h, p) and the state after the last token (b, h, p, n)."""
+    Returns y (b, l, h, p) and the state after the last token (b, h, p, n); with
+    ``return_chunk_states`` also the state at the start of every chunk (b, c, h, p, n)."""
     b, length, h, p = x.shape
     pad = (-length) % chunk_size
     if pad:
@@ -58,6 +60,8 @@ def ssd_chunk_scan(
     # 4. contribution of each chunk's starting state to its outputs
     y_off = torch.einsum("bclhn,bchpn,bhcl->bclhp", C, states, torch.exp(a_cum))
     y = (y_diag + y_off).reshape(b, nc * chunk_size, h, p)[:, :length]
+    if return_chunk_states:
+        return y, final, states
     return y, final
 
 
@@ -114,6 +118,9 @@ class Mamba2(nn.Module):
 
     def forward(self, hidden: torch.Tensor, ctx: ForwardContext, state: MambaState | None) -> torch.Tensor:
         m = self.m
+        rows, length, width = hidden.shape
+        if ctx.blocks > 1:  # independent blocks (denoiser training): one scan row per block
+            hidden = hidden.reshape(rows * ctx.blocks, length // ctx.blocks, width)
         b, t, _ = hidden.shape
         valid = ctx.valid[..., None].to(hidden.dtype) if ctx.valid is not None else None
         z, xbc, dt = self.in_proj(hidden).split([self.d_inner, self.conv_dim, m.num_heads], dim=-1)
@@ -140,24 +147,28 @@ class Mamba2(nn.Module):
         xdt = x * dt[..., None]
         h0 = state.ssm if state is not None else None
 
+        boundaries = None
         if ctx.record:
-            states = ssd_all_states(xdt, a, B, h0 if h0 is not None else xdt.new_zeros(b, m.num_heads, m.head_dim, m.state_size))
+            if h0 is None:
+                h0 = xdt.new_zeros(b, m.num_heads, m.head_dim, m.state_size)
+            states = ssd_all_states(xdt, a, B, h0)
             y = torch.einsum("bthpn,bthn->bthp", states, C)
             final = states[:, -1]
         elif t == 1 and h0 is not None:
             y, final = ssm_step(h0, xdt[:, 0], a[:, 0], B[:, 0], C[:, 0])
             y = y[:, None]
+        elif ctx.boundary_every:
+            # chunks aligned with the blocks give the state at every block boundary for free
+            y, final, boundaries = ssd_chunk_scan(xdt, a, B, C, ctx.boundary_every, h0, return_chunk_states=True)
         else:
             y, final = ssd_chunk_scan(xdt, a, B, C, m.chunk_size, h0)
         y = y + x * self.D.float()[:, None]
 
-        if state is not None:
+        if state is not None and ctx.write:
             state.conv = window[..., -(m.conv_kernel - 1) :].detach().clone()
             state.ssm = final.detach()
-            if ctx.record:
-                state.conv_window = window.detach()
-                state.ssm_history = torch.cat([h0[:, None], states], dim=1).detach()
-            else:
-                state.conv_window = state.ssm_history = None
+            state.conv_window = window.detach() if ctx.record or boundaries is not None else None
+            state.ssm_history = torch.cat([h0[:, None], states], dim=1).detach() if ctx.record else None
+            state.boundary_ssm = torch.cat([boundaries, final[:, None]], dim=1).detach() if boundaries is not None else None
         y = self.norm(y.reshape(b, t, self.d_inner).to(hidden.dtype), z)
-        return self.out_proj(y)
+        return self.out_proj(y).reshape(rows, length, width)

@@ -1,0 +1,241 @@
+"""The two towers: a frozen context tower (the AR backbone) and a denoiser tower that fills a
+block of S tokens at once, reading the context tower's state of the same sub-layer.
+
+Block semantics (AR-aligned, "token shift", DESIGN.md §1): for targets x[p..p+S-1] the block
+input is [x[p-1], M, ..., M] at positions p-1..p+S-2, output i predicts x[p+i], and the denoiser
+sees the context state of positions < p-1. With ``token_shift=False`` (the released model's
+diffusion mode) the input is [M, ..., M] at p..p+S-1 over a context that includes x[p-1].
+"""
+
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .backbone import Backbone
+from .cache import ForwardContext, KVCache, MambaState, ModelCache
+from .timecond import TimeConditioning
+
+LORA_TARGETS = ["qkv_proj", "o_proj", "up_proj", "down_proj", "in_proj", "out_proj"]
+
+
+@dataclass
+class DenoiserConfig:
+    flavour: str = "lora"  # "full": own copy of the backbone; "lora": shared frozen weights + LoRA
+    block_size: int = 16
+    mask_token_id: int | None = None  # None: an id past the vocabulary with a learned embedding
+    token_shift: bool = True
+    modulation_order: str = "norm_first"  # or "released": Mamba/attention modulate before the norm
+    time_freq_dim: int = 256
+    time_scale: float = 1000.0
+    lora_rank: int = 32
+    lora_alpha: float = 32.0  # alpha/r = 1: alpha/r = 2 at lr 1e-3 diverged on this backbone
+    lora_dropout: float = 0.0
+    lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+
+    def __post_init__(self) -> None:
+        if self.flavour not in ("full", "lora"):
+            raise ValueError(f"flavour must be 'full' or 'lora', got {self.flavour!r}")
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if self.modulation_order not in ("norm_first", "released"):
+            raise ValueError(f"modulation_order must be 'norm_first' or 'released', got {self.modulation_order!r}")
+
+
+class TwoTower(nn.Module):
+    def __init__(self, context: Backbone, config: DenoiserConfig | None = None) -> None:
+        super().__init__()
+        self.config = config = config or DenoiserConfig()
+        bcfg = context.config
+        self.context = context.requires_grad_(False)
+        if config.flavour == "full":
+            self.denoiser_tower: Backbone | None = copy.deepcopy(context).requires_grad_(True)
+            self._lora_layers: list = []
+        else:
+            self.denoiser_tower = None
+            self._lora_layers = self._inject_lora(context, config)
+        self.time = TimeConditioning(bcfg.hidden_size, bcfg.num_layers, config.time_freq_dim, config.time_scale)
+        self.time.to(device=context.device, dtype=context.dtype)
+        if config.mask_token_id is None:
+            self.mask_token_id = bcfg.vocab_size
+            # start from the mean token embedding: a neutral point inside the embedding cloud
+            mean = context.embed_tokens.weight.detach().float().mean(0)
+            self.mask_embedding: nn.Parameter | None = nn.Parameter(mean.to(context.dtype))
+        else:
+            if not 0 <= config.mask_token_id < bcfg.vocab_size:
+                raise ValueError(f"mask_token_id {config.mask_token_id} outside the vocabulary [0, {bcfg.vocab_size})")
+            self.mask_token_id = config.mask_token_id
+            self.mask_embedding = None
+        released = config.modulation_order == "released"
+        self._modulate_before_norm = [released and kind in ("mamba", "attention") for kind in bcfg.layer_types]
+
+    @staticmethod
+    def _inject_lora(model: Backbone, config: DenoiserConfig) -> list:
+        from peft import LoraConfig, inject_adapter_in_model
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+        targets = [t for t in config.lora_targets if t in present]
+        if not targets:
+            raise ValueError(f"none of the LoRA targets {config.lora_targets} exist in this backbone")
+        lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                          target_modules=targets)
+        inject_adapter_in_model(lora, model)
+        layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+        for layer in layers:
+            layer.enable_adapters(False)  # the backbone is the context tower unless told otherwise
+        return layers
+
+    # ---- towers -------------------------------------------------------------------------
+    @property
+    def denoiser(self) -> Backbone:
+        return self.denoiser_tower if self.denoiser_tower is not None else self.context
+
+    @property
+    def block_size(self) -> int:
+        return self.config.block_size
+
+    @contextmanager
+    def adapters(self, enabled: bool):
+        """LoRA flavour: the shared backbone acts as the denoiser only inside ``adapters(True)``."""
+        for layer in self._lora_layers:
+            layer.enable_adapters(enabled)
+        try:
+            yield
+        finally:
+            for layer in self._lora_layers:
+                layer.enable_adapters(False)
+
+    def context_forward(self, input_ids: torch.Tensor, cache: ModelCache | None = None, **kwargs) -> torch.Tensor:
+        """The frozen AR model (never with adapters, never with gradients)."""
+        with torch.no_grad(), self.adapters(False):
+            return self.context(input_ids, cache, **kwargs)
+
+    # ---- the denoiser -------------------------------------------------------------------
+    def embed_block(self, block_ids: torch.Tensor) -> torch.Tensor:
+        den = self.denoiser
+        if self.mask_embedding is None:
+            return den.embed_tokens(block_ids)
+        is_mask = block_ids == self.mask_token_id
+        x = den.embed_tokens(block_ids.masked_fill(is_mask, 0))
+        return torch.where(is_mask[..., None], self.mask_embedding.to(x.dtype), x)
+
+    def denoise(self, block_ids: torch.Tensor, t: torch.Tensor, cache: ModelCache, ctx: ForwardContext) -> torch.Tensor:
+        """Logits (R, T, V) for block inputs (R, T) at noise level t ((R,) or (R, blocks)),
+        reading (never writing) the context tower's per-layer state in ``cache``."""
+        den = self.denoiser
+        x = self.embed_block(block_ids)
+        cond = self.time(t)
+        rope = den.rotary(ctx.positions, x.dtype) if den.rotary is not None else None
+        with self.adapters(True):
+            for i, layer in enumerate(den.layers):
+                mod = self.time.layer(cond, i, x.shape[1])
+                x = layer(x, ctx, rope, cache.layers[i], mod, self._modulate_before_norm[i])
+            return den.lm_head(den.norm(x))
+
+    def block_context(self, cache: ModelCache, width: int) -> ForwardContext:
+        """Where a block of ``width`` inputs sits after each row's cached tokens: positions
+        continue the row, every input sees all of the row's context and the whole block."""
+        lengths, starts = cache.lengths, cache.starts
+        rows, prefix = lengths.shape[0], int(lengths.max())
+        keys = torch.arange(prefix, device=lengths.device)
+        seen = (keys >= starts[:, None]) & (keys < lengths[:, None])  # (R, prefix)
+        mask = torch.cat(
+            [seen[:, None, :].expand(rows, width, prefix), seen.new_ones(rows, width, width)], dim=-1
+        )[:, None]
+        positions = (lengths - starts)[:, None] + torch.arange(width, device=lengths.device)
+        return ForwardContext(positions=positions, attn_mask=mask, write=False, prefix_len=prefix)
+
+    def denoise_block(self, block_ids: torch.Tensor, t: torch.Tensor, cache: ModelCache) -> torch.Tensor:
+        """Inference: one block per row after the context in ``cache``."""
+        if cache.max_len < int(cache.lengths.max()) + block_ids.shape[1]:
+            raise ValueError("block runs past the end of the cache")
+        return self.denoise(block_ids, t, cache, self.block_context(cache, block_ids.shape[1]))
+
+    # ---- training -----------------------------------------------------------------------
+    def training_logits(self, input_ids: torch.Tensor, block_inputs: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Vectorised denoiser pass over every block of a batch of clean sequences.
+
+        ``input_ids`` (B, L) clean tokens; ``block_inputs`` (B, n, S) the noisy block inputs
+        whose first input sits at position b*S; ``t`` (B, n). One causal context pass gives
+        K/V for all positions and Mamba states at every block boundary (chunk size S); the
+        denoiser then runs all blocks at once: block b attends to context keys < b*S and to its
+        own block only, and its Mamba scans start from the context state at b*S.
+        Returns logits (B, n, S, V)."""
+        b, n, s = block_inputs.shape
+        length = input_ids.shape[1]
+        if n * s > length:
+            raise ValueError(f"{n} blocks of {s} need {n * s} tokens, the sequence has {length}")
+        cache = self.context.new_cache(b, length)
+        self.context_forward(input_ids, cache, boundary_every=s)
+        device = input_ids.device
+        view = ModelCache.__new__(ModelCache)
+        view.layers = [self._block_seed(state, n, s) for state in cache.layers]
+        keys = torch.arange(length, device=device)
+        block_of = torch.arange(n * s, device=device) // s
+        mask = torch.cat([keys[None] < (block_of * s)[:, None], block_of[:, None] == block_of[None]], dim=-1)
+        ctx = ForwardContext(
+            positions=torch.arange(n * s, device=device).expand(b, -1),
+            attn_mask=mask[None, None],
+            write=False,
+            prefix_len=length,
+            blocks=n,
+        )
+        return self.denoise(block_inputs.reshape(b, n * s), t, view, ctx).view(b, n, s, -1)
+
+    @staticmethod
+    def _block_seed(state, n: int, s: int):
+        if not isinstance(state, MambaState):
+            return state  # KV cache: read as a prefix; None for MLP/MoE
+        # conv seed of block b = the K-1 conv inputs before position b*S
+        k = state.conv.shape[-1]
+        conv = state.conv_window.unfold(2, k, s)[:, :, :n]  # (B, C, n, K-1)
+        conv = conv.permute(0, 2, 1, 3).reshape(-1, conv.shape[1], k)
+        ssm = state.boundary_ssm[:, :n].reshape(-1, *state.boundary_ssm.shape[2:])
+        return MambaState.view(conv, ssm)
+
+    def noisy_blocks(
+        self, input_ids: torch.Tensor, masked: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Block inputs, targets, loss mask and t for a (B, n, S) mask of hidden block inputs.
+
+        With token shift, block b's inputs are x[bS .. bS+S-1] (input 0 never masked), its
+        targets x[bS+1 .. bS+S]; the last target is never visible. t = unknown targets / S,
+        exactly as at inference."""
+        b, n, s = masked.shape
+        shift = 1 if self.config.token_shift else 0
+        inputs = input_ids[:, : n * s].reshape(b, n, s)
+        targets = input_ids[:, shift : shift + n * s].reshape(b, n, s)
+        if shift:
+            masked = masked.clone()
+            masked[..., 0] = False
+            # target i is unknown when input i+1 is hidden; the last target always is
+            unknown = torch.cat([masked[..., 1:], masked.new_ones(b, n, 1)], dim=-1)
+        else:
+            unknown = masked
+        block_inputs = inputs.masked_fill(masked, self.mask_token_id)
+        t = unknown.float().sum(-1) / s
+        return block_inputs, targets, unknown, t
+
+    def diffusion_loss(
+        self, input_ids: torch.Tensor, masked: torch.Tensor, weighting: str = "none"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Masked-diffusion loss over all blocks of ``input_ids`` for the given (B, n, S) mask:
+        cross-entropy on every target not visible in its block input; ``weighting`` "none"
+        (mean over those targets, the released recipe) or "elbo" (each block's terms times 1/t).
+        Returns (loss, logits)."""
+        if weighting not in ("none", "elbo"):
+            raise ValueError(f"weighting must be 'none' or 'elbo', got {weighting!r}")
+        block_inputs, targets, unknown, t = self.noisy_blocks(input_ids, masked)
+        logits = self.training_logits(input_ids, block_inputs, t)
+        ce = F.cross_entropy(logits.float().flatten(0, 2), targets.flatten(), reduction="none").view_as(targets)
+        weights = unknown.float()
+        if weighting == "elbo":
+            weights = weights / t.clamp_min(1.0 / masked.shape[-1])[..., None]
+        loss = (ce * weights).sum() / unknown.sum().clamp_min(1)
+        return loss, logits
