@@ -35,49 +35,109 @@ def _encode_prompt(tokenizer, prompt: str, chat: bool) -> list[int]:
     return tokenizer(prompt, add_special_tokens=True)["input_ids"]
 
 
-def cmd_generate(args: argparse.Namespace) -> None:
-    import torch
-    from transformers import TextStreamer
+MODES = ("ar", "mask_diffusion", "mock_ar")
 
+
+def _load_for_mode(args: argparse.Namespace):
+    """The backbone alone for ``ar``, a two-tower model otherwise."""
     from .checkpoints import load_backbone
-    from .generate import generate_ar
+    from .model.twotower import DenoiserConfig, TwoTower
 
+    backbone, tokenizer = load_backbone(args.model, dtype=_torch_dtype(args.dtype))
+    if args.mode == "ar":
+        return backbone, tokenizer
+    print(
+        "twotower: note: no trained denoiser is loaded; the denoiser starts as a copy of the AR model "
+        "(identity time conditioning), so expect about one accepted token per step",
+        file=sys.stderr,
+    )
+    return TwoTower(backbone, DenoiserConfig(flavour="lora", block_size=args.block_size)), tokenizer
+
+
+def _check_generate_args(args: argparse.Namespace) -> None:
+    if not args.prompt.strip():
+        raise UsageError("the prompt is empty")
     if args.max_new_tokens <= 0:
         raise UsageError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
     if args.temperature < 0:
         raise UsageError(f"--temperature must be >= 0, got {args.temperature}")
-    if not args.prompt.strip():
-        raise UsageError("the prompt is empty")
-    model, tokenizer = load_backbone(args.model, dtype=_torch_dtype(args.dtype))
-    ids = _encode_prompt(tokenizer, args.prompt, args.chat)
+    if args.block_size < 1:
+        raise UsageError(f"--block-size must be >= 1, got {args.block_size}")
+    if args.steps_per_block is not None and args.steps_per_block < 1:
+        raise UsageError(f"--steps-per-block must be >= 1, got {args.steps_per_block}")
+    if not 0.0 <= args.confidence_threshold <= 1.0:
+        raise UsageError(f"--confidence-threshold must be in [0, 1], got {args.confidence_threshold}")
+    if args.show_steps and args.mode == "ar":
+        raise UsageError("--show-steps needs --mode mask_diffusion or mock_ar")
 
-    streamer = None
-    if not args.no_stream:
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    import torch
+    from transformers import TextStreamer
+
+    from .generate import generate_ar
+    from .generate.diffusion import generate_mask_diffusion, generate_mock_ar
+
+    _check_generate_args(args)
+    model, tokenizer = _load_for_mode(args)
+    ids = _encode_prompt(tokenizer, args.prompt, args.chat)
+    sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                    top_p=args.top_p, seed=args.seed)
+
+    display = streamer = None
+    if args.show_steps:
+        from .display import StepDisplay
+
+        display = StepDisplay(tokenizer)
+    elif not args.no_stream:
         streamer = TextStreamer(tokenizer, skip_special_tokens=True)
 
     def on_token(row: int, token: int) -> None:
-        streamer.put(torch.tensor([token]))
+        if display is not None:
+            display.on_token(row, token)
+        elif streamer is not None:
+            streamer.put(torch.tensor([token]))
 
-    out = generate_ar(
-        model,
-        ids,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        seed=args.seed,
-        callback=on_token if streamer else None,
-    )
-    if streamer:
+    callback = on_token if (display or streamer) else None
+    if display is not None:
+        display.__enter__()
+    try:
+        if args.mode == "ar":
+            out = generate_ar(model, ids, callback=callback, **sampling)
+        elif args.mode == "mock_ar":
+            out = generate_mock_ar(model, ids, callback=callback, commit_rule=args.commit_rule,
+                                   step_callback=display.on_step if display else None, **sampling)
+        else:
+            out = generate_mask_diffusion(
+                model, ids, block_size=args.block_size, steps_per_block=args.steps_per_block,
+                confidence_threshold=args.confidence_threshold, commit_rule=args.commit_rule, verify=args.verify,
+                callback=callback, step_callback=display.on_step if display else None, **sampling,
+            )
+    finally:
+        if display is not None:
+            display.__exit__(None, None, None)
+    if streamer is not None:
         streamer.end()
-    else:
+    elif display is None:
         print(tokenizer.decode(out.tokens[0], skip_special_tokens=True))
     s = out.stats
+    dial = ""
+    if args.mode == "mask_diffusion":
+        dial = f", block {args.block_size}, threshold {args.confidence_threshold}, rule {args.commit_rule}"
+        dial += ", verified" if args.verify else ""
     print(
-        f"[ar] {s.total_new_tokens} tokens in {s.seconds:.2f} s ({s.tokens_per_second:.1f} tokens/s, "
-        f"{s.tokens_per_nfe:.2f} tokens/NFE), prompt {len(ids)} tokens, {args.dtype}, {torch.get_num_threads()} threads",
+        f"[{args.mode}] {s.total_new_tokens} tokens in {s.seconds:.2f} s ({s.tokens_per_second:.1f} tokens/s, "
+        f"{s.tokens_per_nfe:.2f} tokens/NFE, {s.nfe} NFE{dial}), prompt {len(ids)} tokens, {args.dtype}, "
+        f"{torch.get_num_threads()} threads",
         file=sys.stderr,
     )
+
+
+def cmd_bench_step(args: argparse.Namespace) -> None:
+    from .bench.step import run_step_bench
+
+    run_step_bench(model=args.model, dtypes=args.dtypes, context_tokens=args.context_tokens,
+                   block_size=args.block_size, repeats=args.repeats, output=args.output)
 
 
 def cmd_bench_ar(args: argparse.Namespace) -> None:
@@ -113,6 +173,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--dtype", choices=DTYPES, default="float32")
     g.add_argument("--no-stream", action="store_true", help="print the text at the end instead of streaming")
+    g.add_argument("--mode", choices=MODES, default="ar", help="decoding mode (default: ar)")
+    g.add_argument("--block-size", type=int, default=16, help="targets per block (mask_diffusion)")
+    g.add_argument("--steps-per-block", type=int, default=None, help="denoiser steps per block (default: block size)")
+    g.add_argument("--confidence-threshold", type=float, default=0.9, help="commit targets above this confidence")
+    g.add_argument("--commit-rule", choices=("threshold", "left_prefix"), default="threshold")
+    g.add_argument("--verify", action="store_true", help="check every block against the AR model (output == ar)")
+    g.add_argument("--show-steps", action="store_true", help="render the denoising, coloured by commit step")
     g.set_defaults(func=cmd_generate)
 
     b = sub.add_parser("bench", help="benchmarks that write JSON")
@@ -124,6 +191,14 @@ def build_parser() -> argparse.ArgumentParser:
     ar.add_argument("--repeats", type=int, default=5)
     ar.add_argument("--output", default="bench_results/ar.json")
     ar.set_defaults(func=cmd_bench_ar)
+    st = bsub.add_parser("step", parents=[common], help="cost of one denoiser block step vs one AR step")
+    st.add_argument("--model", default=DEFAULT_MODEL)
+    st.add_argument("--dtypes", nargs="+", choices=DTYPES, default=list(DTYPES))
+    st.add_argument("--context-tokens", type=int, default=256)
+    st.add_argument("--block-size", type=int, default=16)
+    st.add_argument("--repeats", type=int, default=30)
+    st.add_argument("--output", default="bench_results/step.json")
+    st.set_defaults(func=cmd_bench_step)
     return p
 
 

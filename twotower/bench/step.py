@@ -1,0 +1,76 @@
+"""``twotower bench step``: what one forward of each kind costs on this machine, interleaved.
+
+- ar_step: one cached AR token (the context tower alone);
+- denoiser_step: one denoiser forward over a block of S inputs (1 NFE of mask diffusion);
+- context_extend: the context tower's pass over a committed block of S tokens.
+A block of mask diffusion costs k denoiser steps + 1 extension and yields S tokens, so these
+ratios say how many tokens per step the denoiser must commit to beat AR."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..checkpoints import load_backbone
+from ..model.twotower import DenoiserConfig, TwoTower
+from .box import describe_box
+from .timing import interleaved
+
+
+def run_step_bench(
+    model: str, dtypes: list[str], context_tokens: int = 256, block_size: int = 16, repeats: int = 30,
+    output: str | None = None,
+) -> dict:
+    from ..cli import _torch_dtype
+
+    if context_tokens < 2 or block_size < 1 or repeats < 1:
+        raise ValueError("--context-tokens must be >= 2, --block-size and --repeats >= 1")
+    results = {"model": model, "context_tokens": context_tokens, "block_size": block_size, "repeats": repeats,
+               "box": describe_box(), "runs": []}
+    for name in dtypes:
+        backbone, _ = load_backbone(model, dtype=_torch_dtype(name))
+        tt = TwoTower(backbone, DenoiserConfig(flavour="lora", block_size=block_size))
+        gen = torch.Generator().manual_seed(0)
+        prompt = torch.randint(0, backbone.config.vocab_size, (1, context_tokens), generator=gen)
+        cache = backbone.new_cache(1, context_tokens + 2 * block_size)
+        tt.context_forward(prompt, cache)
+        one = prompt[:, :1]
+        block = torch.full((1, block_size), tt.mask_token_id)
+        block[0, 0] = int(prompt[0, -1])
+        t = torch.ones(1)
+        base = cache.lengths.clone()
+
+        def ar_step():
+            tt.context_forward(one, cache, last_only=True)
+            cache.rollback(base)
+
+        def denoiser_step():
+            with torch.inference_mode():
+                tt.denoise_block(block, t, cache)
+
+        def context_extend():
+            tt.context_forward(prompt[:, :block_size], cache)
+            cache.rollback(base)
+
+        bar = tqdm(total=repeats + 3, desc=f"bench step {name}", leave=False)
+        timings = interleaved({"ar_step": ar_step, "denoiser_step": denoiser_step, "context_extend": context_extend},
+                              repeats, warmup=3, on_round=lambda r: bar.update())
+        bar.close()
+        run = {
+            "dtype": name,
+            "median_ms": {k: 1000 * timings.median(k) for k in timings.seconds},
+            "denoiser_step_over_ar_step": timings.ratio("denoiser_step", "ar_step"),
+            "context_extend_over_ar_step": timings.ratio("context_extend", "ar_step"),
+        }
+        results["runs"].append(run)
+        print(f"{name:9s} " + " | ".join(f"{k} {v:.1f} ms" for k, v in run["median_ms"].items())
+              + f" | denoiser/AR x{run['denoiser_step_over_ar_step']:.2f}"
+              + f" | extend/AR x{run['context_extend_over_ar_step']:.2f}")
+    if output:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_text(json.dumps(results, indent=2))
+        print(f"wrote {output}")
+    return results
