@@ -47,6 +47,15 @@ class DenoiserConfig:
             raise ValueError(f"modulation_order must be 'norm_first' or 'released', got {self.modulation_order!r}")
 
 
+def _switch_adapters(layers: list, enabled: bool) -> None:
+    for layer in layers:
+        layer.enable_adapters(enabled)
+        # PEFT also freezes the adapters it disables; here "disabled" only means the shared
+        # backbone acts as the context tower, and the LoRA weights stay the denoiser's trainable ones
+        for name in layer.adapter_layer_names:
+            getattr(layer, name).requires_grad_(True)
+
+
 class TwoTower(nn.Module):
     def __init__(self, context: Backbone, config: DenoiserConfig | None = None) -> None:
         super().__init__()
@@ -87,8 +96,7 @@ class TwoTower(nn.Module):
                           target_modules=targets)
         inject_adapter_in_model(lora, model)
         layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
-        for layer in layers:
-            layer.enable_adapters(False)  # the backbone is the context tower unless told otherwise
+        _switch_adapters(layers, False)  # the backbone is the context tower unless told otherwise
         return layers
 
     # ---- towers -------------------------------------------------------------------------
@@ -103,13 +111,11 @@ class TwoTower(nn.Module):
     @contextmanager
     def adapters(self, enabled: bool):
         """LoRA flavour: the shared backbone acts as the denoiser only inside ``adapters(True)``."""
-        for layer in self._lora_layers:
-            layer.enable_adapters(enabled)
+        _switch_adapters(self._lora_layers, enabled)
         try:
             yield
         finally:
-            for layer in self._lora_layers:
-                layer.enable_adapters(False)
+            _switch_adapters(self._lora_layers, False)
 
     def context_forward(self, input_ids: torch.Tensor, cache: ModelCache | None = None, **kwargs) -> torch.Tensor:
         """The frozen AR model (never with adapters, never with gradients)."""
@@ -141,7 +147,8 @@ class TwoTower(nn.Module):
     def block_context(self, cache: ModelCache, width: int) -> ForwardContext:
         """Where a block of ``width`` inputs sits after each row's cached tokens: positions
         continue the row, every input sees all of the row's context and the whole block."""
-        lengths, starts = cache.lengths, cache.starts
+        device = self.denoiser.device  # the denoiser may sit on another device than the context cache
+        lengths, starts = cache.lengths.to(device), cache.starts.to(device)
         rows, prefix = lengths.shape[0], int(lengths.max())
         keys = torch.arange(prefix, device=lengths.device)
         seen = (keys >= starts[:, None]) & (keys < lengths[:, None])  # (R, prefix)
@@ -155,7 +162,9 @@ class TwoTower(nn.Module):
         """Inference: one block per row after the context in ``cache``."""
         if cache.max_len < int(cache.lengths.max()) + block_ids.shape[1]:
             raise ValueError("block runs past the end of the cache")
-        return self.denoise(block_ids, t, cache, self.block_context(cache, block_ids.shape[1]))
+        device = self.denoiser.device
+        logits = self.denoise(block_ids.to(device), t.to(device), cache, self.block_context(cache, block_ids.shape[1]))
+        return logits.to(cache.lengths.device)  # back to the decode loop, which lives with the context
 
     # ---- training -----------------------------------------------------------------------
     def training_logits(self, input_ids: torch.Tensor, block_inputs: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
