@@ -94,8 +94,9 @@ class Attention(nn.Module):
         if cache is not None and ctx.write:
             k, v = cache.write(k, v, ctx)
         elif cache is not None:  # denoiser: the context tower's keys, then the block's own (not stored)
-            k = torch.cat([cache.k[:, :, : ctx.prefix_len].to(k.dtype), k], dim=2)
-            v = torch.cat([cache.v[:, :, : ctx.prefix_len].to(v.dtype), v], dim=2)
+            # (the context tower's cache may live on another device)
+            k = torch.cat([cache.k[:, :, : ctx.prefix_len].to(k.device, k.dtype), k], dim=2)
+            v = torch.cat([cache.v[:, :, : ctx.prefix_len].to(v.device, v.dtype), v], dim=2)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=ctx.attn_mask, is_causal=ctx.is_causal, enable_gqa=self.n_kv != self.n_heads
         )

@@ -130,7 +130,8 @@ class Mamba2(nn.Module):
             xbc = xbc * valid
 
         # causal depthwise conv over [previous K-1 inputs ; new inputs]
-        past = state.conv if state is not None else xbc.new_zeros(b, self.conv_dim, m.conv_kernel - 1)
+        # .to: a denoiser on another device reads the context tower's state across devices
+        past = state.conv.to(xbc.device) if state is not None else xbc.new_zeros(b, self.conv_dim, m.conv_kernel - 1)
         window = torch.cat([past, xbc.transpose(1, 2)], dim=-1)
         xbc = F.silu(self.conv1d(window)).transpose(1, 2)
         if valid is not None:
@@ -145,7 +146,7 @@ class Mamba2(nn.Module):
         B = B.float().view(b, t, m.n_groups, m.state_size).repeat_interleave(heads_per_group, dim=2)
         C = C.float().view(b, t, m.n_groups, m.state_size).repeat_interleave(heads_per_group, dim=2)
         xdt = x * dt[..., None]
-        h0 = state.ssm if state is not None else None
+        h0 = state.ssm.to(xdt.device) if state is not None else None
 
         boundaries = None
         if ctx.record:
