@@ -18,7 +18,7 @@ PROMPT = [[5, 9, 17, 33, 65, 129]]
 def bases(tmp_path_factory):
     """Tiny transformers checkpoints on disk, loadable by reference (no hub)."""
     root = tmp_path_factory.mktemp("bases")
-    for name in ("llama", "nemotron_h", "qwen3"):
+    for name in ("llama", "nemotron_h", "qwen2", "qwen3"):
         hf_model(name, seed=1).save_pretrained(root / name)
     return root
 
@@ -67,6 +67,17 @@ def test_round_trip_identical_outputs(bases, tmp_path, flavour, loader):
     assert saved.keys() == loaded.keys()
     for key in saved:
         torch.testing.assert_close(loaded[key], saved[key], rtol=0, atol=0, msg=key)
+    assert outputs(again) == outputs(model)
+
+
+@pytest.mark.parametrize("flavour", ["lora", "full"])
+def test_round_trip_tied_embeddings_and_bf16(bases, tmp_path, flavour):
+    model = build(bases, flavour, "qwen2", dtype=torch.bfloat16)  # qwen2 ties its LM head
+    model.save_pretrained(tmp_path)
+    again = TwoTowerForCausalLM.from_pretrained(tmp_path)
+    assert again.twotower.context.dtype == torch.bfloat16
+    context = again.twotower.context
+    assert context.lm_head.weight is context.embed_tokens.weight
     assert outputs(again) == outputs(model)
 
 

@@ -223,8 +223,9 @@ class TwoTowerForCausalLM(PreTrainedModel, GenerationMixin):
         device: str | torch.device = "cpu",
         **kwargs,
     ) -> TwoTowerForCausalLM:
-        """Load a directory written by ``save_pretrained`` (local only). The lora flavour
-        loads its backbone by the saved reference, then the adapters on top."""
+        """Load a directory written by ``save_pretrained`` (local only), by default in the dtype
+        it was saved in. The lora flavour loads its backbone by the saved reference, then the
+        adapters on top."""
         dtype = kwargs.pop("torch_dtype", None) or dtype
         unknown = sorted(k for k, v in kwargs.items() if k not in _HUB_KWARGS and v is not None)
         if model_args or unknown:
@@ -234,6 +235,7 @@ class TwoTowerForCausalLM(PreTrainedModel, GenerationMixin):
             raise CheckpointError(f"{directory} is not a saved two-tower directory (no config.json)")
         if config is None:
             config = TwoTowerConfig.from_pretrained(directory)
+        dtype = dtype or config.dtype or torch.float32  # default: the dtype it was saved in
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
         device = resolve_device(device)
@@ -243,13 +245,17 @@ class TwoTowerForCausalLM(PreTrainedModel, GenerationMixin):
         if denoiser.flavour == "lora":
             if not config.backbone:
                 raise CheckpointError(f"{directory}: a lora model needs a backbone reference in config.json")
-            backbone, tokenizer = load_backbone(config.backbone, dtype or torch.float32, device)
+            backbone, tokenizer = load_backbone(config.backbone, dtype, device)
             if backbone.config.to_dict() != config.backbone_config:
                 raise CheckpointError(
                     f"the backbone {config.backbone!r} does not match the one this model was trained on"
                 )
         else:
-            backbone = backbone_from_state_dict(config.backbone_settings, _strip(weights, "context."))
+            bcfg = config.backbone_settings
+            context_state = _strip(weights, "context.")
+            if bcfg.tie_embeddings and "embed_tokens.weight" in context_state:
+                context_state["lm_head.weight"] = context_state["embed_tokens.weight"]  # saved once
+            backbone = backbone_from_state_dict(bcfg, context_state)
         model = TwoTower(backbone, denoiser)
         expected = set(saved_state(model))
         missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
@@ -261,10 +267,7 @@ class TwoTowerForCausalLM(PreTrainedModel, GenerationMixin):
             model.load_state_dict(weights, strict=False)
         except RuntimeError as e:  # same names, other shapes (e.g. another LoRA rank)
             raise CheckpointError(f"{directory / WEIGHTS_NAME} does not match the model: {e}") from e
-        model.to(device=device)
-        if dtype is not None:
-            model.to(dtype=dtype)
-        model.eval()
+        model.to(device=device, dtype=dtype).eval()
         if tokenizer is None:
             tokenizer = _load_tokenizer(directory)
         wrapped = cls(config, model)
