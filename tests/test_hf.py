@@ -205,3 +205,16 @@ def test_weights_of_another_model_are_a_clear_error(bases, tmp_path):
 def test_not_a_saved_directory(tmp_path):
     with pytest.raises(CheckpointError, match="config.json"):
         TwoTowerForCausalLM.from_pretrained(tmp_path)
+
+
+@pytest.mark.slow
+def test_default_model_lora_saves_small_and_reloads_by_name(tmp_path):
+    model = trained(TwoTowerForCausalLM.from_backbone("smollm2-135m", flavour="lora"))
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["backbone"] == "smollm2-135m"
+    assert (tmp_path / "model.safetensors").stat().st_size < 60e6  # ~39 MB; the base weights are ~540 MB in fp32
+    again = load_auto(tmp_path)
+    assert again.tokenizer is not None
+    ids = again.tokenizer("The capital of France is")["input_ids"]
+    kwargs = dict(max_new_tokens=8, eos_token_id=[])
+    assert again.generate_mask_diffusion(ids, **kwargs).tokens == model.generate_mask_diffusion(ids, **kwargs).tokens
