@@ -15,6 +15,7 @@ from twotower.model.twotower import DenoiserConfig, TwoTower
 KINDS = ("attention", "hybrid")  # attention-only Llama-like; Mamba-2 + attention + MLP
 ALL_KINDS = KINDS + ("moe",)  # NemotronH-like: Mamba-2, sigmoid MoE, NoPE attention, relu^2 MLP
 FLAVOURS = ("full", "lora")
+PERTURB = 0.1  # denoiser noise: it proposes wrong tokens often, right ones too
 
 
 def backbone(kind: str, seed: int = 0, **overrides) -> Backbone:
@@ -26,7 +27,10 @@ def backbone(kind: str, seed: int = 0, **overrides) -> Backbone:
         cfg = hybrid_config(**overrides)
     else:
         raise ValueError(kind)
-    return tiny_backbone(cfg, seed)
+    model = tiny_backbone(cfg, seed)
+    with torch.no_grad():  # sharper logits: confidences spread over (0, 1), greedy choices are not near-ties
+        model.lm_head.weight.mul_(4)
+    return model
 
 
 def two_tower(kind: str, flavour: str = "full", block_size: int = 4, perturb: float = 0.0, seed: int = 0,

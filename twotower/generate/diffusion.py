@@ -46,7 +46,9 @@ class DiffusionStats(GenerationStats):
 class DiffusionOutput:
     tokens: list[list[int]]
     stats: DiffusionStats
-    cache: ModelCache | None = None  # the context tower's final state (with return_cache=True)
+    # the context tower's final state (with return_cache=True): prompt + tokens[:-1] per row;
+    # made of inference tensors, so extend it under torch.inference_mode()
+    cache: ModelCache | None = None
 
 
 def _check(block_size: int, steps: int, threshold: float) -> None:
@@ -85,9 +87,9 @@ def generate_mask_diffusion(
     temperature 0 whatever the threshold; with sampling it follows speculative-sampling
     acceptance (exactly the AR distribution for the left-prefix rule, whose proposals only
     condition on their left)."""
-    block_size = model.block_size if block_size is None else block_size
-    steps = block_size if steps_per_block is None else steps_per_block
-    _check(block_size, steps, confidence_threshold)
+    s = model.block_size if block_size is None else block_size
+    steps = s if steps_per_block is None else steps_per_block
+    _check(s, steps, confidence_threshold)
     if mask_token_id is not None and mask_token_id != model.mask_token_id:
         raise ValueError(f"mask_token_id {mask_token_id} differs from this model's mask token {model.mask_token_id}")
     rule = get_commit_rule(commit_rule)
@@ -97,7 +99,8 @@ def generate_mask_diffusion(
 
     context = model.context
     prompts = prepare_prompts(input_ids, attention_mask)
-    check_generation_args(context, prompts, max_new_tokens + block_size - 1)
+    check_generation_args(context, prompts, max_new_tokens)
+    check_generation_args(context, prompts, max_new_tokens + s - 1)  # the last block may overrun
     if prompts.attention_mask is None:
         in_prompt = prompts.input_ids == model.mask_token_id
     else:
@@ -106,14 +109,15 @@ def generate_mask_diffusion(
         raise ValueError(f"the prompt contains the mask token id {model.mask_token_id}")
     device = context.device
     batch, width = prompts.input_ids.shape
-    s = block_size
     sampler = Sampler(batch, temperature, top_k, top_p, seed, device)
     stops = eos_set(context, eos_token_id)
     ids = prompts.input_ids.to(device)
     mask = prompts.attention_mask.to(device) if prompts.attention_mask is not None else None
 
     start = time.perf_counter()
-    cache = context.new_cache(batch, width + max_new_tokens + s)
+    # at most width - 1 + max_new_tokens slots hold committed tokens; every context pass appends
+    # s more to every row (finished rows too) before rolling back
+    cache = context.new_cache(batch, width + max_new_tokens + s - 1)
     if width > shift:  # with token shift the last prompt token is the first block's input
         model.context_forward(ids[:, : width - shift], cache, attention_mask=None if mask is None else mask[:, : width - shift])
     stats = DiffusionStats(new_tokens=[0] * batch, block_steps=[[] for _ in range(batch)],
@@ -141,7 +145,11 @@ def generate_mask_diffusion(
             t = unknown.sum(1).float() / s
             logits = model.denoise_block(block_in, t, cache)
             stats.nfe += 1
-            proposal = sampler(logits)
+            # rows whose block is complete draw nothing: a row's random stream must not depend
+            # on how many steps its batch mates need
+            live = unknown.any(1).nonzero()[:, 0]
+            proposal = torch.zeros_like(tokens)
+            proposal[live] = sampler(logits[live], live)
             confidence = logits.float().softmax(-1).gather(-1, proposal[..., None])[..., 0]
             commit = rule(confidence, unknown, max(steps - step, 1), confidence_threshold)
             tokens = torch.where(commit, proposal, tokens)
@@ -164,7 +172,7 @@ def generate_mask_diffusion(
         stats.context_passes += 1
         keep = torch.full((batch,), s, dtype=torch.long, device=device)
         if verify:
-            tokens, keep = _verify(tokens, ar_logits, q_probs, sampler)
+            tokens, keep = _verify(tokens, ar_logits, q_probs, sampler, active)
 
         appended = torch.zeros(batch, dtype=torch.long, device=device)
         for row in range(batch):
@@ -196,7 +204,11 @@ def generate_mask_diffusion(
 
 
 def _verify(
-    tokens: torch.Tensor, ar_logits: torch.Tensor, q_probs: torch.Tensor | None, sampler: Sampler
+    tokens: torch.Tensor,
+    ar_logits: torch.Tensor,
+    q_probs: torch.Tensor | None,
+    sampler: Sampler,
+    active: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Keep each row's longest prefix of committed targets that the AR model accepts and put
     the AR model's token at the first rejection. The context pass over the block's inputs
@@ -216,6 +228,8 @@ def _verify(
     p = sampler.probs(ar_logits)
     keep = torch.full((batch,), s, dtype=torch.long, device=tokens.device)
     for row in range(batch):
+        if not bool(active[row]):  # finished rows have no targets (and draw nothing)
+            continue
         x = tokens[row]
         px = p[row].gather(-1, x[:, None])[:, 0]
         qx = q_probs[row].gather(-1, x[:, None])[:, 0]
