@@ -188,6 +188,24 @@ def test_max_new_tokens_not_a_multiple_of_the_block(verify):
         assert_cache_is_fresh(model, PROMPTS, out)
 
 
+@pytest.mark.parametrize("verify", (False, True))
+def test_the_last_block_may_run_to_the_context_limit(verify):
+    """prompt + max_new_tokens + S - 1 may reach the model's context exactly (the last block
+    overruns max_new_tokens by up to S - 1 positions), rows finishing at different blocks."""
+    s, context = 4, 64
+    model = two_tower("hybrid", block_size=s, perturb=PERTURB, backbone_overrides=dict(max_position_embeddings=context))
+    prompts = [list(range(3, 13)), [40, 41, 42]]
+    n = context - len(prompts[0]) - (s - 1)
+    kwargs = dict(confidence_threshold=0.0, verify=verify, **NO_EOS)
+    out = generate_mask_diffusion(model, prompts, max_new_tokens=n, return_cache=True, **kwargs)
+    assert out.stats.new_tokens == [n, n]
+    if verify:
+        assert out.tokens == generate_ar(model.context, prompts, max_new_tokens=n, **NO_EOS).tokens
+        assert len(out.stats.accepted[0]) != len(out.stats.accepted[1])  # one row finished first
+    with pytest.raises(ValueError, match="context"):
+        generate_mask_diffusion(model, prompts, max_new_tokens=n + 1, **kwargs)
+
+
 # ---- batch invariance --------------------------------------------------------------------------
 
 MODES = {
@@ -288,3 +306,36 @@ def test_speculative_sampling_runs_and_is_seeded(kind):
     assert all(sum(a) == 10 for a in out.stats.accepted)
     assert_cache_is_fresh(model, PROMPTS, out)
     assert generate_mask_diffusion(model, PROMPTS, **kwargs).tokens == out.tokens
+
+
+def test_speculative_sampling_keeps_the_ar_distribution():
+    """Verified decoding with sampling (left-prefix rule): the marginal distribution of each of
+    the first three generated tokens over many independent rows (row i samples with seed + i)
+    matches the AR model's, although the denoiser's proposals are far from it."""
+    vocab, temperature, rows = 8, 3.0, 4000
+    model = two_tower("attention", block_size=4, perturb=0.5, backbone_overrides=dict(vocab_size=vocab))
+    prompt = [1, 5, 2, 7]
+    with torch.no_grad():
+        # exact AR marginals of tokens 1..3 by enumerating every prefix
+        prefixes = torch.cartesian_prod(torch.arange(vocab), torch.arange(vocab))  # (V^2, 2)
+        seqs = torch.cat([torch.tensor(prompt).expand(len(prefixes), -1), prefixes], dim=1)
+        cond = (model.context(seqs)[:, -3:] / temperature).softmax(-1)  # p(x1), p(x2|x1), p(x3|x1,x2)
+        p1 = cond[0, 0]
+        p12 = p1[:, None] * cond[::vocab, 1]  # (x1, x2)
+        marginals = [p1, p12.sum(0), (p12.reshape(-1, 1) * cond[:, 2]).sum(0)]
+        # the denoiser's first proposals differ from the AR distribution: acceptance has work to do
+        cache = model.context.new_cache(1, 8)
+        model.context_forward(torch.tensor([prompt[:-1]]), cache)
+        block = torch.tensor([[prompt[-1]] + [model.mask_token_id] * 3])
+        q = (model.denoise_block(block, torch.tensor([1.0]), cache)[0] / temperature).softmax(-1)
+    assert 0.5 * float((q[0] - marginals[0]).abs().sum()) > 0.15
+    assert 0.5 * float((q[1] - marginals[1]).abs().sum()) > 0.15
+
+    # threshold 0.2: besides the leftmost target, confident ones are committed in the same step
+    out = generate_mask_diffusion(model, [prompt] * rows, max_new_tokens=3, temperature=temperature, seed=0,
+                                  verify=True, commit_rule="left_prefix", confidence_threshold=0.2, **NO_EOS)
+    tokens = torch.tensor(out.tokens)
+    assert any(steps[0] < 3 for steps in out.stats.block_steps)
+    for i, p in enumerate(marginals):
+        empirical = torch.bincount(tokens[:, i], minlength=vocab) / rows
+        assert 0.5 * float((empirical - p).abs().sum()) < 0.045, i

@@ -86,7 +86,7 @@ def generate_mask_diffusion(
     is faster, higher is safer. With ``verify=True`` the output equals ``generate_ar`` at
     temperature 0 whatever the threshold; with sampling it follows speculative-sampling
     acceptance (exactly the AR distribution for the left-prefix rule, whose proposals only
-    condition on their left)."""
+    condition on their left; confidence is then the top probability, not the drawn token's)."""
     s = model.block_size if block_size is None else block_size
     steps = s if steps_per_block is None else steps_per_block
     _check(s, steps, confidence_threshold)
@@ -150,7 +150,14 @@ def generate_mask_diffusion(
             live = unknown.any(1).nonzero()[:, 0]
             proposal = torch.zeros_like(tokens)
             proposal[live] = sampler(logits[live], live)
-            confidence = logits.float().softmax(-1).gather(-1, proposal[..., None])[..., 0]
+            probs = logits.float().softmax(-1)
+            if verify:
+                # the decision to commit must not depend on which token was drawn: committed
+                # tokens must follow q exactly for speculative acceptance to give the AR
+                # distribution (greedy: the same thing, the proposal is the argmax)
+                confidence = probs.max(-1).values
+            else:
+                confidence = probs.gather(-1, proposal[..., None])[..., 0]
             commit = rule(confidence, unknown, max(steps - step, 1), confidence_threshold)
             tokens = torch.where(commit, proposal, tokens)
             if q_probs is not None:
