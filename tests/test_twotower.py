@@ -228,6 +228,8 @@ def test_elbo_weighting_and_bad_weighting():
     assert float(elbo) > float(plain)  # 1/t > 1 for the block with t = 1/4
     with pytest.raises(ValueError, match="weighting"):
         model.diffusion_loss(x, masked, weighting="bogus")
+    with pytest.raises(ValueError, match="need 9 tokens"):  # token shift: one more than the blocks
+        model.diffusion_loss(x[:, :8], masked)
 
 
 # ---- configuration errors ----------------------------------------------------------------

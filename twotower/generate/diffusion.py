@@ -119,7 +119,8 @@ def generate_mask_diffusion(
     # s more to every row (finished rows too) before rolling back
     cache = context.new_cache(batch, width + max_new_tokens + s - 1)
     if width > shift:  # with token shift the last prompt token is the first block's input
-        model.context_forward(ids[:, : width - shift], cache, attention_mask=None if mask is None else mask[:, : width - shift])
+        prefix_mask = None if mask is None else mask[:, : width - shift]
+        model.context_forward(ids[:, : width - shift], cache, attention_mask=prefix_mask)
     stats = DiffusionStats(new_tokens=[0] * batch, block_steps=[[] for _ in range(batch)],
                            accepted=[[] for _ in range(batch)])
     stats.prefill_seconds = time.perf_counter() - start

@@ -218,6 +218,9 @@ class TwoTower(nn.Module):
         exactly as at inference."""
         b, n, s = masked.shape
         shift = 1 if self.config.token_shift else 0
+        if input_ids.shape[1] < n * s + shift:
+            raise ValueError(f"{n} blocks of {s} need {n * s + shift} tokens (the targets are shifted by {shift}), "
+                             f"the sequence has {input_ids.shape[1]}")
         inputs = input_ids[:, : n * s].reshape(b, n, s)
         targets = input_ids[:, shift : shift + n * s].reshape(b, n, s)
         if shift:
