@@ -124,3 +124,12 @@ def test_show_steps_renders_and_reports_nfe():
 def test_bad_dial_arguments(args, message, capsys):
     assert main(["generate", "hello", *args]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_generate_from_a_saved_two_tower_directory(tmp_path):
+    from twotower.hf import TwoTowerForCausalLM
+
+    TwoTowerForCausalLM.from_backbone("smollm2-135m", flavour="lora", block_size=4).save_pretrained(tmp_path / "tt")
+    ar = _generate_text("--mode", "ar")
+    assert _generate_text("--model", str(tmp_path / "tt"), "--mode", "ar") == ar
+    assert _generate_text("--model", str(tmp_path / "tt"), "--mode", "mock_ar") == ar

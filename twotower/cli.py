@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 DTYPES = ("float32", "bfloat16")
 
@@ -38,12 +40,28 @@ def _encode_prompt(tokenizer, prompt: str, chat: bool) -> list[int]:
 MODES = ("ar", "mask_diffusion", "mock_ar")
 
 
+def _is_two_tower_dir(name_or_path: str) -> bool:
+    config = Path(name_or_path).expanduser() / "config.json"
+    try:
+        return config.is_file() and json.loads(config.read_text()).get("model_type") == "twotower"
+    except (OSError, ValueError):
+        return False
+
+
 def _load_for_mode(args: argparse.Namespace):
-    """The backbone alone for ``ar``, a two-tower model otherwise."""
+    """A saved two-tower directory, or a backbone (with an untrained denoiser for the
+    diffusion modes); the context tower alone for ``ar``."""
     from .checkpoints import load_backbone
     from .model.twotower import DenoiserConfig, TwoTower
 
-    backbone, tokenizer = load_backbone(args.model, dtype=_torch_dtype(args.dtype))
+    dtype = _torch_dtype(args.dtype)
+    if _is_two_tower_dir(args.model):
+        from .hf import TwoTowerForCausalLM
+
+        wrapped = TwoTowerForCausalLM.from_pretrained(args.model, dtype=dtype)
+        model, tokenizer = wrapped.twotower, wrapped.tokenizer
+        return (model.context if args.mode == "ar" else model), tokenizer
+    backbone, tokenizer = load_backbone(args.model, dtype=dtype)
     if args.mode == "ar":
         return backbone, tokenizer
     print(
@@ -51,7 +69,7 @@ def _load_for_mode(args: argparse.Namespace):
         "(identity time conditioning), so expect about one accepted token per step",
         file=sys.stderr,
     )
-    return TwoTower(backbone, DenoiserConfig(flavour="lora", block_size=args.block_size)), tokenizer
+    return TwoTower(backbone, DenoiserConfig(flavour="lora", block_size=args.block_size or 16)), tokenizer
 
 
 def _check_generate_args(args: argparse.Namespace) -> None:
@@ -61,7 +79,7 @@ def _check_generate_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
     if args.temperature < 0:
         raise UsageError(f"--temperature must be >= 0, got {args.temperature}")
-    if args.block_size < 1:
+    if args.block_size is not None and args.block_size < 1:
         raise UsageError(f"--block-size must be >= 1, got {args.block_size}")
     if args.steps_per_block is not None and args.steps_per_block < 1:
         raise UsageError(f"--steps-per-block must be >= 1, got {args.steps_per_block}")
@@ -123,7 +141,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     s = out.stats
     dial = ""
     if args.mode == "mask_diffusion":
-        dial = f", block {args.block_size}, threshold {args.confidence_threshold}, rule {args.commit_rule}"
+        dial = f", block {args.block_size or model.block_size}, threshold {args.confidence_threshold}, rule {args.commit_rule}"
         dial += ", verified" if args.verify else ""
     print(
         f"[{args.mode}] {s.total_new_tokens} tokens in {s.seconds:.2f} s ({s.tokens_per_second:.1f} tokens/s, "
@@ -174,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=DTYPES, default="float32")
     g.add_argument("--no-stream", action="store_true", help="print the text at the end instead of streaming")
     g.add_argument("--mode", choices=MODES, default="ar", help="decoding mode (default: ar)")
-    g.add_argument("--block-size", type=int, default=16, help="targets per block (mask_diffusion)")
+    g.add_argument("--block-size", type=int, default=None, help="targets per block (default: the model's, 16)")
     g.add_argument("--steps-per-block", type=int, default=None, help="denoiser steps per block (default: block size)")
     g.add_argument("--confidence-threshold", type=float, default=0.9, help="commit targets above this confidence")
     g.add_argument("--commit-rule", choices=("threshold", "left_prefix"), default="threshold")
