@@ -1,7 +1,8 @@
 """``twotower bench step``: what one forward of each kind costs on this machine, interleaved.
 
 - ar_step: one cached AR token (the context tower alone);
-- denoiser_step: one denoiser forward over a block of S inputs (1 NFE of mask diffusion);
+- denoiser_step_lora / denoiser_step_full: one denoiser forward over a block of S inputs
+  (1 NFE of mask diffusion) for each flavour;
 - context_extend: the context tower's pass over a committed block of S tokens.
 A block of mask diffusion costs k denoiser steps + 1 extension and yields S tokens, so these
 ratios say how many tokens per step the denoiser must commit to beat AR."""
@@ -33,6 +34,7 @@ def run_step_bench(
     for name in dtypes:
         backbone, _ = load_backbone(model, dtype=_torch_dtype(name))
         tt = TwoTower(backbone, DenoiserConfig(flavour="lora", block_size=block_size))
+        full = TwoTower(backbone, DenoiserConfig(flavour="full", block_size=block_size))
         gen = torch.Generator().manual_seed(0)
         prompt = torch.randint(0, backbone.config.vocab_size, (1, context_tokens), generator=gen)
         cache = backbone.new_cache(1, context_tokens + 2 * block_size)
@@ -47,27 +49,34 @@ def run_step_bench(
             tt.context_forward(one, cache, last_only=True)
             cache.rollback(base)
 
-        def denoiser_step():
+        def denoiser_step_lora():
             with torch.inference_mode():
                 tt.denoise_block(block, t, cache)
+
+        def denoiser_step_full():
+            with torch.inference_mode():
+                full.denoise_block(block, t, cache)
 
         def context_extend():
             tt.context_forward(prompt[:, :block_size], cache)
             cache.rollback(base)
 
         bar = tqdm(total=repeats + 3, desc=f"bench step {name}", leave=False)
-        timings = interleaved({"ar_step": ar_step, "denoiser_step": denoiser_step, "context_extend": context_extend},
-                              repeats, warmup=3, on_round=lambda r: bar.update())
+        contenders = {"ar_step": ar_step, "denoiser_step_lora": denoiser_step_lora,
+                      "denoiser_step_full": denoiser_step_full, "context_extend": context_extend}
+        timings = interleaved(contenders, repeats, warmup=3, on_round=lambda r: bar.update())
         bar.close()
         run = {
             "dtype": name,
             "median_ms": {k: 1000 * timings.median(k) for k in timings.seconds},
-            "denoiser_step_over_ar_step": timings.ratio("denoiser_step", "ar_step"),
+            "denoiser_step_over_ar_step": {
+                flavour: timings.ratio(f"denoiser_step_{flavour}", "ar_step") for flavour in ("lora", "full")
+            },
             "context_extend_over_ar_step": timings.ratio("context_extend", "ar_step"),
         }
         results["runs"].append(run)
         print(f"{name:9s} " + " | ".join(f"{k} {v:.1f} ms" for k, v in run["median_ms"].items())
-              + f" | denoiser/AR x{run['denoiser_step_over_ar_step']:.2f}"
+              + "".join(f" | {k} denoiser/AR x{v:.2f}" for k, v in run["denoiser_step_over_ar_step"].items())
               + f" | extend/AR x{run['context_extend_over_ar_step']:.2f}")
     if output:
         Path(output).parent.mkdir(parents=True, exist_ok=True)
