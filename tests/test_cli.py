@@ -133,3 +133,14 @@ def test_generate_from_a_saved_two_tower_directory(tmp_path):
     ar = _generate_text("--mode", "ar")
     assert _generate_text("--model", str(tmp_path / "tt"), "--mode", "ar") == ar
     assert _generate_text("--model", str(tmp_path / "tt"), "--mode", "mock_ar") == ar
+
+
+def test_bench_step_writes_json(tmp_path):
+    out = tmp_path / "step.json"
+    code = main(["bench", "step", "--threads", "1", "--dtypes", "float32", "--repeats", "1", "--context-tokens", "8",
+                 "--block-size", "4", "--output", str(out)])
+    assert code == 0
+    run = json.loads(out.read_text())["runs"][0]
+    assert set(run["median_ms"]) == {"ar_step", "denoiser_step_lora", "denoiser_step_full", "context_extend"}
+    assert all(v > 0 for v in run["median_ms"].values())
+    assert set(run["denoiser_step_over_ar_step"]) == {"lora", "full"}
