@@ -1,0 +1,271 @@
+"""``twotower eval quality``: what mask diffusion costs in quality, against AR on the same model.
+
+On the shipped prompt set (twotower/bench/prompts.jsonl, the one ``bench speed`` uses), for
+every (block size, confidence threshold) setting of the dial:
+  * greedy agreement with the AR continuation (token-level, common prefix, whole continuation);
+  * judge perplexity of the continuations under an independent model, next to the AR
+    continuations' judge perplexity, with distinct-2 and 4-gram repetition for degenerate text;
+  * teacher-forced block NLL on held-out text (the diffusion bound) vs the AR NLL;
+  * HumanEval pass@1, AR vs diffusion.
+Retention = diffusion / AR for each metric, oriented so that higher is better (AR / diffusion
+for perplexity and NLL); the aggregate is their geometric mean. Written as JSON and Markdown.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from statistics import mean
+
+import torch
+from tqdm import tqdm
+
+from ..checkpoints import DEFAULT_MODEL
+from ..generate import generate_ar
+from ..generate.diffusion import generate_mask_diffusion
+from ..model.twotower import DenoiserConfig, TwoTower
+from . import block_nll, humaneval, metrics
+from .judge import DEFAULT_JUDGE, Judge
+
+PROMPTS = Path(__file__).parents[1] / "bench" / "prompts.jsonl"
+UNTRAINED_NOTE = ("untrained denoiser: a copy of the AR model with identity time conditioning "
+                  "(a plain backbone was given, not a saved two-tower directory)")
+# the retentions that measure the text itself; agreement with AR is reported but not folded in,
+# since a different continuation can be just as good
+AGGREGATED = ("judge_perplexity", "distinct_2", "non_repetition", "block_nll_t1", "humaneval_pass_at_1")
+
+
+@dataclass
+class QualitySettings:
+    model: str = DEFAULT_MODEL
+    dtype: str = "float32"
+    prompts_file: str = str(PROMPTS)
+    prompts: int | None = None  # the first N prompts; None: all
+    chat: bool = True  # wrap prompts in the chat template when the tokenizer has one
+    thresholds: list[float] = field(default_factory=lambda: [0.8, 0.9])
+    block_sizes: list[int] | None = None  # None: the model's
+    steps_per_block: int | None = None
+    commit_rule: str = "threshold"
+    verify: bool = False
+    max_new_tokens: int = 64
+    batch_size: int = 8
+    judge: str | None = DEFAULT_JUDGE  # None: skip judge perplexity
+    nll_t: list[float] = field(default_factory=lambda: [1.0, 0.5])
+    nll_window: int = 256
+    heldout: str = str(block_nll.HELDOUT)
+    humaneval_problems: int | None = None  # None: all 164; 0: skip
+    humaneval_max_new_tokens: int = 256
+    output_dir: str = "bench_results/quality"
+
+
+def load_prompts(path: str | Path = PROMPTS) -> list[dict]:
+    """The prompt set: one JSON object a line with "kind" and "text"."""
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    for i, row in enumerate(rows):
+        if not isinstance(row.get("text"), str) or not row["text"].strip():
+            raise ValueError(f"{path}: line {i + 1} has no \"text\"")
+    return rows
+
+
+def load_model(name: str, dtype: torch.dtype) -> tuple[TwoTower, object, str | None]:
+    """A saved two-tower directory, or a backbone with an untrained lora denoiser (S = 16).
+    Returns (model, tokenizer, a note when the denoiser is untrained)."""
+    from ..checkpoints import load_backbone
+    from ..cli import _is_two_tower_dir
+
+    if _is_two_tower_dir(name):
+        from ..hf import TwoTowerForCausalLM
+
+        wrapped = TwoTowerForCausalLM.from_pretrained(name, dtype=dtype)
+        return wrapped.twotower, wrapped.tokenizer, None
+    backbone, tokenizer = load_backbone(name, dtype=dtype)
+    return TwoTower(backbone, DenoiserConfig(flavour="lora", block_size=16)), tokenizer, UNTRAINED_NOTE
+
+
+def encode(tokenizer, text: str, chat: bool) -> list[int]:
+    if chat and tokenizer.chat_template:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                            tokenize=True, return_dict=True)["input_ids"]
+        return list(ids)
+    return tokenizer(text, add_special_tokens=True)["input_ids"]
+
+
+def _batches(items: list, size: int) -> list[list]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def decode_all(model: TwoTower, prompts: list[list[int]], settings: QualitySettings, max_new_tokens: int,
+               dial: dict | None, desc: str) -> tuple[list[list[int]], float]:
+    """Greedy continuations (EOS excluded) for every prompt: AR when ``dial`` is None, else mask
+    diffusion with that block size and threshold. Returns them and the tokens per NFE."""
+    tokens: list[list[int]] = []
+    nfe = new = 0
+    eos = set(model.context.config.eos_token_ids)
+    for batch in tqdm(_batches(prompts, settings.batch_size), desc=desc, leave=False, file=sys.stderr):
+        if dial is None:
+            out = generate_ar(model.context, batch, max_new_tokens=max_new_tokens)
+        else:
+            out = generate_mask_diffusion(
+                model, batch, max_new_tokens=max_new_tokens, block_size=dial["block_size"],
+                steps_per_block=settings.steps_per_block, confidence_threshold=dial["threshold"],
+                commit_rule=settings.commit_rule, verify=settings.verify,
+            )
+        tokens += [row[:-1] if row and row[-1] in eos else row for row in out.tokens]
+        nfe, new = nfe + out.stats.nfe, new + out.stats.total_new_tokens
+    return tokens, (new / nfe if nfe else 0.0)
+
+
+def text_metrics(candidates: list[list[int]], references: list[list[int]]) -> dict:
+    return {
+        "token_agreement": mean(metrics.token_agreement(c, r) for c, r in zip(candidates, references)),
+        "prefix_agreement": mean(metrics.prefix_agreement(c, r) for c, r in zip(candidates, references)),
+        "exact_match": mean(float(metrics.exact_match(c, r)) for c, r in zip(candidates, references)),
+        "distinct_2": mean(metrics.distinct_n(c, 2) for c in candidates),
+        "repetition_rate": mean(metrics.repetition_rate(c, 4) for c in candidates),
+        "mean_tokens": mean(len(c) for c in candidates),
+    }
+
+
+def _ratio(num: float | None, den: float | None) -> float | None:
+    if num is None or den is None or not math.isfinite(num) or not math.isfinite(den) or den == 0:
+        return None
+    return num / den
+
+
+def retention(diff: dict, ar: dict) -> dict:
+    """Diffusion relative to AR, every entry oriented so that higher is better and 1 = no loss."""
+    out = {
+        "token_agreement": diff["token_agreement"],  # AR agrees with itself: 1
+        "exact_match": diff["exact_match"],
+        "distinct_2": _ratio(diff["distinct_2"], ar["distinct_2"]),
+        "non_repetition": _ratio(1 - diff["repetition_rate"], 1 - ar["repetition_rate"]),
+        "judge_perplexity": _ratio(ar.get("judge_perplexity"), diff.get("judge_perplexity")),
+        "humaneval_pass_at_1": _ratio(diff.get("humaneval_pass_at_1"), ar.get("humaneval_pass_at_1")),
+    }
+    for key, nll in diff.get("block_nll", {}).items():
+        out[f"block_nll_{key}"] = _ratio(nll["ar_nll"], nll["diffusion_nll"])
+    return out
+
+
+def aggregate(ret: dict) -> float | None:
+    """Geometric mean of the defined text-quality retentions (a zero retention makes it zero)."""
+    values = [ret[k] for k in AGGREGATED if ret.get(k) is not None]
+    if not values:
+        return None
+    if min(values) <= 0:
+        return 0.0
+    return math.exp(mean(math.log(v) for v in values))
+
+
+def _t_key(t: float) -> str:
+    return "t1" if t == 1.0 else f"t{t:g}"
+
+
+def run_quality(settings: QualitySettings) -> dict:
+    from ..cli import _torch_dtype
+
+    model, tokenizer, note = load_model(settings.model, _torch_dtype(settings.dtype))
+    if note:
+        print(f"twotower: note: {note}", file=sys.stderr)
+    rows = load_prompts(settings.prompts_file)[: settings.prompts]
+    texts = [r["text"] for r in rows]
+    prompt_ids = [encode(tokenizer, t, settings.chat) for t in texts]
+    block_sizes = settings.block_sizes or [model.block_size]
+    dials = [{"block_size": s, "threshold": th} for s in block_sizes for th in settings.thresholds]
+    judge = Judge(settings.judge) if settings.judge else None
+
+    def judged(tokens: list[list[int]]) -> float | None:
+        if judge is None:
+            return None
+        return judge.corpus(texts, [tokenizer.decode(t, skip_special_tokens=True) for t in tokens]).perplexity
+
+    ar_tokens, ar_tpn = decode_all(model, prompt_ids, settings, settings.max_new_tokens, None, "AR")
+    ar = text_metrics(ar_tokens, ar_tokens) | {"tokens_per_nfe": ar_tpn, "judge_perplexity": judged(ar_tokens)}
+
+    # block NLL depends on the block size only, not on the threshold
+    heldout_ids = tokenizer(block_nll.heldout_text(settings.heldout), add_special_tokens=False)["input_ids"]
+    token_windows = block_nll.windows(heldout_ids, settings.nll_window)
+    nll = {s: {_t_key(t): asdict(block_nll.block_nll(model, token_windows, s, t)) for t in settings.nll_t}
+           for s in block_sizes}
+
+    problems = humaneval.load_problems(settings.humaneval_problems) if settings.humaneval_problems != 0 else []
+    code_prompts = [tokenizer(p["prompt"], add_special_tokens=True)["input_ids"] for p in problems]
+
+    def pass_at_1(dial: dict | None) -> tuple[float | None, list[dict]]:
+        if not problems:
+            return None, []
+        tokens, _ = decode_all(model, code_prompts, settings, settings.humaneval_max_new_tokens, dial, "HumanEval")
+        completions = [humaneval.truncate_completion(tokenizer.decode(t, skip_special_tokens=True)) for t in tokens]
+        results = [humaneval.check_completion(p, c) for p, c in zip(problems, completions)]
+        return humaneval.pass_at_1(results), [asdict(r) | {"completion": c} for r, c in zip(results, completions)]
+
+    ar["humaneval_pass_at_1"], ar_humaneval = pass_at_1(None)
+    results = []
+    for dial in dials:
+        desc = f"S={dial['block_size']} threshold {dial['threshold']}"
+        tokens, tpn = decode_all(model, prompt_ids, settings, settings.max_new_tokens, dial, desc)
+        diff = text_metrics(tokens, ar_tokens) | {"tokens_per_nfe": tpn, "judge_perplexity": judged(tokens)}
+        diff["humaneval_pass_at_1"], he = pass_at_1(dial)
+        diff["block_nll"] = nll[dial["block_size"]]
+        ret = retention(diff, ar)
+        results.append({**dial, "metrics": diff, "retention": ret, "aggregate_retention": aggregate(ret),
+                        "continuations": [tokenizer.decode(t, skip_special_tokens=True) for t in tokens],
+                        "humaneval": he})
+
+    report = {
+        "settings": asdict(settings),
+        "denoiser": note or "trained (saved two-tower directory)",
+        "judge": settings.judge,
+        "heldout": {"path": settings.heldout, "tokens": len(heldout_ids),
+                    "source": "paragraphs written for this project (Apache-2.0)"
+                    if Path(settings.heldout) == block_nll.HELDOUT else "user-supplied"},
+        "aggregate_of": list(AGGREGATED),
+        "ar": ar | {"continuations": [tokenizer.decode(t, skip_special_tokens=True) for t in ar_tokens],
+                    "humaneval": ar_humaneval},
+        "diffusion": results,
+    }
+    write_report(report, Path(settings.output_dir))
+    return report
+
+
+def _fmt(x: float | None, digits: int = 3) -> str:
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+def markdown(report: dict) -> str:
+    ar = report["ar"]
+    lines = [
+        f"Model `{report['settings']['model']}` ({report['settings']['dtype']}); denoiser: {report['denoiser']}; "
+        f"judge `{report['judge']}`; {len(ar['continuations'])} prompts, {report['settings']['max_new_tokens']} "
+        f"new tokens max, commit rule {report['settings']['commit_rule']}"
+        + (", verified" if report["settings"]["verify"] else "") + ".",
+        "",
+        "| S | threshold | tokens/NFE | token agr. | exact | judge ppl (AR) | distinct-2 (AR) | rep. (AR) "
+        "| block NLL t=1 (AR) | pass@1 (AR) | retention |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["diffusion"]:
+        m = r["metrics"]
+        t1 = m["block_nll"].get("t1")
+        lines.append(
+            f"| {r['block_size']} | {r['threshold']} | {m['tokens_per_nfe']:.2f} | {m['token_agreement']:.3f} "
+            f"| {m['exact_match']:.2f} | {_fmt(m['judge_perplexity'], 2)} ({_fmt(ar['judge_perplexity'], 2)}) "
+            f"| {m['distinct_2']:.3f} ({ar['distinct_2']:.3f}) | {m['repetition_rate']:.3f} ({ar['repetition_rate']:.3f}) "
+            f"| {_fmt(t1 and t1['diffusion_nll'])} ({_fmt(t1 and t1['ar_nll'])}) "
+            f"| {_fmt(m['humaneval_pass_at_1'])} ({_fmt(ar['humaneval_pass_at_1'])}) "
+            f"| {_fmt(r['aggregate_retention'])} |"
+        )
+    lines += ["", "Retention = diffusion / AR, higher is better (AR / diffusion for perplexity and NLL); the last "
+              f"column is the geometric mean of {', '.join(report['aggregate_of'])} where defined."]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: dict, output_dir: Path) -> None:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "quality.json").write_text(json.dumps(report, indent=2))
+    (output_dir / "quality.md").write_text(markdown(report))
+    print(markdown(report))
+    print(f"wrote {output_dir / 'quality.json'} and {output_dir / 'quality.md'}", file=sys.stderr)
