@@ -1,0 +1,123 @@
+"""Reading training text: plain files, directories of them, and JSONL (a text field, or chat
+messages rendered with the tokenizer's chat template). Bad input is a DataError naming the
+file (and line) at fault; nothing is silently skipped."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from html.parser import HTMLParser
+from pathlib import Path
+
+TEXT_SUFFIXES = {".txt", ".md", ".rst", ".cor", ".py", ".rs", ".html", ".htm", ".tex", ""}
+
+
+class DataError(ValueError):
+    """Training data that cannot be read as documents."""
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    path: str
+    licence: str = "unspecified"
+    field: str = "text"  # JSONL: the text field; "messages" renders a chat with the template
+    description: str = ""
+    pattern: str = "**/*"  # which files of a directory to read
+
+
+def _read_text(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start}: {data[e.start:e.start + 4]!r})") from e
+    if not text.strip():
+        raise DataError(f"{path}: the file is empty")
+    return text
+
+
+class _VisibleText(HTMLParser):
+    """Text of an HTML page without scripts, styles and navigation; only its <main> element
+    when it has one (documentation sites put menus and help text around it)."""
+
+    SKIP = {"script", "style", "nav", "head", "noscript"}
+    BLOCKS = {"p", "div", "br", "li", "pre", "tr", "section", "h1", "h2", "h3", "h4", "h5", "h6", "table", "ul", "ol"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.parts: list[str] = []
+        self.main_parts: list[str] = []
+        self.skip = self.main = 0
+
+    def handle_starttag(self, tag, attrs) -> None:
+        self.skip += tag in self.SKIP
+        self.main += tag == "main"
+        if tag in self.BLOCKS:
+            self.handle_data("\n")
+
+    def handle_endtag(self, tag) -> None:
+        if tag in self.BLOCKS:
+            self.handle_data("\n")
+        if tag in self.SKIP and self.skip:
+            self.skip -= 1
+        if tag == "main" and self.main:
+            self.main -= 1
+
+    def handle_data(self, data) -> None:
+        if not self.skip:
+            (self.main_parts if self.main else self.parts).append(data)
+
+
+def html_to_text(html: str) -> str:
+    parser = _VisibleText()
+    parser.feed(html)
+    lines = (line.strip() for line in "".join(parser.main_parts or parser.parts).splitlines())
+    return "\n".join(line for line in lines if line)
+
+
+def _jsonl_documents(path: Path, field: str, tokenizer) -> Iterator[str]:
+    text = _read_text(path)
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{number}: invalid JSON ({e.msg})") from e
+        if not isinstance(record, dict) or field not in record:
+            keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+            raise DataError(f"{path}:{number}: no field {field!r} (found {keys})")
+        value = record[field]
+        if field == "messages":
+            if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+                raise DataError(f"{path}: chat messages need a tokenizer with a chat template")
+            if not isinstance(value, list) or not all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in value):
+                raise DataError(f"{path}:{number}: 'messages' must be a list of {{role, content}} objects")
+            value = tokenizer.apply_chat_template(value, tokenize=False)
+        if not isinstance(value, str):
+            raise DataError(f"{path}:{number}: field {field!r} is {type(value).__name__}, not text")
+        if value.strip():
+            yield value
+
+
+def read_documents(spec: SourceSpec, tokenizer=None) -> Iterator[str]:
+    """Every document of a source: one per text file, one per JSONL record."""
+    path = Path(spec.path).expanduser()
+    if not path.exists():
+        raise DataError(f"{path}: no such file or directory")
+    if path.is_dir():
+        files = sorted(p for p in path.glob(spec.pattern) if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES | {".jsonl"})
+        if not files:
+            raise DataError(f"{path}: no text or JSONL files inside")
+    else:
+        files = [path]
+    for f in files:
+        if f.suffix.lower() == ".jsonl":
+            yield from _jsonl_documents(f, spec.field, tokenizer)
+        elif f.suffix.lower() in (".html", ".htm"):
+            text = html_to_text(_read_text(f))
+            if text.strip():
+                yield text
+        else:
+            yield _read_text(f)
