@@ -143,3 +143,57 @@ def test_eval_quality_end_to_end(tiny_dirs, tmp_path, capsys):
         assert len(r["humaneval"]) == 1 and r["retention"]["judge_perplexity"] > 0
     table = (out / "quality.md").read_text()
     assert "| 4 | 0.9 |" in table and "retention" in table
+
+
+TASK_YAML = """\
+task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+  cache_dir: {cache}
+test_split: test
+output_type: {output_type}
+doc_to_text: "{{{{question}}}}"
+"""
+
+
+def test_lm_eval_local_jsonl_tasks_offline(tiny_dirs, tmp_path, monkeypatch):
+    pytest.importorskip("lm_eval")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from twotower.eval.lm_eval_model import TwoTowerLM
+
+    data = tmp_path / "qa.jsonl"
+    docs = [{"question": "Q: What colour is the sky?\nA:", "answer": " blue", "choices": [" blue", " green"], "label": 0},
+            {"question": "Q: How many legs has a cat?\nA:", "answer": " four", "choices": [" two", " four"], "label": 1}]
+    data.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    common = dict(data=data, cache=tmp_path / "hf_cache")
+    (tasks / "mc.yaml").write_text(TASK_YAML.format(name="tiny_mc", output_type="multiple_choice", **common)
+                                   + 'doc_to_choice: "{{choices}}"\ndoc_to_target: "{{label}}"\n'
+                                   + "metric_list:\n  - metric: acc\n")
+    (tasks / "gen.yaml").write_text(TASK_YAML.format(name="tiny_gen", output_type="generate_until", **common)
+                                    + 'doc_to_target: "{{answer}}"\n'
+                                    + "generation_kwargs:\n  until: [\"\\n\"]\n  max_gen_toks: 6\n"
+                                    + "metric_list:\n  - metric: exact_match\n")
+    lm = TwoTowerLM(pretrained=str(tiny_dirs["model"]), mode="mask_diffusion", block_size=4, confidence_threshold=0.5)
+    results = simple_evaluate(model=lm, tasks=["tiny_mc", "tiny_gen"], task_manager=TaskManager(include_path=str(tasks)))
+    assert 0.0 <= results["results"]["tiny_mc"]["acc,none"] <= 1.0
+    assert 0.0 <= results["results"]["tiny_gen"]["exact_match,none"] <= 1.0
+
+    # loglikelihood is the AR model's: log p(continuation | context) under the context tower
+    (score, _), = lm.loglikelihood([_Request(("Q: What colour", " is the sky"))])
+    ctx, target = lm._encode("Q: What colour"), lm._encode(" is the sky")
+    ids = torch.tensor([[lm.prefix_token] + ctx + target])
+    logp = lm.model.context_forward(ids)[0, :-1].log_softmax(-1)
+    direct = sum(float(logp[len(ctx) + i, tok]) for i, tok in enumerate(target))
+    assert score == pytest.approx(direct, rel=1e-5)
+
+
+class _Request:
+    def __init__(self, args):
+        self.args = args
