@@ -183,6 +183,17 @@ def cmd_eval_quality(args: argparse.Namespace) -> None:
     ))
 
 
+def cmd_bench_speed(args: argparse.Namespace) -> None:
+    from .bench.speed import run_speed_bench
+
+    run_speed_bench(
+        model=args.model, dtype=args.dtype, modes=args.modes, thresholds=args.thresholds,
+        block_sizes=args.block_sizes, batch_sizes=args.batch_sizes, prompts=args.prompts,
+        max_new_tokens=args.max_new_tokens, repeats=args.repeats, warmup=args.warmup,
+        prompt_lookup_tokens=args.prompt_lookup_tokens, output_dir=args.output_dir,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .checkpoints import DEFAULT_MODEL
 
@@ -230,6 +241,23 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--repeats", type=int, default=30)
     st.add_argument("--output", default="bench_results/step.json")
     st.set_defaults(func=cmd_bench_step)
+    from .bench import speed
+
+    sp = bsub.add_parser("speed", parents=[common], help="tokens/s, NFE, latency, memory and agreement across the dial")
+    sp.add_argument("--model", default=DEFAULT_MODEL, help="registry name, .gguf file, checkpoint dir or saved two-tower dir")
+    sp.add_argument("--dtype", choices=DTYPES, default="float32")
+    sp.add_argument("--modes", nargs="+", choices=speed.MODES, default=list(speed.MODES),
+                    help="what to run besides our AR, which always runs as the reference (default: all)")
+    sp.add_argument("--thresholds", type=float, nargs="+", default=list(speed.THRESHOLDS))
+    sp.add_argument("--block-sizes", type=int, nargs="+", default=list(speed.BLOCK_SIZES))
+    sp.add_argument("--batch-sizes", type=int, nargs="+", default=list(speed.BATCH_SIZES))
+    sp.add_argument("--prompts", type=int, default=None, help="the first N shipped prompts (default: all)")
+    sp.add_argument("--max-new-tokens", type=int, default=128)
+    sp.add_argument("--repeats", type=int, default=3, help="timed rounds per pair, after the warm-up")
+    sp.add_argument("--warmup", type=int, default=1, help="untimed rounds per pair")
+    sp.add_argument("--prompt-lookup-tokens", type=int, default=10, help="draft length of prompt-lookup decoding")
+    sp.add_argument("--output-dir", default="bench_results/speed")
+    sp.set_defaults(func=cmd_bench_speed)
     from .eval.judge import DEFAULT_JUDGE
     from .eval.quality import QualitySettings
 

@@ -1,0 +1,488 @@
+"""``twotower bench speed``: generated tokens per second, NFE per token, latency and memory of
+every decoding mode across the dial, each against our own AR decoding of the same requests.
+
+Counting rules (the usual ways speed-ups get inflated are ruled out here):
+- only generated tokens count: never prompt tokens, never anything after a row's first EOS
+  (the EOS itself counts: the model had to produce it);
+- NFE per token = forward passes / the longest row of each batch, summed over batches: one
+  batched forward advances every row at once, so AR is exactly 1.0 at any batch size; for the
+  diffusion modes a forward is one denoiser step (the context tower's block pass is extra
+  work, and it is in the timings);
+- every speed-up is the median over rounds of time(our AR) / time(contender), the two run in
+  turn (A B A B) on the same requests in the same process, warm-up rounds dropped;
+- agreement is greedy output against our AR output for the same requests at the same batch size.
+
+Requests: the shipped prompts (``prompts.jsonl``), chat-templated when the tokenizer has a
+template, cycled to fill whole batches; a request's latency is the time of the batch call
+that answered it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..eval.metrics import exact_match, token_agreement
+from ..generate import generate_ar, prepare_prompts
+from ..generate.ar import eos_set
+from ..generate.diffusion import generate_mask_diffusion, generate_mock_ar
+from ..model.twotower import DenoiserConfig, TwoTower
+from .box import describe_box
+from .memory import PeakMemory
+from .timing import Timings, interleaved
+
+PROMPTS_FILE = Path(__file__).with_name("prompts.jsonl")
+THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+BLOCK_SIZES = (4, 8, 16, 32)
+BATCH_SIZES = (1, 4, 16)
+MODES = ("ar", "mock_ar", "mask_diffusion", "transformers", "prompt_lookup", "llama_cpp")
+UNTRAINED_NOTE = (
+    "untrained denoiser: a lora denoiser initialised as a copy of the AR model (identity time "
+    "conditioning, block size 16) was put on the backbone, so expect about one committed token "
+    "per step; load a saved two-tower directory for a trained one"
+)
+
+
+def load_prompts(count: int | None = None, path: Path = PROMPTS_FILE) -> list[dict]:
+    prompts = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if count is not None:
+        if not 1 <= count <= len(prompts):
+            raise ValueError(f"--prompts must be between 1 and {len(prompts)}, got {count}")
+        prompts = prompts[:count]
+    return prompts
+
+
+def encode_prompts(tokenizer, prompts: list[dict]) -> tuple[list[list[int]], bool]:
+    """Token ids of each prompt, through the chat template when the tokenizer has one."""
+    from ..cli import _encode_prompt
+
+    chat = bool(getattr(tokenizer, "chat_template", None))
+    return [_encode_prompt(tokenizer, p["text"], chat) for p in prompts], chat
+
+
+def counted(tokens: Sequence[int], eos: set[int]) -> list[int]:
+    """The generated tokens that count: up to and including the first EOS, nothing after it."""
+    out = []
+    for tok in tokens:
+        out.append(int(tok))
+        if tok in eos:
+            break
+    return out
+
+
+def batches_of(prompts: list[list[int]], batch_size: int) -> list[list[list[int]]]:
+    """Batches of exactly ``batch_size`` requests: the prompts are cycled to fill the last batch,
+    so that no batch size is measured on a half-empty batch."""
+    n = math.ceil(len(prompts) / batch_size) * batch_size
+    requests = [prompts[i % len(prompts)] for i in range(n)]
+    return [requests[i : i + batch_size] for i in range(0, n, batch_size)]
+
+
+def pareto_frontier(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats on both axes (higher is better), by x."""
+    keep = [
+        i for i, (x, y) in enumerate(points)
+        if not any(x2 >= x and y2 >= y and (x2 > x or y2 > y) for x2, y2 in points)
+    ]
+    return sorted(keep, key=lambda i: points[i])
+
+
+@dataclass
+class Decoded:
+    tokens: list[list[int]]  # per row, counted tokens only
+    nfe: int | None  # forward passes of the call; None where the engine does not tell
+
+
+Decoder = Callable[[list[list[int]]], Decoded]
+
+
+@dataclass
+class Pass:
+    """One timed pass of a contender over all its batches."""
+
+    batch_seconds: list[float]
+    tokens: list[list[int]]  # per request
+    nfe: int | None
+    longest_rows: int  # sum over batches of the longest row: the sequential positions decoded
+    peak_mb: float
+    over_start_mb: float
+
+
+@dataclass
+class Contender:
+    """One decoding setting over the request set at one batch size. Each call is one pass,
+    recorded so that latency and memory can be read after the warm-up passes are dropped."""
+
+    name: str
+    settings: dict
+    decode: Decoder
+    batches: list[list[list[int]]]
+    kept: list[Pass] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)  # interleaved pass times, warm-up dropped
+    _passes: list[Pass] = field(default_factory=list)
+
+    def __call__(self) -> None:
+        seconds, tokens, nfe, longest, peak, over = [], [], 0, 0, 0.0, 0.0
+        for batch in self.batches:
+            with PeakMemory() as mem:
+                start = time.perf_counter()
+                out = self.decode(batch)
+                seconds.append(time.perf_counter() - start)
+            tokens.extend(out.tokens)
+            nfe = None if nfe is None or out.nfe is None else nfe + out.nfe
+            longest += max(len(row) for row in out.tokens)
+            peak, over = max(peak, mem.peak_mb), max(over, mem.over_start_mb)
+        self._passes.append(Pass(seconds, tokens, nfe, longest, peak, over))
+
+    def keep(self, timings: Timings, warmup: int) -> None:
+        self.kept.extend(self._passes[warmup:])
+        self._passes.clear()
+        self.seconds.extend(timings.seconds[self.name])
+
+
+def summarise(c: Contender, speedup: float, reference: list[list[int]]) -> dict:
+    last = c.kept[-1]
+    generated = sum(len(row) for row in last.tokens)
+    latencies = [s for p in c.kept for s, batch in zip(p.batch_seconds, c.batches) for _ in batch]
+    return {
+        **c.settings,
+        "requests": len(last.tokens),
+        "generated_tokens": generated,
+        "tokens_per_second": generated / statistics.median(c.seconds),
+        "speedup_vs_ar": speedup,
+        "nfe_per_token": last.nfe / last.longest_rows if last.nfe is not None and last.longest_rows else None,
+        "latency_s": {"median": float(np.median(latencies)), "p90": float(np.percentile(latencies, 90))},
+        "peak_rss_mb": max(p.peak_mb for p in c.kept),
+        "peak_rss_over_start_mb": max(p.over_start_mb for p in c.kept),
+        "token_agreement": statistics.mean(token_agreement(a, b) for a, b in zip(last.tokens, reference)),
+        "exact_match": statistics.mean(float(exact_match(a, b)) for a, b in zip(last.tokens, reference)),
+        "seconds": c.seconds,
+    }
+
+
+# -- decoders ---------------------------------------------------------------------------------
+
+
+def ours(fn: Callable, eos: set[int], **kwargs) -> Decoder:
+    """One of our generators, ``fn(batch, **kwargs)``, with its own NFE count."""
+
+    def decode(batch: list[list[int]]) -> Decoded:
+        out = fn(batch, **kwargs)
+        return Decoded([counted(row, eos) for row in out.tokens], out.stats.nfe)
+
+    return decode
+
+
+class ForwardCounter:
+    """Counts a module's forward calls (transformers does not report its NFE)."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.count = 0
+        module.register_forward_hook(self._hook)
+
+    def _hook(self, *_) -> None:
+        self.count += 1
+
+
+def transformers_decoder(
+    hf, forwards: ForwardCounter, eos: set[int], pad: int, max_new_tokens: int, lookup: int | None = None
+) -> Decoder:
+    """transformers ``generate()``, greedy with its KV cache; ``lookup`` turns on prompt-lookup
+    decoding (n-gram drafts from the prompt, verified by the model in one forward)."""
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=sorted(eos),
+                              pad_token_id=pad, prompt_lookup_num_tokens=lookup)
+
+    def decode(batch: list[list[int]]) -> Decoded:
+        p = prepare_prompts(batch, pad_token_id=pad)
+        mask = p.attention_mask if p.attention_mask is not None else torch.ones_like(p.input_ids, dtype=torch.bool)
+        before = forwards.count
+        with torch.inference_mode():
+            out = hf.generate(p.input_ids, attention_mask=mask.long(), generation_config=config)
+        width = p.input_ids.shape[1]
+        return Decoded([counted(row[width:].tolist(), eos) for row in out], forwards.count - before)
+
+    return decode
+
+
+def llama_cpp_decoder(gguf: Path, eos: set[int], max_new_tokens: int, n_ctx: int) -> Decoder:
+    """llama.cpp on the same GGUF. Its Python API decodes one sequence at a time, so it only
+    runs at batch size 1; it does not report forward passes."""
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(gguf), n_ctx=n_ctx, n_threads=torch.get_num_threads(), verbose=False)
+
+    def decode(batch: list[list[int]]) -> Decoded:
+        rows = []
+        for prompt in batch:
+            row = []
+            for tok in llm.generate(prompt, top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
+                row.append(int(tok))
+                if tok in eos or len(row) >= max_new_tokens:
+                    break
+            rows.append(row)
+        return Decoded(rows, None)
+
+    return decode
+
+
+# -- model ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Loaded:
+    model: TwoTower
+    tokenizer: object
+    hf_dir: Path | None  # transformers-format weights of the context tower, for the baselines
+    gguf: Path | None  # the GGUF those weights came from, for llama.cpp
+    note: str | None  # set when the denoiser is untrained
+
+
+def _gguf_of(name_or_path: str) -> Path | None:
+    from ..checkpoints.load import resolve
+
+    path = resolve(name_or_path)
+    if path.suffix == ".gguf":
+        return path
+    source = path / "twotower_source.json"
+    return Path(json.loads(source.read_text())["gguf"]) if source.is_file() else None
+
+
+def load_model(name_or_path: str, dtype: torch.dtype) -> Loaded:
+    """A saved two-tower directory (trained denoiser; the baselines use the backbone it names)
+    or a backbone, which gets an untrained lora denoiser."""
+    from ..checkpoints import checkpoint_dir, load_backbone
+    from ..cli import _is_two_tower_dir
+
+    if _is_two_tower_dir(name_or_path):
+        from ..hf import TwoTowerForCausalLM
+
+        wrapped = TwoTowerForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+        ref = wrapped.config.backbone
+        return Loaded(wrapped.twotower, wrapped.tokenizer, checkpoint_dir(ref) if ref else None,
+                      _gguf_of(ref) if ref else None, None)
+    backbone, tokenizer = load_backbone(name_or_path, dtype=dtype)
+    model = TwoTower(backbone, DenoiserConfig(flavour="lora", block_size=16)).eval()
+    return Loaded(model, tokenizer, checkpoint_dir(name_or_path), _gguf_of(name_or_path), UNTRAINED_NOTE)
+
+
+# -- the run ----------------------------------------------------------------------------------
+
+
+def _check(thresholds, block_sizes, batch_sizes, max_new_tokens: int, repeats: int, warmup: int) -> None:
+    if not all(0.0 <= t <= 1.0 for t in thresholds):
+        raise ValueError(f"--thresholds must be in [0, 1], got {thresholds}")
+    if min(block_sizes) < 1 or min(batch_sizes) < 1:
+        raise ValueError("--block-sizes and --batch-sizes must be >= 1")
+    if max_new_tokens < 1 or repeats < 1 or warmup < 0:
+        raise ValueError("--max-new-tokens and --repeats must be >= 1, --warmup >= 0")
+
+
+def run_speed_bench(
+    model: str,
+    dtype: str = "float32",
+    modes: Sequence[str] = MODES,
+    thresholds: Sequence[float] = THRESHOLDS,
+    block_sizes: Sequence[int] = BLOCK_SIZES,
+    batch_sizes: Sequence[int] = BATCH_SIZES,
+    prompts: int | None = None,
+    max_new_tokens: int = 128,
+    repeats: int = 3,
+    warmup: int = 1,
+    prompt_lookup_tokens: int = 10,
+    output_dir: str | Path = "bench_results/speed",
+) -> dict:
+    from ..cli import _torch_dtype
+
+    _check(thresholds, block_sizes, batch_sizes, max_new_tokens, repeats, warmup)
+    loaded = load_model(model, _torch_dtype(dtype))
+    if loaded.tokenizer is None:
+        raise ValueError(f"{model} has no tokenizer: the benchmark prompts are text")
+    if loaded.note:
+        print(f"twotower: note: {loaded.note}", file=sys.stderr)
+    tt, context = loaded.model, loaded.model.context
+    texts = load_prompts(prompts)
+    encoded, chat = encode_prompts(loaded.tokenizer, texts)
+    eos = eos_set(context, None)
+    pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
+    skipped: list[str] = []
+
+    hf = forwards = None
+    if loaded.hf_dir is not None and {"transformers", "prompt_lookup"} & set(modes):
+        from transformers import AutoModelForCausalLM
+
+        hf = AutoModelForCausalLM.from_pretrained(loaded.hf_dir, dtype=_torch_dtype(dtype)).eval()
+        forwards = ForwardCounter(hf)
+    elif loaded.hf_dir is None:
+        skipped.append("transformers baselines: this model names no transformers-format backbone")
+    llama = None
+    if "llama_cpp" in modes:
+        try:
+            import llama_cpp  # noqa: F401
+        except ImportError:
+            skipped.append("llama_cpp: llama-cpp-python is not installed (optional)")
+        else:
+            if loaded.gguf is None:
+                skipped.append("llama_cpp: this model has no GGUF file")
+            else:
+                n_ctx = max(map(len, encoded)) + max_new_tokens + 8
+                llama = llama_cpp_decoder(loaded.gguf, eos, max_new_tokens, n_ctx)
+
+    def contenders(batches) -> list[Contender]:
+        batch_size = len(batches[0])
+        out = []
+
+        def add(name, mode, decode, **dial):
+            out.append(Contender(name, {"batch_size": batch_size, "mode": mode, "label": name, **dial}, decode, batches))
+
+        if "mock_ar" in modes:
+            add("mock_ar", "mock_ar", ours(partial(generate_mock_ar, tt), eos, max_new_tokens=max_new_tokens))
+        if "mask_diffusion" in modes:
+            for s in block_sizes:
+                for t in thresholds:
+                    add(f"mask_diffusion S={s} t={t}", "mask_diffusion",
+                        ours(partial(generate_mask_diffusion, tt), eos, max_new_tokens=max_new_tokens, block_size=s,
+                             confidence_threshold=t),
+                        block_size=s, threshold=t)
+        if hf is not None and "transformers" in modes:
+            add("transformers", "transformers", transformers_decoder(hf, forwards, eos, pad, max_new_tokens))
+        if hf is not None and "prompt_lookup" in modes:
+            if batch_size == 1:
+                add("prompt_lookup", "prompt_lookup",
+                    transformers_decoder(hf, forwards, eos, pad, max_new_tokens, prompt_lookup_tokens),
+                    draft_tokens=prompt_lookup_tokens)
+            else:
+                skipped.append(f"prompt_lookup at batch {batch_size}: transformers runs it at batch 1 only")
+        if llama is not None:
+            if batch_size == 1:
+                add("llama_cpp", "llama_cpp", llama)
+            else:
+                skipped.append(f"llama_cpp at batch {batch_size}: its Python API decodes one sequence at a time")
+        return out
+
+    plan = [(b, contenders(batches_of(encoded, b))) for b in batch_sizes]
+    rounds = sum(max(len(cs), 1) for _, cs in plan) * (warmup + repeats)
+    bar = tqdm(total=rounds, desc="bench speed", unit="round")
+    runs = []
+    for batch_size, others in plan:
+        batches = others[0].batches if others else batches_of(encoded, batch_size)
+        ar = Contender("ar", {"batch_size": batch_size, "mode": "ar", "label": "ar"},
+                       ours(partial(generate_ar, context), eos, max_new_tokens=max_new_tokens), batches)
+        ratios = {}
+        for c in others or [None]:
+            pair = {"ar": ar} if c is None else {"ar": ar, c.name: c}
+            bar.set_postfix_str(f"batch {batch_size} {c.name if c else 'ar'}")
+            timings = interleaved(pair, repeats, warmup=warmup, on_round=lambda r: bar.update())
+            ar.keep(timings, warmup)
+            if c is not None:
+                c.keep(timings, warmup)
+                ratios[c.name] = timings.ratio("ar", c.name)
+        reference = ar.kept[-1].tokens
+        runs.append(summarise(ar, 1.0, reference))
+        runs.extend(summarise(c, ratios[c.name], reference) for c in others)
+    bar.close()
+
+    box = describe_box() | {"dtype": dtype}
+    results = {
+        "model": model,
+        "denoiser": loaded.note or "trained (saved two-tower directory)",
+        "dtype": dtype,
+        "max_new_tokens": max_new_tokens,
+        "repeats": repeats,
+        "warmup": warmup,
+        "prompts": {"file": PROMPTS_FILE.name, "count": len(texts), "kinds": [p["kind"] for p in texts],
+                    "chat_template": chat},
+        "memory_method": PeakMemory.method,
+        "box": box,
+        "skipped": sorted(set(skipped)),
+        "runs": runs,
+    }
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "speed.json").write_text(json.dumps(results, indent=2))
+    table = markdown(results)
+    (out / "speed.md").write_text(table)
+    plot(runs, out / "speed.png", title=f"{model} ({dtype}, {box['threads']} threads)")
+    print(table)
+    print(f"wrote {out / 'speed.json'}, {out / 'speed.md'}, {out / 'speed.png'}")
+    return results
+
+
+def _fmt(value, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def markdown(results: dict) -> str:
+    box = results["box"]
+    lines = [
+        f"# bench speed: {results['model']}",
+        "",
+        f"- denoiser: {results['denoiser']}",
+        f"- box: {box['cpu']}, {box['threads']} threads, torch {box['torch']}, transformers {box['transformers']}, "
+        f"{box['dtype']}" + (f", {box['cuda']}" if box["cuda"] else ""),
+        f"- {results['prompts']['count']} prompts ({'chat template' if results['prompts']['chat_template'] else 'plain'}), "
+        f"up to {results['max_new_tokens']} new tokens, greedy; median of {results['repeats']} interleaved repeats "
+        f"after {results['warmup']} warm-up",
+        f"- speed-up: time(our AR) / time(mode), A B A B in one run; agreement: greedy tokens vs our AR",
+        f"- memory: peak RSS over the RSS at the call's start ({results['memory_method']})",
+        "",
+        "| batch | mode | block | threshold | tok/s | speed-up vs AR | NFE/token | latency median (s) "
+        "| latency p90 (s) | peak mem over start (MB) | token agreement | exact match |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results["runs"]:
+        lines.append(
+            f"| {r['batch_size']} | {r['mode']} | {r.get('block_size', '')} | {r.get('threshold', '')} "
+            f"| {r['tokens_per_second']:.1f} | {r['speedup_vs_ar']:.2f} | {_fmt(r['nfe_per_token'], '.2f')} "
+            f"| {r['latency_s']['median']:.2f} | {r['latency_s']['p90']:.2f} | {r['peak_rss_over_start_mb']:.0f} "
+            f"| {100 * r['token_agreement']:.1f}% | {100 * r['exact_match']:.0f}% |"
+        )
+    lines += [f"- skipped: {s}" for s in results["skipped"]]
+    return "\n".join(lines) + "\n"
+
+
+def plot(runs: list[dict], path: Path, title: str) -> None:
+    """Speed-up vs agreement with AR, one colour per batch size, its Pareto frontier drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on a benchmark box
+    import matplotlib.pyplot as plt
+
+    markers = {"ar": "*", "mock_ar": "s", "mask_diffusion": "o", "transformers": "^", "prompt_lookup": "v",
+               "llama_cpp": "D"}
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for i, batch_size in enumerate(sorted({r["batch_size"] for r in runs})):
+        rows = [r for r in runs if r["batch_size"] == batch_size]
+        colour = f"C{i}"
+        points = [(100 * r["token_agreement"], r["speedup_vs_ar"]) for r in rows]
+        for r, (x, y) in zip(rows, points):
+            ax.scatter(x, y, marker=markers[r["mode"]], color=colour, s=50, alpha=0.8)
+            short = f"S{r['block_size']} t{r['threshold']}" if r["mode"] == "mask_diffusion" else r["mode"]
+            ax.annotate(short, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        front = [points[j] for j in pareto_frontier(points)]
+        ax.plot([x for x, _ in front], [y for _, y in front], color=colour, linestyle="--", marker="o",
+                markersize=13, markerfacecolor="none", label=f"batch {batch_size}: Pareto frontier (ringed)")
+    for mode, marker in markers.items():
+        if any(r["mode"] == mode for r in runs):
+            ax.scatter([], [], marker=marker, color="grey", label=mode)
+    ax.axhline(1.0, color="grey", linewidth=0.8)
+    ax.set_xlim(right=101)  # agreement tops out at 100%
+    ax.set_xlabel("greedy token agreement with our AR (%)")
+    ax.set_ylabel("speed-up vs our AR (x, interleaved)")
+    ax.set_title(title)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
