@@ -49,14 +49,13 @@ def block_nll(
     if not model.config.token_shift:
         raise ValueError("block NLL needs the token-shift block layout (targets line up with AR predictions)")
     gen = torch.Generator().manual_seed(seed)
-    shift = 1
     den_sum = ar_sum = 0.0
     count = 0
     for window in token_windows:
-        n = (len(window) - shift) // block_size
+        n = (len(window) - 1) // block_size  # targets are shifted one token right of the inputs
         if n < 1:
             raise ValueError(f"a window of {len(window)} tokens holds no block of {block_size} shifted targets")
-        ids = torch.tensor([window[: n * block_size + shift]], device=model.context.device)
+        ids = torch.tensor([window[: n * block_size + 1]], device=model.context.device)
         masked = torch.rand(1, n, block_size, generator=gen) < t
         block_inputs, targets, unknown, t_blocks = model.noisy_blocks(ids, masked.to(ids.device))
         logits = model.training_logits(ids, block_inputs, t_blocks)

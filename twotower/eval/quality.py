@@ -243,15 +243,16 @@ def markdown(report: dict) -> str:
         f"new tokens max, commit rule {report['settings']['commit_rule']}"
         + (", verified" if report["settings"]["verify"] else "") + ".",
         "",
-        "| S | threshold | tokens/NFE | token agr. | exact | judge ppl (AR) | distinct-2 (AR) | rep. (AR) "
+        "| S | threshold | tokens/NFE | mean tokens (AR) | token agr. | exact | judge ppl (AR) | distinct-2 (AR) | rep. (AR) "
         "| block NLL t=1 (AR) | pass@1 (AR) | retention |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["diffusion"]:
         m = r["metrics"]
         t1 = m["block_nll"].get("t1")
         lines.append(
-            f"| {r['block_size']} | {r['threshold']} | {m['tokens_per_nfe']:.2f} | {m['token_agreement']:.3f} "
+            f"| {r['block_size']} | {r['threshold']} | {m['tokens_per_nfe']:.2f} "
+            f"| {m['mean_tokens']:.1f} ({ar['mean_tokens']:.1f}) | {m['token_agreement']:.3f} "
             f"| {m['exact_match']:.2f} | {_fmt(m['judge_perplexity'], 2)} ({_fmt(ar['judge_perplexity'], 2)}) "
             f"| {m['distinct_2']:.3f} ({ar['distinct_2']:.3f}) | {m['repetition_rate']:.3f} ({ar['repetition_rate']:.3f}) "
             f"| {_fmt(t1 and t1['diffusion_nll'])} ({_fmt(t1 and t1['ar_nll'])}) "
