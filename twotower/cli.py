@@ -170,6 +170,17 @@ def cmd_bench_ar(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_bench_speed(args: argparse.Namespace) -> None:
+    from .bench.speed import run_speed_bench
+
+    run_speed_bench(
+        model=args.model, dtype=args.dtype, modes=args.modes, thresholds=args.thresholds,
+        block_sizes=args.block_sizes, batch_sizes=args.batch_sizes, prompts=args.prompts,
+        max_new_tokens=args.max_new_tokens, repeats=args.repeats, warmup=args.warmup,
+        prompt_lookup_tokens=args.prompt_lookup_tokens, output_dir=args.output_dir,
+    )
+
+
 def cmd_eval_quality(args: argparse.Namespace) -> None:
     from .eval.quality import QualitySettings, run_quality
 
@@ -183,15 +194,92 @@ def cmd_eval_quality(args: argparse.Namespace) -> None:
     ))
 
 
-def cmd_bench_speed(args: argparse.Namespace) -> None:
-    from .bench.speed import run_speed_bench
+def _tokenizer(model: str):
+    from transformers import AutoTokenizer
 
-    run_speed_bench(
-        model=args.model, dtype=args.dtype, modes=args.modes, thresholds=args.thresholds,
-        block_sizes=args.block_sizes, batch_sizes=args.batch_sizes, prompts=args.prompts,
-        max_new_tokens=args.max_new_tokens, repeats=args.repeats, warmup=args.warmup,
-        prompt_lookup_tokens=args.prompt_lookup_tokens, output_dir=args.output_dir,
-    )
+    from .checkpoints import checkpoint_dir
+
+    return AutoTokenizer.from_pretrained(checkpoint_dir(model))
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> None:
+    from .data.recipe import offline_sources
+    from .data.shards import prepare
+    from .data.sources import SourceSpec
+
+    sources = [SourceSpec(path, args.licence, args.field) for path in args.sources]
+    if args.recipe == "offline":
+        sources += offline_sources()
+    if not sources:
+        raise UsageError("give files or directories to prepare, or --recipe offline")
+    manifest = prepare(sources, _tokenizer(args.model), args.out, args.val_fraction, args.seed)
+    for split, info in manifest["splits"].items():
+        print(f"{split}: {info['tokens']} tokens in {info['documents']} documents")
+    print(f"wrote {args.out}")
+
+
+def cmd_data_distill(args: argparse.Namespace) -> None:
+    from .checkpoints import load_backbone
+    from .data.distill import distill
+    from .data.sources import SourceSpec, read_documents
+
+    backbone, tokenizer = load_backbone(args.model, dtype=_torch_dtype(args.dtype))
+    prompts = []
+    for text in read_documents(SourceSpec(args.prompts, field=args.field), tokenizer):
+        if args.prefix_tokens:  # continue the start of each document
+            text = tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"][: args.prefix_tokens])
+        prompts.append(text)
+        if args.limit and len(prompts) >= args.limit:
+            break
+    n = distill(backbone, tokenizer, prompts, args.out, chat=args.chat, max_new_tokens=args.max_new_tokens,
+                batch_size=args.batch_size, temperature=args.temperature, seed=args.seed)
+    print(f"distilled {n} new records into {args.out}")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    import dataclasses
+
+    from .train import TrainConfig, train
+
+    if args.config:
+        settings = json.loads(Path(args.config).read_text())
+    else:
+        settings = {}
+    for f in dataclasses.fields(TrainConfig):
+        value = getattr(args, f.name, None)
+        if value is not None:
+            settings[f.name] = value
+    for required in ("data", "out_dir"):
+        if required not in settings:
+            raise UsageError(f"--{required.replace('_', '-')} is required (or give it in --config)")
+    cfg = TrainConfig(**settings)
+    last = train(cfg, stop_after=args.stop_after)
+    print(json.dumps(last))
+
+
+def _curriculum(text: str) -> list[int]:
+    try:
+        size, until = text.split(":")
+        return [int(size), int(until)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected SIZE:UNTIL_STEP, got {text!r}") from None
+
+
+def _add_train_args(parser: argparse.ArgumentParser) -> None:
+    """One option per TrainConfig field (defaults live in the dataclass, not here)."""
+    import dataclasses
+
+    from .train import TrainConfig
+
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.name == "curriculum":
+            parser.add_argument(flag, type=_curriculum, nargs="+", help="block-size stages SIZE:UNTIL_STEP ...")
+        elif f.type in ("bool", "bool | None"):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            kind = {"int": int, "float": float}.get(str(f.type), str)
+            parser.add_argument(flag, type=kind, default=None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -286,6 +374,38 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--humaneval-max-new-tokens", type=int, default=qd.humaneval_max_new_tokens)
     q.add_argument("--output-dir", default=qd.output_dir)
     q.set_defaults(func=cmd_eval_quality)
+    tr = sub.add_parser("train", parents=[common], help="train the denoiser (resumes from --out-dir's checkpoints)")
+    tr.add_argument("--config", help="JSON file of TrainConfig settings (flags override it)")
+    tr.add_argument("--stop-after", type=int, default=None, help="end this run after N steps (checkpointed)")
+    _add_train_args(tr)
+    tr.set_defaults(func=cmd_train)
+
+    d = sub.add_parser("data", help="prepare training data")
+    dsub = d.add_subparsers(dest="data", required=True)
+    dp = dsub.add_parser("prepare", parents=[common], help="text/JSONL -> tokenized shards with a manifest")
+    dp.add_argument("sources", nargs="*", help="text files, directories or JSONL files")
+    dp.add_argument("--out", required=True)
+    dp.add_argument("--model", default=DEFAULT_MODEL, help="whose tokenizer to use")
+    dp.add_argument("--field", default="text", help="JSONL field: a text field, or 'messages' for chats")
+    dp.add_argument("--licence", default="unspecified", help="licence recorded for the given sources")
+    dp.add_argument("--recipe", choices=("offline",), default=None, help="add the built-in offline corpus")
+    dp.add_argument("--val-fraction", type=float, default=0.05)
+    dp.add_argument("--seed", type=int, default=0)
+    dp.set_defaults(func=cmd_data_prepare)
+    dd = dsub.add_parser("distill", parents=[common], help="continuations/answers by the AR backbone (resumable)")
+    dd.add_argument("--prompts", required=True, help="text file, directory or JSONL of prompts")
+    dd.add_argument("--out", required=True, help="JSONL file to append to")
+    dd.add_argument("--model", default=DEFAULT_MODEL)
+    dd.add_argument("--field", default="text")
+    dd.add_argument("--chat", action="store_true", help="prompts are user turns; write chat records")
+    dd.add_argument("--prefix-tokens", type=int, default=0, help="use each document's first N tokens as the prompt")
+    dd.add_argument("--limit", type=int, default=0, help="at most this many prompts")
+    dd.add_argument("--max-new-tokens", type=int, default=128)
+    dd.add_argument("--batch-size", type=int, default=8)
+    dd.add_argument("--temperature", type=float, default=0.0)
+    dd.add_argument("--seed", type=int, default=0)
+    dd.add_argument("--dtype", choices=DTYPES, default="bfloat16")
+    dd.set_defaults(func=cmd_data_distill)
     return p
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .backbone import Backbone
 from .cache import ForwardContext, KVCache, MambaState, ModelCache
@@ -79,6 +80,7 @@ class TwoTower(nn.Module):
                 raise ValueError(f"mask_token_id {config.mask_token_id} outside the vocabulary [0, {bcfg.vocab_size})")
             self.mask_token_id = config.mask_token_id
             self.mask_embedding = None
+        self.gradient_checkpointing = False  # recompute denoiser sub-layers in backward (training memory)
         released = config.modulation_order == "released"
         self._modulate_before_norm = [released and kind in ("mamba", "attention") for kind in bcfg.layer_types]
 
@@ -139,10 +141,12 @@ class TwoTower(nn.Module):
         x = self.embed_block(block_ids)
         cond = self.time(t)
         rope = den.rotary(ctx.positions, x.dtype) if den.rotary is not None else None
+        recompute = self.gradient_checkpointing and torch.is_grad_enabled()
         with self.adapters(True):
             for i, layer in enumerate(den.layers):
                 mod = self.time.layer(cond, i, x.shape[1])
-                x = layer(x, ctx, rope, cache.layers[i], mod, self._modulate_before_norm[i])
+                args = (x, ctx, rope, cache.layers[i], mod, self._modulate_before_norm[i])
+                x = checkpoint(layer, *args, use_reentrant=False) if recompute else layer(*args)
             return den.lm_head(den.norm(x))
 
     def block_context(self, cache: ModelCache, width: int) -> ForwardContext:
@@ -236,11 +240,13 @@ class TwoTower(nn.Module):
         return block_inputs, targets, unknown, t
 
     def diffusion_loss(
-        self, input_ids: torch.Tensor, masked: torch.Tensor, weighting: str = "none"
+        self, input_ids: torch.Tensor, masked: torch.Tensor, weighting: str = "none", normalizer: float | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Masked-diffusion loss over all blocks of ``input_ids`` for the given (B, n, S) mask:
         cross-entropy on every target not visible in its block input; ``weighting`` "none"
         (mean over those targets, the released recipe) or "elbo" (each block's terms times 1/t).
+        ``normalizer`` replaces this batch's count of such targets as the divisor (a trainer
+        splitting one global batch over micro-steps and processes divides by the global count).
         Returns (loss, logits)."""
         if weighting not in ("none", "elbo"):
             raise ValueError(f"weighting must be 'none' or 'elbo', got {weighting!r}")
@@ -250,5 +256,10 @@ class TwoTower(nn.Module):
         weights = unknown.float()
         if weighting == "elbo":
             weights = weights / t.clamp_min(1.0 / masked.shape[-1])[..., None]
-        loss = (ce * weights).sum() / unknown.sum().clamp_min(1)
-        return loss, logits
+        divisor = normalizer if normalizer is not None else unknown.sum().clamp_min(1)
+        return (ce * weights).sum() / divisor, logits
+
+    def forward(self, input_ids: torch.Tensor, masked: torch.Tensor, weighting: str = "none", normalizer=None):
+        """The training objective (so DDP/FSDP wrappers, which call forward, see the loss)."""
+        return self.diffusion_loss(input_ids, masked, weighting, normalizer)
+

@@ -1,0 +1,4 @@
+from .config import TrainConfig
+from .loop import train
+
+__all__ = ["TrainConfig", "train"]

@@ -1,0 +1,71 @@
+"""Everything a training run is, in one dataclass (saved with every checkpoint)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+
+@dataclass
+class TrainConfig:
+    data: str  # a directory written by `twotower data prepare`
+    out_dir: str
+    model: str = "smollm2-135m"
+    flavour: str = "lora"
+    lora_rank: int = 16
+    lora_alpha: float = 16.0  # alpha/r = 1 (alpha/r = 2 at lr 1e-3 diverged on SmolLM2)
+    block_size: int = 16
+    # block-size curriculum: [[size, until_step], ...] before block_size (NVIDIA: 32 then 16)
+    curriculum: list[list[int]] = field(default_factory=list)
+    seq_len: int = 256  # tokens per sequence, a multiple of every block size
+    batch_size: int = 8  # sequences per process per micro-step
+    grad_accum: int = 1
+    steps: int = 1000
+    lr: float = 3e-4
+    warmup_steps: int = 50
+    decay_fraction: float = 0.2  # warmup-stable-decay: the last 20% of steps decay linearly
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    t_eps: float = 1e-3  # t ~ U(eps, 1), stratified over the blocks of a global batch
+    complementary_masks: bool = False  # Fast-dLLM v2: each sequence twice, with a mask and its complement
+    loss_weighting: str = "none"  # "none" (released) or "elbo" (1/t)
+    bf16: bool | None = None  # autocast; None: on where the hardware supports bf16
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 200
+    save_every: int = 200
+    keep_checkpoints: int = 2
+    val_batches: int = 4
+    val_prompts: int = 4  # prompts for the tokens-per-NFE check at validation
+
+    def __post_init__(self) -> None:
+        checks = {
+            "steps": self.steps >= 1, "batch_size": self.batch_size >= 1, "grad_accum": self.grad_accum >= 1,
+            "lr": self.lr > 0, "warmup_steps": self.warmup_steps >= 0, "block_size": self.block_size >= 1,
+            "decay_fraction": 0 <= self.decay_fraction <= 1, "min_lr_ratio": 0 <= self.min_lr_ratio <= 1,
+            "t_eps": 0 < self.t_eps < 1, "grad_clip": self.grad_clip >= 0,
+            "loss_weighting": self.loss_weighting in ("none", "elbo"), "flavour": self.flavour in ("lora", "full"),
+        }
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(f"invalid training settings: {', '.join(bad)}")
+        for size in self.block_sizes:
+            if self.seq_len % size:
+                raise ValueError(f"seq_len {self.seq_len} is not a multiple of block size {size}")
+        if self.complementary_masks and self.batch_size % 2:
+            raise ValueError("complementary masks pair sequences: batch_size must be even")
+
+    @property
+    def block_sizes(self) -> list[int]:
+        return [size for size, _ in self.curriculum] + [self.block_size]
+
+    def block_size_at(self, step: int) -> int:
+        for size, until in self.curriculum:
+            if step < until:
+                return size
+        return self.block_size
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

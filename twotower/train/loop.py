@@ -1,0 +1,239 @@
+"""``twotower train``: the masked-diffusion objective on a frozen backbone, on one CPU or many
+processes (torchrun: DDP over gloo on CPU, NCCL on GPU), resumable exactly after a kill."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from ..checkpoints import load_backbone
+from ..data.shards import TokenShards
+from ..generate.diffusion import generate_mask_diffusion
+from ..model.twotower import DenoiserConfig, TwoTower
+from .batches import sample_masks, sample_rows
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import TrainConfig
+
+VAL_STEP = 2**30  # the "step" whose rows and masks make the fixed validation set
+RESUME_KEYS = ("data", "model", "flavour", "lora_rank", "seq_len", "batch_size", "grad_accum", "seed", "steps")
+
+
+def wsd_schedule(cfg: TrainConfig):
+    """Warmup-stable-decay: linear warmup, constant, then linear decay to min_lr_ratio."""
+    decay_start = cfg.steps * (1 - cfg.decay_fraction)
+
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if step < decay_start:
+            return 1.0
+        return 1.0 - (1.0 - cfg.min_lr_ratio) * (step - decay_start) / max(cfg.steps - decay_start, 1)
+
+    return factor
+
+
+def bf16_supported(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool(getattr(torch.backends.mkldnn, "is_available", lambda: False)()) and torch.cpu._is_avx512_bf16_supported()
+
+
+@torch.no_grad()
+def validate(model: TwoTower, val: TokenShards, cfg: TrainConfig, block: int, autocast) -> dict:
+    """Masked-target loss at the training noise mix, and per target slot the accuracy and mean
+    confidence with the whole block masked (the first denoising step, where parallelism starts),
+    plus tokens per NFE of mask diffusion (threshold 0.9) on a few validation prompts."""
+    n = cfg.seq_len // block
+    rows = range(cfg.val_batches * cfg.batch_size)
+    total = count = 0.0
+    hits = torch.zeros(block)
+    conf = torch.zeros(block)
+    for first in range(0, len(rows), cfg.batch_size):
+        part = rows[first : first + cfg.batch_size]
+        x = sample_rows(val, cfg.seed, VAL_STEP, part, cfg.seq_len + 1).to(model.context.device)
+        masked = sample_masks(cfg.seed, VAL_STEP, part, len(rows), n, block, cfg.t_eps, False)
+        with autocast():
+            loss, _ = model.diffusion_loss(x, masked.to(x.device), normalizer=1.0)
+        total += float(loss)
+        count += float(model.noisy_blocks(x, masked.to(x.device))[2].sum())
+        with autocast():
+            _, logits = model.diffusion_loss(x, torch.ones_like(masked, device=x.device))
+        targets = model.noisy_blocks(x, masked.to(x.device))[1]
+        probs = logits.float().softmax(-1)
+        top = probs.max(-1)
+        hits += (top.indices == targets).float().mean((0, 1)).cpu()
+        conf += top.values.mean((0, 1)).cpu()
+    batches = len(range(0, len(rows), cfg.batch_size))
+    prompts = sample_rows(val, cfg.seed, VAL_STEP + 1, range(cfg.val_prompts), 32).tolist()
+    out = generate_mask_diffusion(model, prompts, max_new_tokens=2 * block, block_size=block,
+                                  confidence_threshold=0.9, eos_token_id=[])
+    return {
+        "val_loss": total / max(count, 1),
+        "slot_accuracy": [round(v, 4) for v in (hits / batches).tolist()],
+        "slot_confidence": [round(v, 4) for v in (conf / batches).tolist()],
+        "tokens_per_nfe": out.stats.tokens_per_nfe,
+    }
+
+
+def plot_losses(metrics_path: Path, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train (masked targets)", lw=1)
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+
+
+def _log(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """On resume, forget what was logged after the checkpoint: it will be logged again."""
+    if path.exists():
+        keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in keep))
+
+
+def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None) -> dict:
+    """Run (or resume) the training described by ``cfg``; ``stop_after`` ends this invocation
+    after that many steps (a checkpoint is written there), for time-boxed machines."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_path = out / "metrics.jsonl"
+
+    torch.manual_seed(cfg.seed)  # LoRA initialisation: the same on every process
+    backbone, tokenizer = load_backbone(cfg.model, device=device)
+    model = TwoTower(backbone, DenoiserConfig(flavour=cfg.flavour, block_size=cfg.block_size,
+                                              lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha))
+    model.gradient_checkpointing = cfg.gradient_checkpointing
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, wsd_schedule(cfg))
+    shards, val = TokenShards(cfg.data, "train"), TokenShards(cfg.data, "val")
+
+    start, tokens_seen, elapsed = 0, 0, 0.0
+    ckpt = latest_checkpoint(out)
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, model, optimizer, scheduler)
+        saved = state["config"]
+        changed = [k for k in RESUME_KEYS if saved.get(k) != getattr(cfg, k)]
+        if changed:
+            raise ValueError(f"{out} holds a run with other settings ({', '.join(changed)}); use another out_dir")
+        start, tokens_seen, elapsed = state["step"], state["tokens_seen"], state["elapsed"]
+        if rank == 0:
+            _trim_metrics(metrics_path, start)
+    elif rank == 0:
+        metrics_path.unlink(missing_ok=True)
+        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+
+    wrapped = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    use_bf16 = bf16_supported(device) if cfg.bf16 is None else cfg.bf16
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+    global_rows = cfg.batch_size * world * cfg.grad_accum
+    bar = tqdm(total=cfg.steps, initial=start, disable=not progress or rank != 0, desc="train", unit="step")
+    last: dict = {}
+    done = start
+    window_start, window_tokens = time.perf_counter(), 0
+    for step in range(start, cfg.steps):
+        block = cfg.block_size_at(step)
+        n = cfg.seq_len // block
+        micro = []
+        local_count = torch.zeros((), device=device)
+        for m in range(cfg.grad_accum):
+            first = (m * world + rank) * cfg.batch_size
+            rows = range(first, first + cfg.batch_size)
+            x = sample_rows(shards, cfg.seed, step, rows, cfg.seq_len + 1, cfg.complementary_masks).to(device)
+            masked = sample_masks(cfg.seed, step, rows, global_rows, n, block, cfg.t_eps,
+                                  cfg.complementary_masks).to(device)
+            local_count += model.noisy_blocks(x, masked)[2].sum()
+            micro.append((x, masked))
+        total = local_count.clone()
+        if world > 1:
+            dist.all_reduce(total)
+        # each process divides by the global count; DDP averages gradients over processes
+        normalizer = float(total) / world
+        loss_sum = torch.zeros((), device=device)
+        for m, (x, masked) in enumerate(micro):
+            # DDP: all-reduce gradients only after the last micro-step
+            sync = nullcontext() if world == 1 or m == len(micro) - 1 else wrapped.no_sync()
+            with sync, autocast():
+                loss, _ = wrapped(x, masked, cfg.loss_weighting, normalizer)
+            loss.backward()
+            loss_sum += loss.detach()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if world > 1:
+            dist.all_reduce(loss_sum)
+            loss_sum /= world
+        tokens_seen += global_rows * cfg.seq_len
+        window_tokens += global_rows * cfg.seq_len
+        done = step + 1
+        bar.update(1)
+        if rank == 0 and (done % cfg.log_every == 0 or done == cfg.steps):
+            now = time.perf_counter()
+            elapsed += now - window_start
+            rate = window_tokens / (now - window_start)
+            window_start, window_tokens = now, 0
+            last = {"step": done, "loss": round(float(loss_sum), 5), "lr": scheduler.get_last_lr()[0],
+                    "block_size": block, "tokens": tokens_seen, "tokens_per_s": round(rate, 1),
+                    "elapsed_s": round(elapsed, 1)}
+            _log(metrics_path, last)
+            bar.set_postfix(loss=f"{float(loss_sum):.3f}", tok_s=f"{rate:.0f}")
+        if rank == 0 and (done % cfg.eval_every == 0 or done == cfg.steps):
+            model.eval()
+            record = {"step": done, **validate(model, val, cfg, block, autocast)}
+            model.train()
+            _log(metrics_path, record)
+            plot_losses(metrics_path, out / "loss.png")
+            last.update(record)
+        stopping = stop_after is not None and done - start >= stop_after
+        if rank == 0 and (done % cfg.save_every == 0 or done == cfg.steps or stopping):
+            save_checkpoint(out, done, model, optimizer, scheduler,
+                            {"config": cfg.to_dict(), "tokens_seen": tokens_seen, "elapsed": elapsed},
+                            cfg.keep_checkpoints)
+        if world > 1:
+            dist.barrier()
+        if stopping:
+            break
+    bar.close()
+    if rank == 0 and done == cfg.steps:
+        from ..hf import TwoTowerForCausalLM
+
+        TwoTowerForCausalLM.from_twotower(model, backbone_ref=cfg.model, tokenizer=tokenizer).save_pretrained(out / "final")
+    if world > 1:
+        dist.destroy_process_group()
+    return last
