@@ -15,6 +15,7 @@ from tiny_models import attention_config, backbone_from_hf, hf_model, tiny_backb
 from twotower.bench.memory import PeakMemory
 from twotower.bench.speed import (
     Contender,
+    Decoded,
     ForwardCounter,
     batches_of,
     counted,
@@ -91,6 +92,15 @@ def test_nfe_counts_each_denoiser_forward_once(backbone):
     assert p.nfe == len(calls) > 0
     assert p.longest_rows == 20  # two requests of 10 tokens, one batch each
     assert summarise(c, 1.0, p.tokens)["nfe_per_token"] == len(calls) / 20
+
+
+def test_speedup_is_a_generated_throughput_ratio():
+    """A mode that stops early must not look fast: half the wall time for half the tokens is
+    no speed-up."""
+    c = one_pass(lambda batch: Decoded([[7, 2]], 2), [[[1, 3]]])
+    row = summarise(c, 2.0, [[5, 6, 7, 2]])
+    assert row["wall_time_ratio_vs_ar"] == 2.0 and row["speedup_vs_ar"] == 1.0
+    assert row["token_agreement"] == 0.0 and row["generated_tokens"] == 2
 
 
 def test_batches_are_filled_by_cycling_the_prompts():
