@@ -16,6 +16,9 @@ from twotower.model import Backbone, BackboneConfig, MambaConfig, MoEConfig, Rop
 
 VOCAB = 256
 HIDDEN = 64
+# sizes shared by the Llama-family test configs
+COMMON = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
 
 
 def llama_config(rope_kind: str = "default", **overrides):
@@ -33,19 +36,8 @@ def llama_config(rope_kind: str = "default", **overrides):
             "original_max_position_embeddings": 64,
         }
     kwargs = dict(
-        vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        rms_norm_eps=1e-6,
-        rope_parameters=rope,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
+        COMMON, rms_norm_eps=1e-6, rope_parameters=rope, tie_word_embeddings=False,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0,
     )
     kwargs.update(overrides)
     return LlamaConfig(**kwargs)
@@ -54,17 +46,7 @@ def llama_config(rope_kind: str = "default", **overrides):
 def qwen2_config(**overrides):
     from transformers import Qwen2Config
 
-    kwargs = dict(
-        vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
-        tie_word_embeddings=True,
-    )
+    kwargs = dict(COMMON, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, tie_word_embeddings=True)
     kwargs.update(overrides)
     return Qwen2Config(**kwargs)
 
@@ -73,14 +55,8 @@ def qwen3_config(**overrides):
     from transformers import Qwen3Config
 
     kwargs = dict(
-        vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        COMMON,
         head_dim=32,  # != hidden / heads, as in real Qwen3 models
-        max_position_embeddings=256,
         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
         tie_word_embeddings=False,
     )
