@@ -96,7 +96,9 @@ def test_existing_output_is_not_overwritten(tmp_path, tokenizer):
 def test_html_keeps_main_text_only():
     page = "<html><head><title>t</title></head><body><nav>Menu</nav><main><h1>Title</h1><p>Body text.</p>" \
            "<script>var x;</script></main><footer>foot</footer></body></html>"
-    assert html_to_text(page) == "Title\nBody text."
+    assert html_to_text(page) == "Title\n\nBody text."
+    wrapped = "<main><p>one line\nwrapped</p><pre>code\n  indented</pre></main>"
+    assert html_to_text(wrapped) == "one line wrapped\n\ncode\n  indented"
 
 
 def test_distill_resumes_after_a_kill(tmp_path, tokenizer):

@@ -39,7 +39,9 @@ def _read_text(path: Path) -> str:
 
 class _VisibleText(HTMLParser):
     """Text of an HTML page without scripts, styles and navigation; only its <main> element
-    when it has one (documentation sites put menus and help text around it)."""
+    when it has one (documentation sites put menus and help text around it). Paragraphs are
+    separated by blank lines; line breaks inside them are the page source's wrapping and
+    become spaces, except in <pre> code."""
 
     SKIP = {"script", "style", "nav", "head", "noscript"}
     BLOCKS = {"p", "div", "br", "li", "pre", "tr", "section", "h1", "h2", "h3", "h4", "h5", "h6", "table", "ul", "ol"}
@@ -48,32 +50,39 @@ class _VisibleText(HTMLParser):
         super().__init__()
         self.parts: list[str] = []
         self.main_parts: list[str] = []
-        self.skip = self.main = 0
+        self.skip = self.main = self.pre = 0
 
     def handle_starttag(self, tag, attrs) -> None:
         self.skip += tag in self.SKIP
         self.main += tag == "main"
+        self.pre += tag == "pre"
         if tag in self.BLOCKS:
-            self.handle_data("\n")
+            self._emit("\n\n")
 
     def handle_endtag(self, tag) -> None:
         if tag in self.BLOCKS:
-            self.handle_data("\n")
+            self._emit("\n\n")
         if tag in self.SKIP and self.skip:
             self.skip -= 1
         if tag == "main" and self.main:
             self.main -= 1
+        if tag == "pre" and self.pre:
+            self.pre -= 1
 
     def handle_data(self, data) -> None:
+        self._emit(data if self.pre else " ".join(data.split("\n")))
+
+    def _emit(self, text: str) -> None:
         if not self.skip:
-            (self.main_parts if self.main else self.parts).append(data)
+            (self.main_parts if self.main else self.parts).append(text)
 
 
 def html_to_text(html: str) -> str:
     parser = _VisibleText()
     parser.feed(html)
-    lines = (line.strip() for line in "".join(parser.main_parts or parser.parts).splitlines())
-    return "\n".join(line for line in lines if line)
+    text = "".join(parser.main_parts or parser.parts)
+    paragraphs = (p.strip("\n") for p in text.split("\n\n"))
+    return "\n\n".join(p for p in paragraphs if p.strip())
 
 
 def _jsonl_documents(path: Path, field: str, tokenizer) -> Iterator[str]:
