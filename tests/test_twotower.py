@@ -182,7 +182,7 @@ def test_training_step_leaves_the_context_tower_bit_identical(kind, flavour):
     masked = torch.rand(2, 3, 4, generator=gen) < 0.5
     # every parameter goes to the optimizer, as a careless training script would do
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-    loss, _ = model.diffusion_loss(x, masked)
+    loss = model.diffusion_loss(x, masked)
     loss.backward()
     with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
     assert with_grad == expected_trainable(model, flavour) == trainable_names(model)
@@ -210,7 +210,7 @@ def test_loss_decreases_on_a_fixed_batch(flavour):
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     losses = []
     for _ in range(6):
-        loss, _ = model.diffusion_loss(x, masked)
+        loss = model.diffusion_loss(x, masked)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -223,8 +223,8 @@ def test_elbo_weighting_and_bad_weighting():
     x = torch.randint(3, 250, (1, 9), generator=torch.Generator().manual_seed(3))
     masked = torch.tensor([[[False, True, True, True], [False, False, False, False]]])
     with torch.no_grad():
-        plain, _ = model.diffusion_loss(x, masked)
-        elbo, _ = model.diffusion_loss(x, masked, weighting="elbo")
+        plain = model.diffusion_loss(x, masked)
+        elbo = model.diffusion_loss(x, masked, weighting="elbo")
     assert float(elbo) > float(plain)  # 1/t > 1 for the block with t = 1/4
     with pytest.raises(ValueError, match="weighting"):
         model.diffusion_loss(x, masked, weighting="bogus")
@@ -251,3 +251,22 @@ def test_bad_denoiser_config(kwargs, message):
 def test_mask_token_outside_the_vocabulary_is_an_error():
     with pytest.raises(ValueError, match="mask_token_id"):
         TwoTower(backbone("attention"), DenoiserConfig(flavour="full", mask_token_id=10_000))
+
+
+@pytest.mark.parametrize("weighting", ["none", "elbo"])
+def test_loss_equals_cross_entropy_of_the_full_logits(weighting):
+    """The loss runs the LM head on hidden targets only; it must equal the plain computation."""
+    model = two_tower("hybrid", "full", block_size=4, perturb=0.05)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randint(3, 250, (2, 13), generator=gen)
+    masked = torch.rand(2, 3, 4, generator=gen) < 0.5
+    with torch.no_grad():
+        loss = model.diffusion_loss(x, masked, weighting)
+        block_inputs, targets, unknown, t = model.noisy_blocks(x, masked)
+        logits = model.training_logits(x, block_inputs, t)
+        ce = torch.nn.functional.cross_entropy(logits.flatten(0, 2), targets.flatten(), reduction="none")
+        weights = unknown.float().flatten()
+        if weighting == "elbo":
+            weights = weights / t.clamp_min(0.25)[..., None].expand_as(unknown).flatten()
+        expected = (ce * weights).sum() / unknown.sum()
+    assert torch.allclose(loss, expected, rtol=1e-5), (loss, expected)

@@ -134,9 +134,12 @@ class TwoTower(nn.Module):
         x = den.embed_tokens(block_ids.masked_fill(is_mask, 0))
         return torch.where(is_mask[..., None], self.mask_embedding.to(x.dtype), x)
 
-    def denoise(self, block_ids: torch.Tensor, t: torch.Tensor, cache: ModelCache, ctx: ForwardContext) -> torch.Tensor:
+    def denoise(
+        self, block_ids: torch.Tensor, t: torch.Tensor, cache: ModelCache, ctx: ForwardContext, head: bool = True
+    ) -> torch.Tensor:
         """Logits (R, T, V) for block inputs (R, T) at noise level t ((R,) or (R, blocks)),
-        reading (never writing) the context tower's per-layer state in ``cache``."""
+        reading (never writing) the context tower's per-layer state in ``cache``; with
+        ``head=False`` the final hidden states (R, T, H) instead."""
         den = self.denoiser
         x = self.embed_block(block_ids)
         cond = self.time(t)
@@ -147,7 +150,8 @@ class TwoTower(nn.Module):
                 mod = self.time.layer(cond, i, x.shape[1])
                 args = (x, ctx, rope, cache.layers[i], mod, self._modulate_before_norm[i])
                 x = checkpoint(layer, *args, use_reentrant=False) if recompute else layer(*args)
-            return den.lm_head(den.norm(x))
+        x = den.norm(x)
+        return den.lm_head(x) if head else x
 
     def block_context(self, cache: ModelCache, width: int) -> ForwardContext:
         """Where a block of ``width`` inputs sits after each row's cached tokens: positions
@@ -173,6 +177,10 @@ class TwoTower(nn.Module):
 
     # ---- training -----------------------------------------------------------------------
     def training_logits(self, input_ids: torch.Tensor, block_inputs: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Logits (B, n, S, V) of every block input: see ``training_hidden``."""
+        return self.denoiser.lm_head(self.training_hidden(input_ids, block_inputs, t))
+
+    def training_hidden(self, input_ids: torch.Tensor, block_inputs: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Vectorised denoiser pass over every block of a batch of clean sequences.
 
         ``input_ids`` (B, L) clean tokens; ``block_inputs`` (B, n, S) the noisy block inputs
@@ -180,7 +188,7 @@ class TwoTower(nn.Module):
         K/V for all positions and Mamba states at every block boundary (chunk size S); the
         denoiser then runs all blocks at once: block b attends to context keys < b*S and to its
         own block only, and its Mamba scans start from the context state at b*S.
-        Returns logits (B, n, S, V)."""
+        Returns the final hidden states (B, n, S, H)."""
         b, n, s = block_inputs.shape
         length = input_ids.shape[1]
         if n * s > length:
@@ -200,7 +208,7 @@ class TwoTower(nn.Module):
             prefix_len=length,
             blocks=n,
         )
-        return self.denoise(block_inputs.reshape(b, n * s), t, view, ctx).view(b, n, s, -1)
+        return self.denoise(block_inputs.reshape(b, n * s), t, view, ctx, head=False).view(b, n, s, -1)
 
     @staticmethod
     def _block_seed(state, n: int, s: int):
@@ -241,23 +249,23 @@ class TwoTower(nn.Module):
 
     def diffusion_loss(
         self, input_ids: torch.Tensor, masked: torch.Tensor, weighting: str = "none", normalizer: float | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> torch.Tensor:
         """Masked-diffusion loss over all blocks of ``input_ids`` for the given (B, n, S) mask:
         cross-entropy on every target not visible in its block input; ``weighting`` "none"
         (mean over those targets, the released recipe) or "elbo" (each block's terms times 1/t).
         ``normalizer`` replaces this batch's count of such targets as the divisor (a trainer
         splitting one global batch over micro-steps and processes divides by the global count).
-        Returns (loss, logits)."""
+        The LM head runs on the hidden targets only: the visible ones carry no loss."""
         if weighting not in ("none", "elbo"):
             raise ValueError(f"weighting must be 'none' or 'elbo', got {weighting!r}")
         block_inputs, targets, unknown, t = self.noisy_blocks(input_ids, masked)
-        logits = self.training_logits(input_ids, block_inputs, t)
-        ce = F.cross_entropy(logits.float().flatten(0, 2), targets.flatten(), reduction="none").view_as(targets)
-        weights = unknown.float()
+        hidden = self.training_hidden(input_ids, block_inputs, t)
+        logits = self.denoiser.lm_head(hidden[unknown])
+        ce = F.cross_entropy(logits.float(), targets[unknown], reduction="none")
         if weighting == "elbo":
-            weights = weights / t.clamp_min(1.0 / masked.shape[-1])[..., None]
+            ce = ce / t.clamp_min(1.0 / masked.shape[-1])[..., None].expand_as(unknown)[unknown]
         divisor = normalizer if normalizer is not None else unknown.sum().clamp_min(1)
-        return (ce * weights).sum() / divisor, logits
+        return ce.sum() / divisor
 
     def forward(self, input_ids: torch.Tensor, masked: torch.Tensor, weighting: str = "none", normalizer=None):
         """The training objective (so DDP/FSDP wrappers, which call forward, see the loss)."""

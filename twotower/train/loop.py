@@ -59,14 +59,13 @@ def validate(model: TwoTower, val: TokenShards, cfg: TrainConfig, block: int, au
         part = rows[first : first + cfg.batch_size]
         x = sample_rows(val, cfg.seed, VAL_STEP, part, cfg.seq_len + 1).to(model.context.device)
         masked = sample_masks(cfg.seed, VAL_STEP, part, len(rows), n, block, cfg.t_eps, False)
+        masked = masked.to(x.device)
         with autocast():
-            loss, _ = model.diffusion_loss(x, masked.to(x.device), normalizer=1.0)
-        total += float(loss)
-        count += float(model.noisy_blocks(x, masked.to(x.device))[2].sum())
+            total += float(model.diffusion_loss(x, masked, normalizer=1.0))
+        count += float(model.noisy_blocks(x, masked)[2].sum())
+        block_inputs, targets, _, t = model.noisy_blocks(x, torch.ones_like(masked))  # the whole block hidden
         with autocast():
-            _, logits = model.diffusion_loss(x, torch.ones_like(masked, device=x.device))
-        targets = model.noisy_blocks(x, masked.to(x.device))[1]
-        probs = logits.float().softmax(-1)
+            probs = model.training_logits(x, block_inputs, t).float().softmax(-1)
         top = probs.max(-1)
         hits += (top.indices == targets).float().mean((0, 1)).cpu()
         conf += top.values.mean((0, 1)).cpu()
@@ -188,7 +187,7 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
             # DDP: all-reduce gradients only after the last micro-step
             sync = nullcontext() if world == 1 or m == len(micro) - 1 else wrapped.no_sync()
             with sync, autocast():
-                loss, _ = wrapped(x, masked, cfg.loss_weighting, normalizer)
+                loss = wrapped(x, masked, cfg.loss_weighting, normalizer)
             loss.backward()
             loss_sum += loss.detach()
         if cfg.grad_clip > 0:
