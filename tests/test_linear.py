@@ -47,3 +47,14 @@ def test_autograd_uses_the_plain_path():
     x.grad = None
     lin(x).square().sum().backward()  # frozen weight, input needing grad (LoRA base layers)
     assert x.grad is not None
+
+
+def test_copy_after_packing():
+    import copy
+
+    lin = Linear(16, 8)
+    with torch.no_grad():
+        ref = lin(torch.ones(1, 16))
+    twin = copy.deepcopy(lin)  # the oneDNN copy cannot be deep-copied: it must be dropped
+    with torch.no_grad():
+        assert torch.equal(twin(torch.ones(1, 16)), ref)

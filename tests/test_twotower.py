@@ -270,3 +270,26 @@ def test_loss_equals_cross_entropy_of_the_full_logits(weighting):
             weights = weights / t.clamp_min(0.25)[..., None].expand_as(unknown).flatten()
         expected = (ce * weights).sum() / unknown.sum()
     assert torch.allclose(loss, expected, rtol=1e-5), (loss, expected)
+
+
+def test_merged_adapters_match_and_stay_inference_only():
+    model = two_tower("hybrid", "lora", block_size=4, perturb=0.05)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randint(3, 250, (2, 13), generator=gen)
+    masked = torch.rand(2, 3, 4, generator=gen) < 0.5
+    with torch.no_grad():
+        block_inputs, _, _, t = model.noisy_blocks(x, masked)
+        plain = model.training_logits(x, block_inputs, t)
+        context = model.context_forward(x)
+        model.merge_adapters()
+        assert model.merged and model.denoiser is not model.context
+        merged = model.training_logits(x, block_inputs, t)
+        assert torch.allclose(merged, plain, atol=1e-4) and not torch.equal(merged, context[:, :12].view_as(merged))
+        assert torch.equal(model.context_forward(x), context)  # the context tower is untouched
+    model.train()
+    with pytest.raises(RuntimeError, match="unmerge"):
+        model.diffusion_loss(x, masked)
+    model.unmerge_adapters()
+    assert not model.merged
+    with torch.no_grad():
+        assert torch.equal(model.training_logits(x, block_inputs, t), plain)

@@ -60,7 +60,9 @@ def _load_for_mode(args: argparse.Namespace):
 
         wrapped = TwoTowerForCausalLM.from_pretrained(args.model, dtype=dtype)
         model, tokenizer = wrapped.twotower, wrapped.tokenizer
-        return (model.context if args.mode == "ar" else model), tokenizer
+        if args.mode == "ar":
+            return model.context, tokenizer
+        return (model if args.no_merge_adapters else model.merge_adapters()), tokenizer
     backbone, tokenizer = load_backbone(args.model, dtype=dtype)
     if args.mode == "ar":
         return backbone, tokenizer
@@ -310,6 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--commit-rule", choices=("threshold", "left_prefix"), default="threshold")
     g.add_argument("--verify", action="store_true", help="check every block against the AR model (output == ar)")
     g.add_argument("--show-steps", action="store_true", help="render the denoising, coloured by commit step")
+    g.add_argument("--no-merge-adapters", action="store_true",
+                   help="LoRA models: run the adapters as they are instead of a merged copy (less memory, slower)")
     g.set_defaults(func=cmd_generate)
 
     b = sub.add_parser("bench", help="benchmarks that write JSON")

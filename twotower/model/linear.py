@@ -28,6 +28,13 @@ class Linear(nn.Linear):
         self._packed: torch.Tensor | None = None
         self._packed_key: tuple | None = None
 
+    def __getstate__(self) -> dict:
+        # the packed copy is an opaque oneDNN tensor that cannot be copied or pickled; it is a
+        # cache anyway and is rebuilt on the next forward
+        state = self.__dict__.copy()
+        state["_packed"] = state["_packed_key"] = None
+        return state
+
     def _packed_weight(self) -> torch.Tensor:
         w = self.weight
         key = (w.data_ptr(), w._version, w.dtype)
