@@ -141,6 +141,7 @@ def test_bench_step_writes_json(tmp_path):
                  "--block-size", "4", "--output", str(out)])
     assert code == 0
     run = json.loads(out.read_text())["runs"][0]
-    assert set(run["median_ms"]) == {"ar_step", "denoiser_step_lora", "denoiser_step_full", "context_extend"}
+    assert set(run["median_ms"]) == {"ar_step", "denoiser_step_lora", "denoiser_step_merged", "denoiser_step_full",
+                                     "context_extend"}
     assert all(v > 0 for v in run["median_ms"].values())
-    assert set(run["denoiser_step_over_ar_step"]) == {"lora", "full"}
+    assert set(run["denoiser_step_over_ar_step"]) == {"lora", "merged", "full"}

@@ -1,8 +1,9 @@
 """``twotower bench step``: what one forward of each kind costs on this machine, interleaved.
 
 - ar_step: one cached AR token (the context tower alone);
-- denoiser_step_lora / denoiser_step_full: one denoiser forward over a block of S inputs
-  (1 NFE of mask diffusion) for each flavour;
+- denoiser_step_lora / denoiser_step_merged / denoiser_step_full: one denoiser forward over a
+  block of S inputs (1 NFE of mask diffusion): LoRA adapters as they are, LoRA merged into a
+  copy (``merge_adapters``), and the full flavour;
 - context_extend: the context tower's pass over a committed block of S tokens.
 A block of mask diffusion costs k denoiser steps + 1 extension and yields S tokens, so these
 ratios say how many tokens per step the denoiser must commit to beat AR."""
@@ -32,9 +33,13 @@ def run_step_bench(
     results = {"model": model, "context_tokens": context_tokens, "block_size": block_size, "repeats": repeats,
                "box": describe_box(), "runs": []}
     for name in dtypes:
-        backbone, _ = load_backbone(model, dtype=_torch_dtype(name))
-        tt = TwoTower(backbone, DenoiserConfig(flavour="lora", block_size=block_size))
-        full = TwoTower(backbone, DenoiserConfig(flavour="full", block_size=block_size))
+        # one backbone each: LoRA is injected into the backbone it wraps
+        towers = {flavour: TwoTower(load_backbone(model, dtype=_torch_dtype(name))[0],
+                                    DenoiserConfig(flavour="full" if flavour == "full" else "lora", block_size=block_size))
+                  for flavour in ("lora", "merged", "full")}
+        towers["merged"].merge_adapters()
+        tt, merged, full = towers["lora"], towers["merged"], towers["full"]
+        backbone = tt.context
         gen = torch.Generator().manual_seed(0)
         prompt = torch.randint(0, backbone.config.vocab_size, (1, context_tokens), generator=gen)
         cache = backbone.new_cache(1, context_tokens + 2 * block_size)
@@ -53,6 +58,10 @@ def run_step_bench(
             with torch.inference_mode():
                 tt.denoise_block(block, t, cache)
 
+        def denoiser_step_merged():
+            with torch.inference_mode():
+                merged.denoise_block(block, t, cache)
+
         def denoiser_step_full():
             with torch.inference_mode():
                 full.denoise_block(block, t, cache)
@@ -63,14 +72,15 @@ def run_step_bench(
 
         bar = tqdm(total=repeats + 3, desc=f"bench step {name}", leave=False)
         contenders = {"ar_step": ar_step, "denoiser_step_lora": denoiser_step_lora,
-                      "denoiser_step_full": denoiser_step_full, "context_extend": context_extend}
+                      "denoiser_step_merged": denoiser_step_merged, "denoiser_step_full": denoiser_step_full,
+                      "context_extend": context_extend}
         timings = interleaved(contenders, repeats, warmup=3, on_round=lambda r: bar.update())
         bar.close()
         run = {
             "dtype": name,
             "median_ms": {k: 1000 * timings.median(k) for k in timings.seconds},
             "denoiser_step_over_ar_step": {
-                flavour: timings.ratio(f"denoiser_step_{flavour}", "ar_step") for flavour in ("lora", "full")
+                flavour: timings.ratio(f"denoiser_step_{flavour}", "ar_step") for flavour in ("lora", "merged", "full")
             },
             "context_extend_over_ar_step": timings.ratio("context_extend", "ar_step"),
         }
