@@ -7,8 +7,7 @@ bash scripts/setup.sh
 tt=.venv/bin/twotower
 mkdir -p runs/prompts runs/distill
 
-# 1. offline text, split into paragraphs that serve as continuation prompts
-[ -d runs/data/offline ] || $tt data prepare --recipe offline --out runs/data/offline
+# 1. offline text (twotower/data/recipe.py), split into paragraphs that serve as prompts
 [ -f runs/prompts/offline_paragraphs.jsonl ] || .venv/bin/python - <<'PY'
 import json
 from twotower.data.recipe import offline_sources
