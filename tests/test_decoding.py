@@ -124,7 +124,7 @@ def test_threshold_zero_commits_a_block_per_step(kind):
     out, events = events_of(model, PROMPTS, max_new_tokens=12, confidence_threshold=0.0, **NO_EOS)
     assert all(steps == [1, 1, 1] for steps in out.stats.block_steps)
     assert len(events) == 3 and all(bool(e.committed.all()) for e in events)
-    assert out.stats.nfe == 3 and out.stats.tokens_per_nfe == 12.0  # 3 rows x 4 tokens per forward
+    assert out.stats.nfe == 3 and out.stats.tokens_per_nfe == 4.0  # a whole block per forward, per row
 
 
 def is_prefix(known: torch.Tensor) -> torch.Tensor:

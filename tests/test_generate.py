@@ -114,3 +114,10 @@ def test_bad_input_is_a_clear_error(kwargs, message):
     args = {"input_ids": [1, 2, 3], "max_new_tokens": 4, **kwargs}
     with pytest.raises(ValueError, match=message):
         generate_ar(model, **args)
+
+
+def test_tokens_per_nfe_does_not_grow_with_the_batch():
+    model = tiny("llama")
+    out = generate_ar(model, PROMPTS, max_new_tokens=5, eos_token_id=[])
+    assert out.stats.nfe == 5 and out.stats.total_new_tokens == 15
+    assert out.stats.tokens_per_nfe == 1.0

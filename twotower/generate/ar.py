@@ -17,7 +17,8 @@ TokenCallback = Callable[[int, int], None]  # (row, token), called as each row's
 
 @dataclass
 class GenerationStats:
-    nfe: int = 0  # forward passes that produced new tokens (the prompt pass yields the first one)
+    nfe: int = 0  # batched forward passes that produced new tokens (the prompt pass yields the first one)
+    row_nfe: list[int] = field(default_factory=list)  # per row: the passes made while it was unfinished
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     new_tokens: list[int] = field(default_factory=list)  # per row, EOS included, nothing after it
@@ -28,7 +29,9 @@ class GenerationStats:
 
     @property
     def tokens_per_nfe(self) -> float:
-        return self.total_new_tokens / self.nfe if self.nfe else 0.0
+        """Tokens per forward pass of a row (so batch size does not inflate it: AR is 1.0)."""
+        passes = sum(self.row_nfe)
+        return self.total_new_tokens / passes if passes else 0.0
 
     @property
     def seconds(self) -> float:
@@ -157,4 +160,5 @@ def generate_ar(
         stats.nfe += 1
     stats.decode_seconds = time.perf_counter() - start
     stats.new_tokens = [len(r) for r in out]
+    stats.row_nfe = list(stats.new_tokens)  # one pass per token, the prompt pass included
     return GenerationOutput(out, stats)

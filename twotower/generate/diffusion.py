@@ -208,6 +208,7 @@ def generate_mask_diffusion(
         block += 1
     stats.decode_seconds = time.perf_counter() - start
     stats.new_tokens = [len(r) for r in out]
+    stats.row_nfe = [sum(steps) for steps in stats.block_steps]  # a row takes part while it has unknown targets
     return DiffusionOutput(out, stats, cache if return_cache else None)
 
 
