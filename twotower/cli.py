@@ -187,7 +187,7 @@ def cmd_eval_quality(args: argparse.Namespace) -> None:
     from .eval.quality import QualitySettings, run_quality
 
     run_quality(QualitySettings(
-        model=args.model, dtype=args.dtype, prompts_file=args.prompts_file, prompts=args.prompts, chat=not args.no_chat,
+        model=args.model, dtype=args.dtype, device=args.device, prompts_file=args.prompts_file, prompts=args.prompts, chat=not args.no_chat,
         thresholds=args.thresholds, block_sizes=args.block_sizes, steps_per_block=args.steps_per_block,
         commit_rule=args.commit_rule, verify=args.verify, max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size, judge=None if args.judge == "none" else args.judge, nll_t=args.nll_t,
@@ -221,20 +221,32 @@ def cmd_data_prepare(args: argparse.Namespace) -> None:
 
 
 def cmd_data_distill(args: argparse.Namespace) -> None:
+    import torch
+
     from .checkpoints import load_backbone
     from .data.distill import distill
+    from .data.instructions import chat_instructions
     from .data.sources import SourceSpec, read_documents
 
-    backbone, tokenizer = load_backbone(args.model, dtype=_torch_dtype(args.dtype))
-    prompts = []
-    for text in read_documents(SourceSpec(args.prompts, field=args.field), tokenizer):
-        if args.prefix_tokens:  # continue the start of each document
-            text = tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"][: args.prefix_tokens])
-        prompts.append(text)
-        if args.limit and len(prompts) >= args.limit:
-            break
+    if (args.prompts is None) == (args.instructions is None):
+        raise UsageError("give either --prompts FILE or --instructions N")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    backbone, tokenizer = load_backbone(args.model, dtype=_torch_dtype(args.dtype), device=device)
+    if args.instructions is not None:
+        if not args.chat:
+            raise UsageError("--instructions are chat requests: add --chat")
+        prompts = [text for _, text in chat_instructions(args.instructions, seed=args.seed)]
+    else:
+        prompts = []
+        for text in read_documents(SourceSpec(args.prompts, field=args.field), tokenizer):
+            if args.prefix_tokens:  # continue the start of each document
+                text = tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"][: args.prefix_tokens])
+            prompts.append(text)
+            if args.limit and len(prompts) >= args.limit:
+                break
     n = distill(backbone, tokenizer, prompts, args.out, chat=args.chat, max_new_tokens=args.max_new_tokens,
-                batch_size=args.batch_size, temperature=args.temperature, seed=args.seed)
+                batch_size=args.batch_size, temperature=args.temperature, seed=args.seed,
+                time_budget_s=args.time_budget)
     print(f"distilled {n} new records into {args.out}")
 
 
@@ -280,7 +292,7 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
         elif f.type in ("bool", "bool | None"):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
         else:
-            kind = {"int": int, "float": float}.get(str(f.type), str)
+            kind = {"int": int, "float": float, "float | None": float}.get(str(f.type), str)
             parser.add_argument(flag, type=kind, default=None)
 
 
@@ -360,6 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "block NLL, HumanEval pass@1, retention")
     q.add_argument("--model", default=DEFAULT_MODEL, help="registry name, .gguf, backbone or two-tower directory")
     q.add_argument("--dtype", choices=DTYPES, default=qd.dtype)
+    q.add_argument("--device", default=qd.device, help="where the model runs, e.g. cuda (the judge stays on the CPU)")
     q.add_argument("--prompts-file", default=qd.prompts_file, help="JSONL with \"kind\" and \"text\" (default: bench prompts)")
     q.add_argument("--prompts", type=int, default=None, help="use the first N prompts (default: all)")
     q.add_argument("--no-chat", action="store_true", help="do not wrap prompts in the chat template")
@@ -397,7 +410,10 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("--seed", type=int, default=0)
     dp.set_defaults(func=cmd_data_prepare)
     dd = dsub.add_parser("distill", parents=[common], help="continuations/answers by the AR backbone (resumable)")
-    dd.add_argument("--prompts", required=True, help="text file, directory or JSONL of prompts")
+    dd.add_argument("--prompts", help="text file, directory or JSONL of prompts")
+    dd.add_argument("--instructions", type=int, default=None,
+                    help="instead of --prompts: N built-in chat requests (twotower/data/instructions.py; needs --chat)")
+    dd.add_argument("--device", default=None, help="where the backbone runs (default: cuda when available, else cpu)")
     dd.add_argument("--out", required=True, help="JSONL file to append to")
     dd.add_argument("--model", default=DEFAULT_MODEL)
     dd.add_argument("--field", default="text")
@@ -409,6 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     dd.add_argument("--temperature", type=float, default=0.0)
     dd.add_argument("--seed", type=int, default=0)
     dd.add_argument("--dtype", choices=DTYPES, default="bfloat16")
+    dd.add_argument("--time-budget", type=float, default=None, help="start no new batch after this many seconds")
     dd.set_defaults(func=cmd_data_distill)
     return p
 

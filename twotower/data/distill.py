@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -40,10 +41,12 @@ def distill(
     batch_size: int = 8,
     temperature: float = 0.0,
     seed: int = 0,
+    time_budget_s: float | None = None,
 ) -> int:
     """Generate a completion for every prompt not yet in ``out_path``; returns how many were
     written by this call. Chat records hold ``messages`` (render with the chat template);
-    plain records hold ``text`` = prompt + continuation."""
+    plain records hold ``text`` = prompt + continuation. With ``time_budget_s`` no new batch
+    starts after that many seconds (a rerun goes on where this one stopped)."""
     if batch_size < 1:
         raise DataError(f"batch_size must be >= 1, got {batch_size}")
     if not prompts:
@@ -54,8 +57,11 @@ def distill(
     if start > len(prompts):
         raise DataError(f"{out} holds {start} records but there are only {len(prompts)} prompts: another prompt set?")
     written = 0
+    deadline = None if time_budget_s is None else time.monotonic() + time_budget_s
     with open(out, "a", encoding="utf-8") as f, tqdm(total=len(prompts), initial=start, desc="distill") as bar:
         for first in range(start, len(prompts), batch_size):
+            if deadline is not None and time.monotonic() > deadline:
+                break
             batch = list(prompts[first : first + batch_size])
             if chat:
                 ids = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,

@@ -42,6 +42,7 @@ AGGREGATED = ("judge_perplexity", "distinct_2", "non_repetition", "block_nll_t1"
 class QualitySettings:
     model: str = DEFAULT_MODEL
     dtype: str = "float32"
+    device: str = "cpu"  # where the model runs (the judge stays on the CPU)
     prompts_file: str = str(PROMPTS)
     prompts: int | None = None  # the first N prompts; None: all
     chat: bool = True  # wrap prompts in the chat template when the tokenizer has one
@@ -70,7 +71,7 @@ def load_prompts(path: str | Path = PROMPTS) -> list[dict]:
     return rows
 
 
-def load_model(name: str, dtype: torch.dtype) -> tuple[TwoTower, object, str | None]:
+def load_model(name: str, dtype: torch.dtype, device: str = "cpu") -> tuple[TwoTower, object, str | None]:
     """A saved two-tower directory, or a backbone with an untrained lora denoiser (S = 16).
     Returns (model, tokenizer, a note when the denoiser is untrained)."""
     from ..checkpoints import load_backbone
@@ -79,9 +80,9 @@ def load_model(name: str, dtype: torch.dtype) -> tuple[TwoTower, object, str | N
     if _is_two_tower_dir(name):
         from ..hf import TwoTowerForCausalLM
 
-        wrapped = TwoTowerForCausalLM.from_pretrained(name, dtype=dtype)
+        wrapped = TwoTowerForCausalLM.from_pretrained(name, dtype=dtype, device=device)
         return wrapped.twotower, wrapped.tokenizer, None
-    backbone, tokenizer = load_backbone(name, dtype=dtype)
+    backbone, tokenizer = load_backbone(name, dtype=dtype, device=device)
     return TwoTower(backbone, DenoiserConfig(flavour="lora", block_size=16)), tokenizer, UNTRAINED_NOTE
 
 
@@ -114,7 +115,8 @@ def decode_all(model: TwoTower, prompts: list[list[int]], settings: QualitySetti
                 commit_rule=settings.commit_rule, verify=settings.verify,
             )
         tokens += [row[:-1] if row and row[-1] in eos else row for row in out.tokens]
-        nfe, new = nfe + out.stats.nfe, new + out.stats.total_new_tokens
+        # per-row passes: a batched forward is one NFE for each row in it, so batching never inflates this
+        nfe, new = nfe + sum(out.stats.row_nfe), new + out.stats.total_new_tokens
     return tokens, (new / nfe if nfe else 0.0)
 
 
@@ -167,7 +169,7 @@ def _t_key(t: float) -> str:
 def run_quality(settings: QualitySettings) -> dict:
     from ..cli import _torch_dtype
 
-    model, tokenizer, note = load_model(settings.model, _torch_dtype(settings.dtype))
+    model, tokenizer, note = load_model(settings.model, _torch_dtype(settings.dtype), settings.device)
     if note:
         print(f"twotower: note: {note}", file=sys.stderr)
     rows = load_prompts(settings.prompts_file)[: settings.prompts]

@@ -33,6 +33,9 @@ class TrainConfig:
     bf16: bool | None = None  # autocast; None: on where the hardware supports bf16
     gradient_checkpointing: bool = False
     seed: int = 0
+    # seconds of training time for a time-boxed machine: after a few calibration steps, `steps`
+    # is lowered to what fits (the schedule's decay follows) and saved for an exact resume
+    time_budget_s: float | None = None
     log_every: int = 10
     eval_every: int = 200
     save_every: int = 200
@@ -47,6 +50,7 @@ class TrainConfig:
             "decay_fraction": 0 <= self.decay_fraction <= 1, "min_lr_ratio": 0 <= self.min_lr_ratio <= 1,
             "t_eps": 0 < self.t_eps < 1, "grad_clip": self.grad_clip >= 0,
             "loss_weighting": self.loss_weighting in ("none", "elbo"), "flavour": self.flavour in ("lora", "full"),
+            "time_budget_s": self.time_budget_s is None or self.time_budget_s > 0,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:

@@ -25,11 +25,15 @@ VAL_STEP = 2**30  # the "step" whose rows and masks make the fixed validation se
 RESUME_KEYS = ("data", "model", "flavour", "lora_rank", "seq_len", "batch_size", "grad_accum", "seed", "steps")
 
 
+CALIBRATION_STEPS = (5, 25)  # a time budget is fitted from the pace of steps 5..25 (after warm-up kernels)
+
+
 def wsd_schedule(cfg: TrainConfig):
-    """Warmup-stable-decay: linear warmup, constant, then linear decay to min_lr_ratio."""
-    decay_start = cfg.steps * (1 - cfg.decay_fraction)
+    """Warmup-stable-decay: linear warmup, constant, then linear decay to min_lr_ratio.
+    Reads cfg.steps at every call: a time budget may shorten the run once it has started."""
 
     def factor(step: int) -> float:
+        decay_start = cfg.steps * (1 - cfg.decay_fraction)
         if step < cfg.warmup_steps:
             return (step + 1) / cfg.warmup_steps
         if step < decay_start:
@@ -116,6 +120,18 @@ def _trim_metrics(path: Path, step: int) -> None:
         path.write_text("".join(line + "\n" for line in keep))
 
 
+def _fit_time_budget(cfg: TrainConfig, done: int, spent: float, window: float, device: torch.device) -> None:
+    """Shorten ``cfg.steps`` so training ends within ``cfg.time_budget_s`` seconds, keeping 10%
+    for validation, checkpoints and the final save (never lengthen it: steps stays a ceiling).
+    Every process fits the same number (rank 0's), so DDP processes stop together."""
+    per_step = window / (CALIBRATION_STEPS[1] - CALIBRATION_STEPS[0])
+    fit = done + int((0.9 * cfg.time_budget_s - spent) / per_step)
+    fitted = torch.tensor(max(done + 1, min(cfg.steps, fit)), device=device)
+    if dist.is_initialized():
+        dist.broadcast(fitted, src=0)
+    cfg.steps = int(fitted)
+
+
 def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None) -> dict:
     """Run (or resume) the training described by ``cfg``; ``stop_after`` ends this invocation
     after that many steps (a checkpoint is written there), for time-boxed machines."""
@@ -143,6 +159,8 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
     if ckpt is not None:
         state = load_checkpoint(ckpt, model, optimizer, scheduler)
         saved = state["config"]
+        if cfg.time_budget_s is not None:
+            cfg.steps = saved["steps"]  # the length the budget fitted when the run started
         changed = [k for k in RESUME_KEYS if saved.get(k) != getattr(cfg, k)]
         if changed:
             raise ValueError(f"{out} holds a run with other settings ({', '.join(changed)}); use another out_dir")
@@ -164,7 +182,9 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
     last: dict = {}
     done = start
     window_start, window_tokens = time.perf_counter(), 0
-    for step in range(start, cfg.steps):
+    began, calibrated = time.perf_counter(), None
+    step = start
+    while step < cfg.steps:
         block = cfg.block_size_at(step)
         n = cfg.seq_len // block
         micro = []
@@ -219,6 +239,12 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
             _log(metrics_path, record)
             plot_losses(metrics_path, out / "loss.png")
             last.update(record)
+        if cfg.time_budget_s is not None and start == 0 and done in CALIBRATION_STEPS:
+            if done == CALIBRATION_STEPS[0]:
+                calibrated = time.perf_counter()
+            else:
+                _fit_time_budget(cfg, done, time.perf_counter() - began, time.perf_counter() - calibrated, device)
+                bar.total = cfg.steps
         stopping = stop_after is not None and done - start >= stop_after
         if rank == 0 and (done % cfg.save_every == 0 or done == cfg.steps or stopping):
             save_checkpoint(out, done, model, optimizer, scheduler,
@@ -228,6 +254,7 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
             dist.barrier()
         if stopping:
             break
+        step += 1
     bar.close()
     if rank == 0 and done == cfg.steps:
         from ..hf import TwoTowerForCausalLM
