@@ -138,10 +138,11 @@ def test_pareto_frontier():
 
 def test_peak_memory_sees_torch_allocations():
     with PeakMemory() as mem:
-        x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        # 256 MiB, touched: more than earlier tests leave resident in freed-but-kept heap pages
+        x = torch.ones(256 * 2**20 // 4)
         del x
     if PeakMemory.exact:
-        assert mem.over_start_mb > 50
+        assert mem.over_start_mb > 200
     assert mem.peak_mb > 0
 
 

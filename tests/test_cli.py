@@ -14,11 +14,19 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_generate_prints_continuation_and_summary():
-    r = run_cli("generate", "The capital of France is", "--max-new-tokens", "8", "--threads", "1")
+    r = run_cli("generate", "The capital of France is", "--max-new-tokens", "8", "--threads", "1", "--mode", "ar")
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout
     assert "[ar] 8 tokens" in r.stderr and "tokens/s" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_generate_defaults_to_mask_diffusion_with_the_shipped_denoiser():
+    r = run_cli("generate", "What is the capital of France?", "--chat", "--max-new-tokens", "16", "--threads", "1")
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout
+    assert "[mask_diffusion] 16 tokens" in r.stderr and "tokens/NFE" in r.stderr
+    assert "untrained" not in r.stderr  # the shipped denoiser was loaded
 
 
 def test_generate_chat_bfloat16_no_stream(capsys):
@@ -97,10 +105,11 @@ def _generate_text(*extra: str) -> str:
     return r.stdout
 
 
-def test_modes_agree_with_ar_for_an_untrained_denoiser():
+def test_modes_agree_with_ar():
     ar = _generate_text("--mode", "ar")
-    # identity-initialised denoiser: mock-AR is the AR model; verified decoding always equals it
-    assert _generate_text("--mode", "mock_ar") == ar
+    # identity-initialised denoiser: mock-AR is the AR model
+    assert _generate_text("--mode", "mock_ar", "--untrained-denoiser") == ar
+    # verified decoding equals AR whatever the denoiser, the shipped one here
     assert _generate_text("--mode", "mask_diffusion", "--verify", "--block-size", "4", "--confidence-threshold", "0.5") == ar
 
 
@@ -118,7 +127,7 @@ def test_show_steps_renders_and_reports_nfe():
         (["--mode", "mask_diffusion", "--block-size", "0"], "block-size"),
         (["--mode", "mask_diffusion", "--steps-per-block", "0"], "steps-per-block"),
         (["--mode", "mask_diffusion", "--confidence-threshold", "1.5"], "confidence-threshold"),
-        (["--show-steps"], "show-steps"),
+        (["--show-steps", "--mode", "ar"], "show-steps"),
     ],
 )
 def test_bad_dial_arguments(args, message, capsys):

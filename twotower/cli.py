@@ -40,38 +40,22 @@ def _encode_prompt(tokenizer, prompt: str, chat: bool) -> list[int]:
 MODES = ("ar", "mask_diffusion", "mock_ar")
 
 
-def _is_two_tower_dir(name_or_path: str) -> bool:
-    config = Path(name_or_path).expanduser() / "config.json"
-    try:
-        return config.is_file() and json.loads(config.read_text()).get("model_type") == "twotower"
-    except (OSError, ValueError):
-        return False
-
-
 def _load_for_mode(args: argparse.Namespace):
-    """A saved two-tower directory, or a backbone (with an untrained denoiser for the
-    diffusion modes); the context tower alone for ``ar``."""
+    """The context tower alone for ``ar`` on a backbone; otherwise a two-tower model: a saved
+    directory, the registry model with its shipped denoiser, or an untrained denoiser."""
     from .checkpoints import load_backbone
-    from .model.twotower import DenoiserConfig, TwoTower
+    from .checkpoints.two_tower import is_two_tower_dir, load_two_tower, warn_untrained
 
     dtype = _torch_dtype(args.dtype)
-    if _is_two_tower_dir(args.model):
-        from .hf import TwoTowerForCausalLM
-
-        wrapped = TwoTowerForCausalLM.from_pretrained(args.model, dtype=dtype)
-        model, tokenizer = wrapped.twotower, wrapped.tokenizer
-        if args.mode == "ar":
-            return model.context, tokenizer
-        return (model if args.no_merge_adapters else model.merge_adapters()), tokenizer
-    backbone, tokenizer = load_backbone(args.model, dtype=dtype)
+    if args.mode == "ar" and not is_two_tower_dir(args.model):
+        return load_backbone(args.model, dtype=dtype)
+    loaded = load_two_tower(args.model, dtype, untrained=args.untrained_denoiser, block_size=args.block_size or 16)
+    warn_untrained(loaded)
+    model = loaded.model
     if args.mode == "ar":
-        return backbone, tokenizer
-    print(
-        "twotower: note: no trained denoiser is loaded; the denoiser starts as a copy of the AR model "
-        "(identity time conditioning), so expect about one accepted token per step",
-        file=sys.stderr,
-    )
-    return TwoTower(backbone, DenoiserConfig(flavour="lora", block_size=args.block_size or 16)), tokenizer
+        return model.context, loaded.tokenizer
+    # merging untrained (zero) adapters would only cost memory
+    return (model if args.no_merge_adapters or loaded.note else model.merge_adapters()), loaded.tokenizer
 
 
 def _check_generate_args(args: argparse.Namespace) -> None:
@@ -179,7 +163,7 @@ def cmd_bench_speed(args: argparse.Namespace) -> None:
         model=args.model, dtype=args.dtype, modes=args.modes, thresholds=args.thresholds,
         block_sizes=args.block_sizes, batch_sizes=args.batch_sizes, prompts=args.prompts,
         max_new_tokens=args.max_new_tokens, repeats=args.repeats, warmup=args.warmup,
-        prompt_lookup_tokens=args.prompt_lookup_tokens, output_dir=args.output_dir,
+        prompt_lookup_tokens=args.prompt_lookup_tokens, output_dir=args.output_dir, untrained=args.untrained_denoiser,
     )
 
 
@@ -187,7 +171,7 @@ def cmd_eval_quality(args: argparse.Namespace) -> None:
     from .eval.quality import QualitySettings, run_quality
 
     run_quality(QualitySettings(
-        model=args.model, dtype=args.dtype, device=args.device, prompts_file=args.prompts_file, prompts=args.prompts, chat=not args.no_chat,
+        model=args.model, dtype=args.dtype, device=args.device, untrained=args.untrained_denoiser, prompts_file=args.prompts_file, prompts=args.prompts, chat=not args.no_chat,
         thresholds=args.thresholds, block_sizes=args.block_sizes, steps_per_block=args.steps_per_block,
         commit_rule=args.commit_rule, verify=args.verify, max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size, judge=None if args.judge == "none" else args.judge, nll_t=args.nll_t,
@@ -317,7 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--dtype", choices=DTYPES, default="float32")
     g.add_argument("--no-stream", action="store_true", help="print the text at the end instead of streaming")
-    g.add_argument("--mode", choices=MODES, default="ar", help="decoding mode (default: ar)")
+    g.add_argument("--mode", choices=MODES, default="mask_diffusion", help="decoding mode (default: mask_diffusion)")
+    g.add_argument("--untrained-denoiser", action="store_true",
+                   help="use an untrained denoiser (a copy of the AR model) instead of the one shipped for the model")
     g.add_argument("--block-size", type=int, default=None, help="targets per block (default: the model's, 16)")
     g.add_argument("--steps-per-block", type=int, default=None, help="denoiser steps per block (default: block size)")
     g.add_argument("--confidence-threshold", type=float, default=0.9, help="commit targets above this confidence")
@@ -361,6 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--warmup", type=int, default=1, help="untimed rounds per pair")
     sp.add_argument("--prompt-lookup-tokens", type=int, default=10, help="draft length of prompt-lookup decoding")
     sp.add_argument("--output-dir", default="bench_results/speed")
+    sp.add_argument("--untrained-denoiser", action="store_true", help="an untrained denoiser instead of the shipped one")
     sp.set_defaults(func=cmd_bench_speed)
     from .eval.judge import DEFAULT_JUDGE
     from .eval.quality import QualitySettings
@@ -390,6 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--humaneval-problems", type=int, default=None, help="first N problems (default all 164; 0 skips)")
     q.add_argument("--humaneval-max-new-tokens", type=int, default=qd.humaneval_max_new_tokens)
     q.add_argument("--output-dir", default=qd.output_dir)
+    q.add_argument("--untrained-denoiser", action="store_true", help="an untrained denoiser instead of the shipped one")
     q.set_defaults(func=cmd_eval_quality)
     tr = sub.add_parser("train", parents=[common], help="train the denoiser (resumes from --out-dir's checkpoints)")
     tr.add_argument("--config", help="JSON file of TrainConfig settings (flags override it)")

@@ -41,7 +41,7 @@ from ..eval.metrics import exact_match, token_agreement
 from ..generate import generate_ar, prepare_prompts
 from ..generate.ar import eos_set
 from ..generate.diffusion import generate_mask_diffusion, generate_mock_ar
-from ..model.twotower import DenoiserConfig, TwoTower
+from ..model.twotower import TwoTower
 from .box import describe_box
 from .memory import PeakMemory
 from .timing import Timings, interleaved
@@ -51,11 +51,6 @@ THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 BLOCK_SIZES = (4, 8, 16, 32)
 BATCH_SIZES = (1, 4, 16)
 MODES = ("ar", "mock_ar", "mask_diffusion", "transformers", "prompt_lookup", "llama_cpp")
-UNTRAINED_NOTE = (
-    "untrained denoiser: a lora denoiser initialised as a copy of the AR model (identity time "
-    "conditioning, block size 16) was put on the backbone, so expect about one committed token "
-    "per step; load a saved two-tower directory for a trained one"
-)
 
 
 def load_prompts(count: int | None = None, path: Path = PROMPTS_FILE) -> list[dict]:
@@ -267,22 +262,15 @@ def _gguf_of(name_or_path: str) -> Path | None:
     return Path(json.loads(source.read_text())["gguf"]) if source.is_file() else None
 
 
-def load_model(name_or_path: str, dtype: torch.dtype) -> Loaded:
-    """A saved two-tower directory (trained denoiser; the baselines use the backbone it names)
-    or a backbone, which gets an untrained lora denoiser."""
-    from ..checkpoints import checkpoint_dir, load_backbone
-    from ..cli import _is_two_tower_dir
+def load_model(name_or_path: str, dtype: torch.dtype, untrained: bool = False) -> Loaded:
+    """A two-tower model (see ``load_two_tower``); the baselines load the backbone it sits on."""
+    from ..checkpoints import checkpoint_dir
+    from ..checkpoints.two_tower import load_two_tower
 
-    if _is_two_tower_dir(name_or_path):
-        from ..hf import TwoTowerForCausalLM
-
-        wrapped = TwoTowerForCausalLM.from_pretrained(name_or_path, dtype=dtype)
-        ref = wrapped.config.backbone
-        return Loaded(wrapped.twotower, wrapped.tokenizer, checkpoint_dir(ref) if ref else None,
-                      _gguf_of(ref) if ref else None, None)
-    backbone, tokenizer = load_backbone(name_or_path, dtype=dtype)
-    model = TwoTower(backbone, DenoiserConfig(flavour="lora", block_size=16)).eval()
-    return Loaded(model, tokenizer, checkpoint_dir(name_or_path), _gguf_of(name_or_path), UNTRAINED_NOTE)
+    loaded = load_two_tower(name_or_path, dtype, untrained=untrained)
+    ref = loaded.backbone
+    return Loaded(loaded.model, loaded.tokenizer, checkpoint_dir(ref) if ref else None,
+                  _gguf_of(ref) if ref else None, loaded.note)
 
 
 # -- the run ----------------------------------------------------------------------------------
@@ -310,16 +298,19 @@ def run_speed_bench(
     warmup: int = 1,
     prompt_lookup_tokens: int = 10,
     output_dir: str | Path = "bench_results/speed",
+    untrained: bool = False,
 ) -> dict:
     from ..cli import _torch_dtype
 
     _check(thresholds, block_sizes, batch_sizes, max_new_tokens, repeats, warmup)
-    loaded = load_model(model, _torch_dtype(dtype))
+    loaded = load_model(model, _torch_dtype(dtype), untrained)
     if loaded.tokenizer is None:
         raise ValueError(f"{model} has no tokenizer: the benchmark prompts are text")
     if loaded.note:
         print(f"twotower: note: {loaded.note}", file=sys.stderr)
     tt, context = loaded.model, loaded.model.context
+    if loaded.note is None:
+        tt.merge_adapters()  # what `twotower generate` runs (a no-op for the full flavour)
     texts = load_prompts(prompts)
     encoded, chat = encode_prompts(loaded.tokenizer, texts)
     eos = eos_set(context, None)

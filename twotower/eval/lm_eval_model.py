@@ -19,7 +19,7 @@ from tqdm import tqdm
 from ..checkpoints import DEFAULT_MODEL
 from ..generate import generate_ar
 from ..generate.diffusion import generate_mask_diffusion, generate_mock_ar
-from .quality import load_model
+from ..checkpoints.two_tower import load_two_tower
 
 MODES = ("ar", "mask_diffusion", "mock_ar")
 
@@ -44,8 +44,9 @@ class TwoTowerLM(LM):
 
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        self.model, self.tokenizer, note = load_model(pretrained, _torch_dtype(dtype))
-        self.note = note  # set when the denoiser is untrained
+        loaded = load_two_tower(pretrained, _torch_dtype(dtype))
+        self.model, self.tokenizer = loaded.model, loaded.tokenizer
+        self.note = loaded.note  # set when the denoiser is untrained
         self.mode = mode
         self.dial = dict(block_size=block_size, steps_per_block=steps_per_block,
                          confidence_threshold=confidence_threshold, commit_rule=commit_rule, verify=verify)

@@ -24,15 +24,14 @@ import torch
 from tqdm import tqdm
 
 from ..checkpoints import DEFAULT_MODEL
+from ..checkpoints.two_tower import load_two_tower, warn_untrained
 from ..generate import generate_ar
 from ..generate.diffusion import generate_mask_diffusion
-from ..model.twotower import DenoiserConfig, TwoTower
+from ..model.twotower import TwoTower
 from . import block_nll, humaneval, metrics
 from .judge import DEFAULT_JUDGE, Judge
 
 PROMPTS = Path(__file__).parents[1] / "bench" / "prompts.jsonl"
-UNTRAINED_NOTE = ("untrained denoiser: a copy of the AR model with identity time conditioning "
-                  "(a plain backbone was given, not a saved two-tower directory)")
 # the retentions that measure the text itself; agreement with AR is reported but not folded in,
 # since a different continuation can be just as good
 AGGREGATED = ("judge_perplexity", "distinct_2", "non_repetition", "block_nll_t1", "humaneval_pass_at_1")
@@ -43,6 +42,7 @@ class QualitySettings:
     model: str = DEFAULT_MODEL
     dtype: str = "float32"
     device: str = "cpu"  # where the model runs (the judge stays on the CPU)
+    untrained: bool = False  # a registry model without its shipped denoiser
     prompts_file: str = str(PROMPTS)
     prompts: int | None = None  # the first N prompts; None: all
     chat: bool = True  # wrap prompts in the chat template when the tokenizer has one
@@ -69,21 +69,6 @@ def load_prompts(path: str | Path = PROMPTS) -> list[dict]:
         if not isinstance(row.get("text"), str) or not row["text"].strip():
             raise ValueError(f"{path}: line {i + 1} has no \"text\"")
     return rows
-
-
-def load_model(name: str, dtype: torch.dtype, device: str = "cpu") -> tuple[TwoTower, object, str | None]:
-    """A saved two-tower directory, or a backbone with an untrained lora denoiser (S = 16).
-    Returns (model, tokenizer, a note when the denoiser is untrained)."""
-    from ..checkpoints import load_backbone
-    from ..cli import _is_two_tower_dir
-
-    if _is_two_tower_dir(name):
-        from ..hf import TwoTowerForCausalLM
-
-        wrapped = TwoTowerForCausalLM.from_pretrained(name, dtype=dtype, device=device)
-        return wrapped.twotower, wrapped.tokenizer, None
-    backbone, tokenizer = load_backbone(name, dtype=dtype, device=device)
-    return TwoTower(backbone, DenoiserConfig(flavour="lora", block_size=16)), tokenizer, UNTRAINED_NOTE
 
 
 def encode(tokenizer, text: str, chat: bool) -> list[int]:
@@ -169,9 +154,9 @@ def _t_key(t: float) -> str:
 def run_quality(settings: QualitySettings) -> dict:
     from ..cli import _torch_dtype
 
-    model, tokenizer, note = load_model(settings.model, _torch_dtype(settings.dtype), settings.device)
-    if note:
-        print(f"twotower: note: {note}", file=sys.stderr)
+    loaded = load_two_tower(settings.model, _torch_dtype(settings.dtype), settings.device, settings.untrained)
+    warn_untrained(loaded)
+    model, tokenizer, note = loaded.model, loaded.tokenizer, loaded.note
     rows = load_prompts(settings.prompts_file)[: settings.prompts]
     texts = [r["text"] for r in rows]
     prompt_ids = [encode(tokenizer, t, settings.chat) for t in texts]
@@ -219,7 +204,7 @@ def run_quality(settings: QualitySettings) -> dict:
 
     report = {
         "settings": asdict(settings),
-        "denoiser": note or "trained (saved two-tower directory)",
+        "denoiser": note or "trained",
         "judge": settings.judge,
         "heldout": {"path": settings.heldout, "tokens": len(heldout_ids),
                     "source": "paragraphs written for this project (Apache-2.0)"

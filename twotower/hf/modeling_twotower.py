@@ -246,7 +246,7 @@ class TwoTowerForCausalLM(PreTrainedModel, GenerationMixin):
             if not config.backbone:
                 raise CheckpointError(f"{directory}: a lora model needs a backbone reference in config.json")
             backbone, tokenizer = load_backbone(config.backbone, dtype, device)
-            if backbone.config.to_dict() != config.backbone_config:
+            if _architecture(backbone.config.to_dict()) != _architecture(config.backbone_config):
                 raise CheckpointError(
                     f"the backbone {config.backbone!r} does not match the one this model was trained on"
                 )
@@ -273,6 +273,12 @@ class TwoTowerForCausalLM(PreTrainedModel, GenerationMixin):
         wrapped = cls(config, model)
         wrapped.tokenizer = tokenizer
         return wrapped.eval()
+
+
+def _architecture(backbone_config: dict) -> dict:
+    """The settings that fix the weights' meaning; special-token ids are tokenizer settings
+    (a GGUF read by another transformers version may list one more EOS id)."""
+    return {k: v for k, v in backbone_config.items() if k not in ("eos_token_ids", "bos_token_id")}
 
 
 def _load_tokenizer(directory: Path):

@@ -1,0 +1,68 @@
+"""Two-tower models by name: a saved two-tower directory, a registry backbone with the denoiser
+shipped for it inside this package (``twotower/weights/<name>``), or any other backbone with an
+untrained denoiser (a copy of the AR model, for measuring the untrained baseline)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .load import REGISTRY, load_backbone
+
+SHIPPED_DIR = Path(__file__).parents[1] / "weights"
+UNTRAINED_NOTE = (
+    "untrained denoiser: a lora denoiser initialised as a copy of the AR model (identity time "
+    "conditioning, block size 16), so expect about one committed token per step"
+)
+
+
+def is_two_tower_dir(name_or_path: str | Path) -> bool:
+    config = Path(name_or_path).expanduser() / "config.json"
+    try:
+        return config.is_file() and json.loads(config.read_text()).get("model_type") == "twotower"
+    except (OSError, ValueError):
+        return False
+
+
+def shipped_denoiser(name: str) -> Path | None:
+    """The trained denoiser that ships with the package for registry model ``name``, if any."""
+    path = SHIPPED_DIR / name
+    return path if name in REGISTRY and is_two_tower_dir(path) else None
+
+
+@dataclass
+class LoadedTwoTower:
+    model: object  # TwoTower
+    tokenizer: object | None
+    backbone: str | None  # the backbone's name or path (for baselines that load it themselves)
+    note: str | None  # set when the denoiser is untrained
+
+
+def load_two_tower(
+    name_or_path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+    untrained: bool = False, block_size: int = 16,
+) -> LoadedTwoTower:
+    """A saved two-tower directory; a registry name with its shipped denoiser (unless
+    ``untrained``); else the backbone with an untrained lora denoiser of ``block_size``."""
+    from ..model.twotower import DenoiserConfig, TwoTower
+
+    directory = None if untrained else (shipped_denoiser(name_or_path) or name_or_path)
+    if directory is not None and is_two_tower_dir(directory):
+        from ..hf import TwoTowerForCausalLM
+
+        wrapped = TwoTowerForCausalLM.from_pretrained(directory, dtype=dtype, device=device)
+        return LoadedTwoTower(wrapped.twotower, wrapped.tokenizer, wrapped.config.backbone, None)
+    if is_two_tower_dir(name_or_path):
+        raise ValueError(f"{name_or_path} is a trained two-tower directory: drop the untrained option")
+    backbone, tokenizer = load_backbone(name_or_path, dtype=dtype, device=device)
+    model = TwoTower(backbone, DenoiserConfig(flavour="lora", block_size=block_size)).eval()
+    return LoadedTwoTower(model, tokenizer, name_or_path, UNTRAINED_NOTE)
+
+
+def warn_untrained(loaded: LoadedTwoTower) -> None:
+    if loaded.note:
+        print(f"twotower: note: {loaded.note}", file=sys.stderr)
