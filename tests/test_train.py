@@ -138,3 +138,18 @@ def test_two_gloo_processes_match_one(setup):
     assert losses_one == pytest.approx(losses_two, rel=1e-4)
     a, b = final_weights(root / "one"), final_weights(root / "two")
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_time_budget_shortens_but_never_lengthens_the_run(tmp_path):
+    from twotower.train import TrainConfig
+    from twotower.train.loop import _fit_time_budget, wsd_schedule
+
+    cfg = TrainConfig(data=str(tmp_path), out_dir=str(tmp_path), steps=1000, time_budget_s=10.0, warmup_steps=0)
+    factor = wsd_schedule(cfg)
+    # 25 steps took 5 s, steps 5..25 took 2 s (0.1 s a step): 90% of 10 s leaves 4 s = 40 steps
+    _fit_time_budget(cfg, 25, 5.0, 2.0, torch.device("cpu"))
+    assert cfg.steps == 65
+    assert factor(64) < 1.0 and factor(40) == 1.0  # the decay follows the fitted length
+    cfg.steps = 30
+    _fit_time_budget(cfg, 25, 5.0, 2.0, torch.device("cpu"))
+    assert cfg.steps == 30
