@@ -16,7 +16,7 @@ from .load import REGISTRY, load_backbone
 SHIPPED_DIR = Path(__file__).parents[1] / "weights"
 UNTRAINED_NOTE = (
     "untrained denoiser: a lora denoiser initialised as a copy of the AR model (identity time "
-    "conditioning, block size 16), so expect about one committed token per step"
+    "conditioning), so expect about one committed token per step"
 )
 
 
@@ -50,14 +50,17 @@ def load_two_tower(
     ``untrained``); else the backbone with an untrained lora denoiser of ``block_size``."""
     from ..model.twotower import DenoiserConfig, TwoTower
 
-    directory = None if untrained else (shipped_denoiser(name_or_path) or name_or_path)
-    if directory is not None and is_two_tower_dir(directory):
+    if is_two_tower_dir(name_or_path):
+        if untrained:
+            raise ValueError(f"{name_or_path} is a trained two-tower directory: drop the untrained option")
+        directory: str | Path | None = name_or_path
+    else:
+        directory = None if untrained else shipped_denoiser(name_or_path)
+    if directory is not None:
         from ..hf import TwoTowerForCausalLM
 
         wrapped = TwoTowerForCausalLM.from_pretrained(directory, dtype=dtype, device=device)
         return LoadedTwoTower(wrapped.twotower, wrapped.tokenizer, wrapped.config.backbone, None)
-    if is_two_tower_dir(name_or_path):
-        raise ValueError(f"{name_or_path} is a trained two-tower directory: drop the untrained option")
     backbone, tokenizer = load_backbone(name_or_path, dtype=dtype, device=device)
     model = TwoTower(backbone, DenoiserConfig(flavour="lora", block_size=block_size)).eval()
     return LoadedTwoTower(model, tokenizer, name_or_path, UNTRAINED_NOTE)
