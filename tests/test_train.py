@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -122,22 +123,52 @@ def test_context_tower_stays_frozen(setup):
     assert any(not torch.equal(original[k], v) for k, v in denoiser.items())  # while the denoiser learned
 
 
-def test_two_gloo_processes_match_one(setup):
-    root, _ = setup
-    one = config(setup, "one", batch_size=4, steps=4, eval_every=4, save_every=4)
-    train(one, progress=False)
-    two = config(setup, "two", batch_size=2, steps=4, eval_every=4, save_every=4)
-    (root / "two.json").write_text(json.dumps(two.to_dict()))
+def torchrun_train(cfg: TrainConfig, port: int, *extra: str) -> None:
+    path = Path(cfg.out_dir + ".json")
+    path.write_text(json.dumps(cfg.to_dict()))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
-           "-m", "twotower.cli", "train", "--config", str(root / "two.json")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
+           "-m", "twotower.cli", "train", "--config", str(path), *extra]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
-    losses_one = [r["loss"] for r in metrics(root / "one") if "loss" in r]
-    losses_two = [r["loss"] for r in metrics(root / "two") if "loss" in r]
-    assert losses_one == pytest.approx(losses_two, rel=1e-4)
-    a, b = final_weights(root / "one"), final_weights(root / "two")
-    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def assert_same_run(one: Path, two: Path) -> None:
+    losses_one = [r["loss"] for r in metrics(one) if "loss" in r]
+    losses_two = [r["loss"] for r in metrics(two) if "loss" in r]
+    assert len(losses_one) == 4 and losses_one == pytest.approx(losses_two, rel=1e-4)
+    val_one = [r["val_loss"] for r in metrics(one) if "val_loss" in r]
+    assert val_one == pytest.approx([r["val_loss"] for r in metrics(two) if "val_loss" in r], rel=1e-4)
+    a, b = final_weights(one), final_weights(two)
+    assert set(a) == set(b) and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_two_gloo_processes_match_one(setup):
+    root, _ = setup
+    train(config(setup, "one", batch_size=4, steps=4, eval_every=4, save_every=4), progress=False)
+    torchrun_train(config(setup, "two", batch_size=2, steps=4, eval_every=4, save_every=4), 29517)
+    assert_same_run(root / "one", root / "two")
+
+
+@pytest.mark.parametrize("flavour", ["lora", "full"])
+def test_fsdp_matches_one_process_across_a_resume(setup, flavour):
+    """FSDP2 over two gloo processes: killed after 2 of 4 steps and resumed from its sharded
+    checkpoint, it follows the single-process run with the same global batch."""
+    root, _ = setup
+    train(config(setup, f"one-{flavour}", flavour=flavour, batch_size=4, steps=4, eval_every=2, save_every=4),
+          progress=False)
+    sharded = config(setup, f"fsdp-{flavour}", flavour=flavour, batch_size=2, steps=4, eval_every=2, save_every=4,
+                     fsdp=True)
+    port = 29518 if flavour == "lora" else 29519
+    torchrun_train(sharded, port, "--stop-after", "2")
+    assert not (root / f"fsdp-{flavour}" / "final").exists()
+    torchrun_train(sharded, port)
+    assert_same_run(root / f"one-{flavour}", root / f"fsdp-{flavour}")
+
+
+def test_fsdp_needs_torchrun(setup):
+    with pytest.raises(ValueError, match="torchrun"):
+        train(config(setup, "fsdp-alone", fsdp=True), progress=False)
 
 
 def test_time_budget_shortens_but_never_lengthens_the_run(tmp_path):

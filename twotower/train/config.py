@@ -32,6 +32,7 @@ class TrainConfig:
     loss_weighting: str = "none"  # "none" (released) or "elbo" (1/t)
     bf16: bool | None = None  # autocast; None: on where the hardware supports bf16
     gradient_checkpointing: bool = False
+    fsdp: bool = False  # under torchrun: shard both towers with FSDP2 instead of replicating (DDP)
     seed: int = 0
     # seconds of training time for a time-boxed machine: after a few calibration steps, `steps`
     # is lowered to what fits (the schedule's decay follows) and saved for an exact resume
@@ -40,7 +41,7 @@ class TrainConfig:
     eval_every: int = 200
     save_every: int = 200
     keep_checkpoints: int = 2
-    val_batches: int = 4
+    val_batches: int = 4  # validation set size in global batches (the same for any number of processes)
     val_prompts: int = 4  # prompts for the tokens-per-NFE check at validation
 
     def __post_init__(self) -> None:

@@ -1,5 +1,6 @@
 """``twotower train``: the masked-diffusion objective on a frozen backbone, on one CPU or many
-processes (torchrun: DDP over gloo on CPU, NCCL on GPU), resumable exactly after a kill."""
+processes (torchrun: DDP over gloo on CPU, NCCL on GPU; ``--fsdp`` shards with FSDP2 instead),
+resumable exactly after a kill."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from ..data.shards import TokenShards
 from ..generate.diffusion import generate_mask_diffusion
 from ..model.twotower import DenoiserConfig, TwoTower
 from .batches import sample_masks, sample_rows
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import latest_checkpoint, load_checkpoint, load_trainable, save_checkpoint, trainable_state
 from .config import TrainConfig
 
 VAL_STEP = 2**30  # the "step" whose rows and masks make the fixed validation set
@@ -50,12 +51,13 @@ def bf16_supported(device: torch.device) -> bool:
 
 
 @torch.no_grad()
-def validate(model: TwoTower, val: TokenShards, cfg: TrainConfig, block: int, autocast) -> dict:
+def validate(model: TwoTower, val: TokenShards, cfg: TrainConfig, block: int, autocast, global_rows: int) -> dict:
     """Masked-target loss at the training noise mix, and per target slot the accuracy and mean
     confidence with the whole block masked (the first denoising step, where parallelism starts),
-    plus tokens per NFE of mask diffusion (threshold 0.9) on a few validation prompts."""
+    plus tokens per NFE of mask diffusion (threshold 0.9) on a few validation prompts. The set
+    is ``val_batches`` global batches, so it does not depend on how many processes share them."""
     n = cfg.seq_len // block
-    rows = range(cfg.val_batches * cfg.batch_size)
+    rows = range(cfg.val_batches * global_rows)
     total = count = 0.0
     hits = torch.zeros(block)
     conf = torch.zeros(block)
@@ -120,6 +122,21 @@ def _trim_metrics(path: Path, step: int) -> None:
         path.write_text("".join(line + "\n" for line in keep))
 
 
+def _save_final(cfg: TrainConfig, model: TwoTower, tokenizer, path: Path, device: torch.device, rank: int) -> None:
+    """The trained model as a checkpoint directory. Under FSDP the shards are gathered (every
+    process) into an unsharded copy that process 0 writes."""
+    from ..hf import TwoTowerForCausalLM
+
+    if cfg.fsdp:
+        weights = trainable_state(model)
+        if rank != 0:
+            return
+        model, _ = build_model(cfg, device)
+        load_trainable(model, weights, "the gathered FSDP shards")
+    if rank == 0:
+        TwoTowerForCausalLM.from_twotower(model, backbone_ref=cfg.model, tokenizer=tokenizer).save_pretrained(path)
+
+
 def _fit_time_budget(cfg: TrainConfig, done: int, spent: float, window: float, device: torch.device) -> None:
     """Shorten ``cfg.steps`` so training ends within ``cfg.time_budget_s`` seconds, keeping 10%
     for validation, checkpoints and the final save (never lengthen it: steps stays a ceiling).
@@ -132,23 +149,45 @@ def _fit_time_budget(cfg: TrainConfig, done: int, spent: float, window: float, d
     cfg.steps = int(fitted)
 
 
+def build_model(cfg: TrainConfig, device: torch.device):
+    torch.manual_seed(cfg.seed)  # LoRA initialisation: the same on every process
+    backbone, tokenizer = load_backbone(cfg.model, device=device)
+    model = TwoTower(backbone, DenoiserConfig(flavour=cfg.flavour, block_size=cfg.block_size,
+                                              lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha))
+    model.gradient_checkpointing = cfg.gradient_checkpointing
+    return model, tokenizer
+
+
+def shard(model: TwoTower) -> None:
+    """FSDP2: every layer of both towers is a group of its own, gathered while it runs and freed
+    after; the root group holds the rest (embeddings and head, which SmolLM2 ties, the norms,
+    time conditioning and the mask embedding). The frozen context tower is sharded too: a model
+    that does not fit one device does not fit as a context tower either."""
+    from torch.distributed.fsdp import fully_shard
+
+    for tower in (model.context, model.denoiser_tower):
+        for layer in tower.layers if tower is not None else []:
+            fully_shard(layer)
+    fully_shard(model)
+
+
 def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None) -> dict:
     """Run (or resume) the training described by ``cfg``; ``stop_after`` ends this invocation
     after that many steps (a checkpoint is written there), for time-boxed machines."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    if world > 1 and not dist.is_initialized():
+    if cfg.fsdp and "RANK" not in os.environ:
+        raise ValueError("--fsdp shards the model over torchrun's processes: launch with torchrun --nproc-per-node N")
+    if (world > 1 or cfg.fsdp) and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     metrics_path = out / "metrics.jsonl"
 
-    torch.manual_seed(cfg.seed)  # LoRA initialisation: the same on every process
-    backbone, tokenizer = load_backbone(cfg.model, device=device)
-    model = TwoTower(backbone, DenoiserConfig(flavour=cfg.flavour, block_size=cfg.block_size,
-                                              lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha))
-    model.gradient_checkpointing = cfg.gradient_checkpointing
+    model, tokenizer = build_model(cfg, device)
+    if cfg.fsdp:
+        shard(model)  # before the optimizer sees the parameters: it must hold the shards
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, wsd_schedule(cfg))
@@ -171,7 +210,7 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
         metrics_path.unlink(missing_ok=True)
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
 
-    wrapped = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    wrapped = torch.nn.parallel.DistributedDataParallel(model) if world > 1 and not cfg.fsdp else model
     use_bf16 = bf16_supported(device) if cfg.bf16 is None else cfg.bf16
 
     def autocast():
@@ -204,8 +243,11 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
         normalizer = float(total) / world
         loss_sum = torch.zeros((), device=device)
         for m, (x, masked) in enumerate(micro):
-            # DDP: all-reduce gradients only after the last micro-step
-            sync = nullcontext() if world == 1 or m == len(micro) - 1 else wrapped.no_sync()
+            # reduce gradients over processes only after the last micro-step
+            last_micro = m == len(micro) - 1
+            if cfg.fsdp:
+                model.set_requires_gradient_sync(last_micro)
+            sync = nullcontext() if world == 1 or cfg.fsdp or last_micro else wrapped.no_sync()
             with sync, autocast():
                 loss = wrapped(x, masked, cfg.loss_weighting, normalizer)
             loss.backward()
@@ -232,13 +274,19 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
                     "elapsed_s": round(elapsed, 1)}
             _log(metrics_path, last)
             bar.set_postfix(loss=f"{float(loss_sum):.3f}", tok_s=f"{rate:.0f}")
-        if rank == 0 and (done % cfg.eval_every == 0 or done == cfg.steps):
+        # FSDP: every process validates (the layers' gathers are collective), process 0 logs
+        if (rank == 0 or cfg.fsdp) and (done % cfg.eval_every == 0 or done == cfg.steps):
             model.eval()
-            record = {"step": done, **validate(model, val, cfg, block, autocast)}
+            if cfg.fsdp:
+                model.unshard()  # the root group: validation calls its modules outside forward()
+            record = {"step": done, **validate(model, val, cfg, block, autocast, global_rows)}
+            if cfg.fsdp:
+                model.reshard()
             model.train()
-            _log(metrics_path, record)
-            plot_losses(metrics_path, out / "loss.png")
-            last.update(record)
+            if rank == 0:
+                _log(metrics_path, record)
+                plot_losses(metrics_path, out / "loss.png")
+                last.update(record)
         if cfg.time_budget_s is not None and start == 0 and done in CALIBRATION_STEPS:
             if done == CALIBRATION_STEPS[0]:
                 calibrated = time.perf_counter()
@@ -246,7 +294,7 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
                 _fit_time_budget(cfg, done, time.perf_counter() - began, time.perf_counter() - calibrated, device)
                 bar.total = cfg.steps
         stopping = stop_after is not None and done - start >= stop_after
-        if rank == 0 and (done % cfg.save_every == 0 or done == cfg.steps or stopping):
+        if done % cfg.save_every == 0 or done == cfg.steps or stopping:
             save_checkpoint(out, done, model, optimizer, scheduler,
                             {"config": cfg.to_dict(), "tokens_seen": tokens_seen, "elapsed": elapsed},
                             cfg.keep_checkpoints)
@@ -256,10 +304,8 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
             break
         step += 1
     bar.close()
-    if rank == 0 and done == cfg.steps:
-        from ..hf import TwoTowerForCausalLM
-
-        TwoTowerForCausalLM.from_twotower(model, backbone_ref=cfg.model, tokenizer=tokenizer).save_pretrained(out / "final")
+    if done == cfg.steps:
+        _save_final(cfg, model, tokenizer, out / "final", device, rank)
     if world > 1:
         dist.destroy_process_group()
     return last
