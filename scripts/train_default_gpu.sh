@@ -22,7 +22,7 @@ $tt data distill --model "$model" --instructions 100000 --chat --max-new-tokens 
 
 # 2.
 [ -f "$out/data/manifest.json" ] || $tt data prepare "$out/distill/chat.jsonl" --model "$model" --field messages \
-    --val-fraction 0.02 --out "$out/data" \
+    --loss-on assistant --val-fraction 0.02 --out "$out/data" \
     --licence "answers by $model to twotower's built-in requests (Apache-2.0 requests; model licence applies)"
 
 # 3. block 8 first, then 16; 64 x 512 tokens a step

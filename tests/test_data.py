@@ -68,6 +68,32 @@ def test_chat_messages_rendered_with_template(tmp_path, tokenizer):
     assert "<|im_start|>user\nHi<|im_end|>" in text and "Hello!" in text
 
 
+def test_loss_on_the_assistant_turns_only(tmp_path, tokenizer):
+    chats = tmp_path / "chat.jsonl"
+    turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there!"},
+             {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Goodbye."}]
+    chats.write_text(json.dumps({"messages": turns}) + "\n")
+    manifest = prepare([SourceSpec(str(chats), field="messages", loss_on="assistant")], tokenizer, tmp_path / "out",
+                       val_fraction=0.0)
+    shards = TokenShards(tmp_path / "out")
+    (doc,) = list(shards.documents())
+    trained = np.asarray(shards.trained[0], dtype=bool)
+    assert manifest["loss_mask"] and manifest["splits"]["train"]["trained_tokens"] == trained.sum()
+    # the trained tokens are the two answers, each with its end-of-turn, plus the closing EOS
+    assert tokenizer.decode(doc[trained]) == ("Hello there!<|im_end|>\nGoodbye.<|im_end|>\n"
+                                              + tokenizer.eos_token)
+    assert "Hi" in tokenizer.decode(doc[~trained]) and "Bye" in tokenizer.decode(doc[~trained])
+    # a corpus without partial losses writes no mask at all
+    prepare([SourceSpec(str(chats), field="messages")], tokenizer, tmp_path / "all", val_fraction=0.0)
+    assert TokenShards(tmp_path / "all").trained is None
+    with pytest.raises(DataError, match="chat messages"):
+        SourceSpec(str(chats), loss_on="assistant")
+    user_only = tmp_path / "user.jsonl"
+    user_only.write_text(json.dumps({"messages": turns[:1]}) + "\n")
+    with pytest.raises(DataError, match="user.jsonl:1: no assistant turn"):
+        prepare([SourceSpec(str(user_only), field="messages", loss_on="assistant")], tokenizer, tmp_path / "u")
+
+
 @pytest.mark.parametrize(
     "name, content, field, message",
     [

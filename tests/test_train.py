@@ -184,3 +184,28 @@ def test_time_budget_shortens_but_never_lengthens_the_run(tmp_path):
     cfg.steps = 30
     _fit_time_budget(cfg, 25, 5.0, 2.0, torch.device("cpu"))
     assert cfg.steps == 30
+
+
+def test_training_on_assistant_turns_only(setup):
+    """Chat shards with a loss mask: the trainer takes the loss on the answers alone, which
+    changes the loss it reports against the same chats trained on every token."""
+    from transformers import AutoTokenizer
+
+    root, model_dir = setup
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    chats = root / "chats.jsonl"
+    with open(chats, "w") as f:
+        for i in range(16):
+            turns = [{"role": "user", "content": f"Count to {i + 3}, please."},
+                     {"role": "assistant", "content": " ".join(str(k) for k in range(1, i + 4))}]
+            f.write(json.dumps({"messages": turns}) + "\n")
+    losses = {}
+    for loss_on in ("assistant", "all"):
+        prepare([SourceSpec(str(chats), field="messages", loss_on=loss_on)], tokenizer, root / f"chats-{loss_on}",
+                val_fraction=0.2, seed=1)
+        cfg = config(setup, f"chat-{loss_on}", data=str(root / f"chats-{loss_on}"), steps=2, eval_every=2,
+                     save_every=2)
+        last = train(cfg, progress=False)
+        losses[loss_on] = [r["loss"] for r in metrics(root / f"chat-{loss_on}") if "loss" in r]
+        assert len(last["slot_accuracy"]) == 8 and (root / f"chat-{loss_on}" / "final").is_dir()
+    assert all(a != pytest.approx(b, rel=1e-3) for a, b in zip(losses["assistant"], losses["all"]))

@@ -254,21 +254,27 @@ def test_mask_token_outside_the_vocabulary_is_an_error():
 
 
 @pytest.mark.parametrize("weighting", ["none", "elbo"])
-def test_loss_equals_cross_entropy_of_the_full_logits(weighting):
-    """The loss runs the LM head on hidden targets only; it must equal the plain computation."""
+@pytest.mark.parametrize("loss_mask", [False, True])
+def test_loss_equals_cross_entropy_of_the_full_logits(weighting, loss_mask):
+    """The loss runs the LM head on hidden targets only; it must equal the plain computation.
+    A token loss mask drops targets from the loss but leaves t (and so the logits) alone."""
     model = two_tower("hybrid", "full", block_size=4, perturb=0.05)
     gen = torch.Generator().manual_seed(3)
     x = torch.randint(3, 250, (2, 13), generator=gen)
     masked = torch.rand(2, 3, 4, generator=gen) < 0.5
+    trained = torch.rand(2, 13, generator=gen) < 0.5 if loss_mask else None
     with torch.no_grad():
-        loss = model.diffusion_loss(x, masked, weighting)
+        loss = model.diffusion_loss(x, masked, weighting, trained=trained)
         block_inputs, targets, unknown, t = model.noisy_blocks(x, masked)
         logits = model.training_logits(x, block_inputs, t)
         ce = torch.nn.functional.cross_entropy(logits.flatten(0, 2), targets.flatten(), reduction="none")
-        weights = unknown.float().flatten()
+        counted = unknown & trained[:, 1:].reshape(2, 3, 4) if loss_mask else unknown  # targets are x shifted by one
+        assert 0 < counted.sum() < unknown.sum() or not loss_mask
+        assert torch.equal(model.loss_targets(x, masked, trained), counted)
+        weights = counted.float().flatten()
         if weighting == "elbo":
             weights = weights / t.clamp_min(0.25)[..., None].expand_as(unknown).flatten()
-        expected = (ce * weights).sum() / unknown.sum()
+        expected = (ce * weights).sum() / counted.sum()
     assert torch.allclose(loss, expected, rtol=1e-5), (loss, expected)
 
 

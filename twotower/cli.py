@@ -193,7 +193,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> None:
     from .data.shards import prepare
     from .data.sources import SourceSpec
 
-    sources = [SourceSpec(path, args.licence, args.field) for path in args.sources]
+    sources = [SourceSpec(path, args.licence, args.field, loss_on=args.loss_on) for path in args.sources]
     if args.recipe == "offline":
         sources += offline_sources()
     if not sources:
@@ -222,7 +222,8 @@ def cmd_data_distill(args: argparse.Namespace) -> None:
         prompts = [text for _, text in chat_instructions(args.instructions, seed=args.seed)]
     else:
         prompts = []
-        for text in read_documents(SourceSpec(args.prompts, field=args.field), tokenizer):
+        for doc in read_documents(SourceSpec(args.prompts, field=args.field), tokenizer):
+            text = doc.text
             if args.prefix_tokens:  # continue the start of each document
                 text = tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"][: args.prefix_tokens])
             prompts.append(text)
@@ -282,6 +283,7 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from .checkpoints import DEFAULT_MODEL
+    from .data.sources import LOSS_ON
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -392,6 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("--out", required=True)
     dp.add_argument("--model", default=DEFAULT_MODEL, help="whose tokenizer to use")
     dp.add_argument("--field", default="text", help="JSONL field: a text field, or 'messages' for chats")
+    dp.add_argument("--loss-on", choices=LOSS_ON, default="all",
+                    help="chats: train on every token, or on the assistant's turns only")
     dp.add_argument("--licence", default="unspecified", help="licence recorded for the given sources")
     dp.add_argument("--recipe", choices=("offline",), default=None, help="add the built-in offline corpus")
     dp.add_argument("--val-fraction", type=float, default=0.05)

@@ -5,6 +5,9 @@ Layout of a prepared directory:
   manifest.json                      sources, tokenizer, dtype, splits, shard files
   {split}-{k:05d}.bin                token ids, little-endian uint16 (vocab <= 65536) or uint32
   {split}-{k:05d}.docs.npy           int64 start offset of every document in that shard
+  {split}-{k:05d}.loss.bin           only where a source trains on part of its text (chats with
+                                     the loss on the assistant's turns): uint8, 1 where the token
+                                     is a training target
 Documents are separated by the EOS token, which the model learns to emit at their end."""
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .sources import DataError, SourceSpec, read_documents
+from .sources import DataError, Document, SourceSpec, read_documents
 
 MANIFEST = "manifest.json"
 
@@ -35,18 +38,23 @@ class ShardWriter:
     dtype: np.dtype
     shard_tokens: int
 
+    with_loss_mask: bool
+
     def __post_init__(self) -> None:
         self.files: list[str] = []
         self.tokens: list[int] = []
+        self.trained: list[int] = []
         self.docs: list[int] = []
-        self.total_tokens = self.total_docs = 0
+        self.total_tokens = self.total_docs = self.total_trained = 0
 
-    def add(self, ids: list[int]) -> None:
+    def add(self, ids: list[int], trained: list[int]) -> None:
         if self.tokens and len(self.tokens) + len(ids) > self.shard_tokens:
             self.flush()
         self.docs.append(len(self.tokens))
         self.tokens.extend(ids)
+        self.trained.extend(trained)
         self.total_tokens += len(ids)
+        self.total_trained += sum(trained)
         self.total_docs += 1
 
     def flush(self) -> None:
@@ -55,8 +63,10 @@ class ShardWriter:
         stem = f"{self.split}-{len(self.files):05d}"
         np.asarray(self.tokens, dtype=self.dtype).tofile(self.directory / f"{stem}.bin")
         np.save(self.directory / f"{stem}.docs.npy", np.asarray(self.docs, dtype=np.int64))
+        if self.with_loss_mask:
+            np.asarray(self.trained, dtype=np.uint8).tofile(self.directory / f"{stem}.loss.bin")
         self.files.append(stem)
-        self.tokens, self.docs = [], []
+        self.tokens, self.trained, self.docs = [], [], []
 
 
 def prepare(
@@ -91,19 +101,34 @@ def prepare(
     return manifest
 
 
+def tokenize(doc: Document, tokenizer, eos: int) -> tuple[list[int], list[int]]:
+    """Token ids of a document plus the closing EOS, and 1/0 per token: is it a training target.
+    A token is a target when it starts inside one of the document's trained spans; the EOS
+    always is (the model must learn where documents end)."""
+    if doc.trained is None:
+        ids = tokenizer(doc.text, add_special_tokens=False)["input_ids"]
+        return ids + [eos], [1] * (len(ids) + 1)
+    if not getattr(tokenizer, "is_fast", False):
+        raise DataError("a loss on part of the text needs a fast tokenizer (character offsets)")
+    enc = tokenizer(doc.text, add_special_tokens=False, return_offsets_mapping=True)
+    trained = [int(any(a <= start < b for a, b in doc.trained)) for start, _ in enc["offset_mapping"]]
+    return enc["input_ids"] + [eos], trained + [1]
+
+
 def _write(sources: list[SourceSpec], tokenizer, out: Path, val_fraction: float, seed: int, shard_tokens: int) -> dict:
     eos = tokenizer.eos_token_id
     dtype = token_dtype(len(tokenizer))
-    writers = {split: ShardWriter(out, split, dtype, shard_tokens) for split in ("train", "val")}
+    with_loss_mask = any(spec.loss_on != "all" for spec in sources)
+    writers = {split: ShardWriter(out, split, dtype, shard_tokens, with_loss_mask) for split in ("train", "val")}
     rng = random.Random(seed)
     recorded = []
     for spec in sources:
         docs = tokens = 0
         digest = hashlib.sha256()
-        for text in read_documents(spec, tokenizer):
-            digest.update(text.encode())
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [eos]
-            writers["val" if rng.random() < val_fraction else "train"].add(ids)
+        for doc in read_documents(spec, tokenizer):
+            digest.update(doc.text.encode())
+            ids, trained = tokenize(doc, tokenizer, eos)
+            writers["val" if rng.random() < val_fraction else "train"].add(ids, trained)
             docs += 1
             tokens += len(ids)
         if not docs:
@@ -120,9 +145,11 @@ def _write(sources: list[SourceSpec], tokenizer, out: Path, val_fraction: float,
         "dtype": dtype.name,
         "seed": seed,
         "val_fraction": val_fraction,
+        "loss_mask": with_loss_mask,
         "sources": recorded,
         "splits": {
-            split: {"files": w.files, "tokens": w.total_tokens, "documents": w.total_docs}
+            split: {"files": w.files, "tokens": w.total_tokens, "documents": w.total_docs,
+                    "trained_tokens": w.total_trained}
             for split, w in writers.items()
         },
     }
@@ -146,6 +173,9 @@ class TokenShards:
                        for stem in self.manifest["splits"][split]["files"]]
         self.doc_starts = [np.load(self.directory / f"{stem}.docs.npy")
                            for stem in self.manifest["splits"][split]["files"]]
+        # 1 where a token is a training target; None: every token is (no loss mask written)
+        self.trained = [np.memmap(self.directory / f"{stem}.loss.bin", dtype=np.uint8, mode="r")
+                        for stem in self.manifest["splits"][split]["files"]] if self.manifest.get("loss_mask") else None
 
     @property
     def num_tokens(self) -> int:

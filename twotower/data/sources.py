@@ -1,6 +1,7 @@
 """Reading training text: plain files, directories of them, and JSONL (a text field, or chat
-messages rendered with the tokenizer's chat template). Bad input is a DataError naming the
-file (and line) at fault; nothing is silently skipped."""
+messages rendered with the tokenizer's chat template, optionally with the loss on the
+assistant's turns only). Bad input is a DataError naming the file (and line) at fault;
+nothing is silently skipped."""
 
 from __future__ import annotations
 
@@ -17,6 +18,9 @@ class DataError(ValueError):
     """Training data that cannot be read as documents."""
 
 
+LOSS_ON = ("all", "assistant")
+
+
 @dataclass(frozen=True)
 class SourceSpec:
     path: str
@@ -24,6 +28,22 @@ class SourceSpec:
     field: str = "text"  # JSONL: the text field; "messages" renders a chat with the template
     description: str = ""
     pattern: str = "**/*"  # which files of a directory to read
+    # "assistant": only the assistant's turns of a chat are trained on; the system prompt and
+    # the user's request are context (predicting them teaches nothing the denoiser will decode)
+    loss_on: str = "all"
+
+    def __post_init__(self) -> None:
+        if self.loss_on not in LOSS_ON:
+            raise DataError(f"loss_on must be one of {LOSS_ON}, got {self.loss_on!r}")
+        if self.loss_on == "assistant" and self.field != "messages":
+            raise DataError("loss on the assistant's turns needs chat messages (field 'messages')")
+
+
+@dataclass(frozen=True)
+class Document:
+    text: str
+    # character spans [start, end) whose tokens carry the loss; None: all of the text
+    trained: tuple[tuple[int, int], ...] | None = None
 
 
 def _read_text(path: Path) -> str:
@@ -85,7 +105,27 @@ def html_to_text(html: str) -> str:
     return "\n\n".join(p for p in paragraphs if p.strip())
 
 
-def _jsonl_documents(path: Path, field: str, tokenizer) -> Iterator[str]:
+def assistant_spans(messages: list[dict], tokenizer, rendered: str, where: str) -> tuple[tuple[int, int], ...]:
+    """Where each assistant turn sits in ``rendered`` (the whole chat through the template):
+    from the end of the conversation before it plus the generation prompt, to the end of the
+    conversation including it (so the turn's end-of-turn tokens are trained on too)."""
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+        through = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        if not (through.startswith(before) and rendered.startswith(through)):
+            raise DataError(f"{where}: the chat template does not render turn by turn, so the assistant's "
+                            f"turns cannot be located; use loss on all tokens")
+        spans.append((len(before), len(through)))
+    if not spans:
+        raise DataError(f"{where}: no assistant turn to train on")
+    return tuple(spans)
+
+
+def _jsonl_documents(path: Path, spec: SourceSpec, tokenizer) -> Iterator[Document]:
+    field = spec.field
     text = _read_text(path)
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -98,19 +138,23 @@ def _jsonl_documents(path: Path, field: str, tokenizer) -> Iterator[str]:
             keys = sorted(record) if isinstance(record, dict) else type(record).__name__
             raise DataError(f"{path}:{number}: no field {field!r} (found {keys})")
         value = record[field]
+        trained = None
         if field == "messages":
             if tokenizer is None or not getattr(tokenizer, "chat_template", None):
                 raise DataError(f"{path}: chat messages need a tokenizer with a chat template")
             if not isinstance(value, list) or not all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in value):
                 raise DataError(f"{path}:{number}: 'messages' must be a list of {{role, content}} objects")
-            value = tokenizer.apply_chat_template(value, tokenize=False)
+            messages = value
+            value = tokenizer.apply_chat_template(messages, tokenize=False)
+            if spec.loss_on == "assistant":
+                trained = assistant_spans(messages, tokenizer, value, f"{path}:{number}")
         if not isinstance(value, str):
             raise DataError(f"{path}:{number}: field {field!r} is {type(value).__name__}, not text")
         if value.strip():
-            yield value
+            yield Document(value, trained)
 
 
-def read_documents(spec: SourceSpec, tokenizer=None) -> Iterator[str]:
+def read_documents(spec: SourceSpec, tokenizer=None) -> Iterator[Document]:
     """Every document of a source: one per text file, one per JSONL record."""
     path = Path(spec.path).expanduser()
     if not path.exists():
@@ -123,10 +167,10 @@ def read_documents(spec: SourceSpec, tokenizer=None) -> Iterator[str]:
         files = [path]
     for f in files:
         if f.suffix.lower() == ".jsonl":
-            yield from _jsonl_documents(f, spec.field, tokenizer)
+            yield from _jsonl_documents(f, spec, tokenizer)
         elif f.suffix.lower() in (".html", ".htm"):
             text = html_to_text(_read_text(f))
             if text.strip():
-                yield text
+                yield Document(text)
         else:
-            yield _read_text(f)
+            yield Document(_read_text(f))

@@ -283,27 +283,48 @@ class TwoTower(nn.Module):
         t = unknown.float().sum(-1) / s
         return block_inputs, targets, unknown, t
 
+    def _counted(self, unknown: torch.Tensor, trained: torch.Tensor | None) -> torch.Tensor:
+        """The unknown targets (B, n, S) that a token loss mask ``trained`` (B, L) keeps."""
+        if trained is None:
+            return unknown
+        b, n, s = unknown.shape
+        shift = 1 if self.config.token_shift else 0
+        return unknown & trained[:, shift : shift + n * s].reshape(b, n, s).to(unknown.device)
+
+    def loss_targets(self, input_ids: torch.Tensor, masked: torch.Tensor, trained: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, n, S) bool: the targets ``diffusion_loss`` averages over (a trainer counts them
+        over its whole global batch to normalise)."""
+        return self._counted(self.noisy_blocks(input_ids, masked)[2], trained)
+
     def diffusion_loss(
-        self, input_ids: torch.Tensor, masked: torch.Tensor, weighting: str = "none", normalizer: float | None = None
+        self,
+        input_ids: torch.Tensor,
+        masked: torch.Tensor,
+        weighting: str = "none",
+        normalizer: float | None = None,
+        trained: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Masked-diffusion loss over all blocks of ``input_ids`` for the given (B, n, S) mask:
         cross-entropy on every target not visible in its block input; ``weighting`` "none"
         (mean over those targets, the released recipe) or "elbo" (each block's terms times 1/t).
+        ``trained`` (B, L) bool limits the loss to the targets it marks (say, a chat's assistant
+        turns); t still counts every unknown target, as inference sees them.
         ``normalizer`` replaces this batch's count of such targets as the divisor (a trainer
         splitting one global batch over micro-steps and processes divides by the global count).
-        The LM head runs on the hidden targets only: the visible ones carry no loss."""
+        The LM head runs on the counted targets only: the others carry no loss."""
         if weighting not in ("none", "elbo"):
             raise ValueError(f"weighting must be 'none' or 'elbo', got {weighting!r}")
         block_inputs, targets, unknown, t = self.noisy_blocks(input_ids, masked)
+        counted = self._counted(unknown, trained)
         hidden = self.training_hidden(input_ids, block_inputs, t)
-        logits = self.denoiser.lm_head(hidden[unknown])
-        ce = F.cross_entropy(logits.float(), targets[unknown], reduction="none")
+        logits = self.denoiser.lm_head(hidden[counted])
+        ce = F.cross_entropy(logits.float(), targets[counted], reduction="none")
         if weighting == "elbo":
-            ce = ce / t.clamp_min(1.0 / masked.shape[-1])[..., None].expand_as(unknown)[unknown]
-        divisor = normalizer if normalizer is not None else unknown.sum().clamp_min(1)
+            ce = ce / t.clamp_min(1.0 / masked.shape[-1])[..., None].expand_as(counted)[counted]
+        divisor = normalizer if normalizer is not None else counted.sum().clamp_min(1)
         return ce.sum() / divisor
 
-    def forward(self, input_ids: torch.Tensor, masked: torch.Tensor, weighting: str = "none", normalizer=None):
+    def forward(self, input_ids, masked, weighting: str = "none", normalizer=None, trained=None):
         """The training objective (so DDP/FSDP wrappers, which call forward, see the loss)."""
-        return self.diffusion_loss(input_ids, masked, weighting, normalizer)
+        return self.diffusion_loss(input_ids, masked, weighting, normalizer, trained)
 

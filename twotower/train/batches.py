@@ -23,19 +23,25 @@ def data_row(row: int, complementary: bool) -> int:
     return row - row % 2 if complementary else row
 
 
-def sample_rows(shards: TokenShards, seed: int, step: int, rows: range, length: int, complementary: bool = False) -> torch.Tensor:
-    """Windows of ``length`` tokens, one per global row index in ``rows``."""
+def sample_rows(
+    shards: TokenShards, seed: int, step: int, rows: range, length: int, complementary: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Windows of ``length`` tokens, one per global row index in ``rows``, and where the shards
+    carry a loss mask, which of those tokens are training targets (else None: all are)."""
     sizes = np.array([len(s) for s in shards.shards])
     if sizes.max() < length:
         raise ValueError(f"no shard holds {length} tokens: prepare more data or shorten seq_len")
     usable = np.where(sizes >= length, sizes - length + 1, 0)
     out = np.empty((len(rows), length), dtype=np.int64)
+    trained = np.empty((len(rows), length), dtype=bool) if shards.trained is not None else None
     for i, row in enumerate(rows):
         rng = np.random.default_rng([seed, step, data_row(row, complementary)])
         shard = rng.choice(len(sizes), p=usable / usable.sum())
         start = rng.integers(usable[shard])
         out[i] = shards.shards[shard][start : start + length]
-    return torch.from_numpy(out)
+        if trained is not None:
+            trained[i] = shards.trained[shard][start : start + length]
+    return torch.from_numpy(out), None if trained is None else torch.from_numpy(trained)
 
 
 def sample_masks(

@@ -59,30 +59,33 @@ def validate(model: TwoTower, val: TokenShards, cfg: TrainConfig, block: int, au
     n = cfg.seq_len // block
     rows = range(cfg.val_batches * global_rows)
     total = count = 0.0
-    hits = torch.zeros(block)
-    conf = torch.zeros(block)
+    hits, conf, slots = torch.zeros(block), torch.zeros(block), torch.zeros(block)
     for first in range(0, len(rows), cfg.batch_size):
         part = rows[first : first + cfg.batch_size]
-        x = sample_rows(val, cfg.seed, VAL_STEP, part, cfg.seq_len + 1).to(model.context.device)
+        x, trained = sample_rows(val, cfg.seed, VAL_STEP, part, cfg.seq_len + 1)
+        x = x.to(model.context.device)
         masked = sample_masks(cfg.seed, VAL_STEP, part, len(rows), n, block, cfg.t_eps, False)
         masked = masked.to(x.device)
         with autocast():
-            total += float(model.diffusion_loss(x, masked, normalizer=1.0))
-        count += float(model.noisy_blocks(x, masked)[2].sum())
-        block_inputs, targets, _, t = model.noisy_blocks(x, torch.ones_like(masked))  # the whole block hidden
+            total += float(model.diffusion_loss(x, masked, normalizer=1.0, trained=trained))
+        count += float(model.loss_targets(x, masked, trained).sum())
+        all_hidden = torch.ones_like(masked)  # the whole block hidden
+        block_inputs, targets, _, t = model.noisy_blocks(x, all_hidden)
+        counted = model.loss_targets(x, all_hidden, trained)
         with autocast():
             probs = model.training_logits(x, block_inputs, t).float().softmax(-1)
         top = probs.max(-1)
-        hits += (top.indices == targets).float().mean((0, 1)).cpu()
-        conf += top.values.mean((0, 1)).cpu()
-    batches = len(range(0, len(rows), cfg.batch_size))
-    prompts = sample_rows(val, cfg.seed, VAL_STEP + 1, range(cfg.val_prompts), 32).tolist()
+        hits += ((top.indices == targets) & counted).sum((0, 1)).cpu()
+        conf += (top.values * counted).sum((0, 1)).cpu()
+        slots += counted.sum((0, 1)).cpu()
+    slots = slots.clamp_min(1)
+    prompts = sample_rows(val, cfg.seed, VAL_STEP + 1, range(cfg.val_prompts), 32)[0].tolist()
     out = generate_mask_diffusion(model, prompts, max_new_tokens=2 * block, block_size=block,
                                   confidence_threshold=0.9, eos_token_id=[])
     return {
         "val_loss": total / max(count, 1),
-        "slot_accuracy": [round(v, 4) for v in (hits / batches).tolist()],
-        "slot_confidence": [round(v, 4) for v in (conf / batches).tolist()],
+        "slot_accuracy": [round(v, 4) for v in (hits / slots).tolist()],
+        "slot_confidence": [round(v, 4) for v in (conf / slots).tolist()],
         "tokens_per_nfe": out.stats.tokens_per_nfe,
     }
 
@@ -231,25 +234,26 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
         for m in range(cfg.grad_accum):
             first = (m * world + rank) * cfg.batch_size
             rows = range(first, first + cfg.batch_size)
-            x = sample_rows(shards, cfg.seed, step, rows, cfg.seq_len + 1, cfg.complementary_masks).to(device)
+            x, trained = sample_rows(shards, cfg.seed, step, rows, cfg.seq_len + 1, cfg.complementary_masks)
+            x, trained = x.to(device), trained.to(device) if trained is not None else None
             masked = sample_masks(cfg.seed, step, rows, global_rows, n, block, cfg.t_eps,
                                   cfg.complementary_masks).to(device)
-            local_count += model.noisy_blocks(x, masked)[2].sum()
-            micro.append((x, masked))
+            local_count += model.loss_targets(x, masked, trained).sum()
+            micro.append((x, masked, trained))
         total = local_count.clone()
         if world > 1:
             dist.all_reduce(total)
         # each process divides by the global count; DDP averages gradients over processes
-        normalizer = float(total) / world
+        normalizer = max(float(total), 1.0) / world  # a batch of untrained tokens only: loss 0, not 0/0
         loss_sum = torch.zeros((), device=device)
-        for m, (x, masked) in enumerate(micro):
+        for m, (x, masked, trained) in enumerate(micro):
             # reduce gradients over processes only after the last micro-step
             last_micro = m == len(micro) - 1
             if cfg.fsdp:
                 model.set_requires_gradient_sync(last_micro)
             sync = nullcontext() if world == 1 or cfg.fsdp or last_micro else wrapped.no_sync()
             with sync, autocast():
-                loss = wrapped(x, masked, cfg.loss_weighting, normalizer)
+                loss = wrapped(x, masked, cfg.loss_weighting, normalizer, trained)
             loss.backward()
             loss_sum += loss.detach()
         if cfg.grad_clip > 0:
