@@ -1,0 +1,102 @@
+"""Collect the artefacts of scripts/bench_readme.sh into docs/results/ and write the README's
+Results section from them (so no number in it is typed by hand).
+
+usage: python scripts/readme_results.py RUN_DIR [DOCS_DIR]   (then paste DOCS_DIR/results.md)
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+import shutil
+import sys
+from pathlib import Path
+
+STAGES = ["speed_trained", "speed_blocks", "speed_untrained", "speed_batch4", "quality_trained", "quality_untrained"]
+
+
+def copy_artefacts(run: Path, docs: Path) -> list[str]:
+    found = []
+    for stage in STAGES:
+        src = run / stage
+        if not src.is_dir():
+            continue
+        dst = docs / stage
+        dst.mkdir(parents=True, exist_ok=True)
+        for f in src.iterdir():
+            if f.suffix in (".json", ".md", ".png"):
+                shutil.copy2(f, dst / f.name)
+        found.append(stage)
+    return found
+
+
+def speed_rows(docs: Path, stage: str) -> list[dict]:
+    path = docs / stage / "speed.json"
+    return json.loads(path.read_text())["runs"] if path.is_file() else []
+
+
+def quality(docs: Path, stage: str) -> dict | None:
+    path = docs / stage / "quality.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def dial_table(docs: Path) -> list[str]:
+    """One row per decoding setting: speed from the speed stages, quality where measured."""
+    trained = quality(docs, "quality_trained")
+    untrained = quality(docs, "quality_untrained")
+    by_dial = {}
+    for report, label in ((trained, "trained"), (untrained, "untrained")):
+        for r in report["diffusion"] if report else []:
+            by_dial[(label, r["block_size"], r["threshold"])] = r
+    lines = [
+        "| denoiser | mode | batch | block | threshold | speed-up vs AR | tokens/NFE | token agreement "
+        "| judge ppl (AR) | HumanEval pass@1 (AR) | quality retention |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for stage, label in (("speed_trained", "trained"), ("speed_blocks", "trained"), ("speed_batch4", "trained"),
+                         ("speed_untrained", "untrained")):
+        for r in speed_rows(docs, stage):
+            if stage != "speed_trained" and r["mode"] != "mask_diffusion":
+                continue  # the baselines appear once, from the first stage
+            q = by_dial.get((label, r.get("block_size"), r.get("threshold")))
+            m = q["metrics"] if q else None
+            ar = (trained if label == "trained" else untrained or {}).get("ar", {}) if q else {}
+            tpn = 1 / r["nfe_per_token"] if r.get("nfe_per_token") else None
+            cells = [
+                label if r["mode"] == "mask_diffusion" else "–", r["mode"], str(r["batch_size"]),
+                str(r.get("block_size", "")), str(r.get("threshold", "")), f"{r['speedup_vs_ar']:.2f}x",
+                f"{tpn:.2f}" if tpn else "–", f"{100 * r['token_agreement']:.0f}%",
+                f"{m['judge_perplexity']:.1f} ({ar['judge_perplexity']:.1f})" if m and m.get("judge_perplexity") else "–",
+                f"{m['humaneval_pass_at_1']:.1f} ({ar['humaneval_pass_at_1']:.1f})"
+                if m and m.get("humaneval_pass_at_1") is not None else "–",
+                f"{100 * q['aggregate_retention']:.1f}%" if q and q.get("aggregate_retention") else "–",
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def main() -> None:
+    run = Path(sys.argv[1])
+    docs = Path(sys.argv[2]) if len(sys.argv) > 2 else Path("docs/results")
+    stages = copy_artefacts(run, docs)
+    if not stages:
+        raise SystemExit(f"{run}: no results of scripts/bench_readme.sh inside")
+    first = json.loads((docs / stages[0] / "speed.json").read_text()) if stages[0].startswith("speed") else None
+    box = first["box"] if first else {}
+    out = ["## Results", ""]
+    if box:
+        day = datetime.fromtimestamp((docs / stages[0] / "speed.json").stat().st_mtime).date()
+        out += [f"Measured {day} on {box['cpu']}, {box['threads']} threads, torch {box['torch']}, "
+                f"transformers {box['transformers']}, {box['dtype']}, by `scripts/bench_readme.sh` (stages: "
+                f"{', '.join(stages)}); this table by `scripts/readme_results.py`.", ""]
+    out += dial_table(docs)
+    out += ["", "Full tables: " + ", ".join(f"[{s}]({docs.as_posix()}/{s}/{'speed' if s.startswith('speed') else 'quality'}.md)"
+                                          for s in stages), ""]
+    if (docs / "speed_trained" / "speed.png").is_file():
+        out += [f"![speed-up vs agreement]({docs.as_posix()}/speed_trained/speed.png)", ""]
+    (docs / "results.md").write_text("\n".join(out) + "\n")
+    print("\n".join(out))
+
+
+if __name__ == "__main__":
+    main()
