@@ -7,7 +7,8 @@
 # Every step resumes: rerun with the same arguments after a stop.
 # Usage: scripts/train_default_gpu.sh [OUT_DIR] [DISTILL_SECONDS] [TRAIN_SECONDS]
 # MODEL (default smollm2-135m), TWOTOWER (default: the twotower command) and DEVICE (default cuda)
-# may be set.
+# may be set; DISTILL_BATCH, ANSWER_TOKENS, SEQ_LEN, BATCH and EVAL_TOKENS shrink the run (the test
+# suite runs the whole recipe on a tiny random model this way).
 set -euo pipefail
 out=${1:-runs/gpu}
 distill_s=${2:-150}
@@ -17,7 +18,8 @@ tt=${TWOTOWER:-twotower}
 mkdir -p "$out"
 
 # 1. as many answers as fit in the time; 100k is only a ceiling on the built-in request list
-$tt data distill --model "$model" --instructions 100000 --chat --max-new-tokens 256 --batch-size 1024 \
+$tt data distill --model "$model" --instructions 100000 --chat --max-new-tokens "${ANSWER_TOKENS:-256}" \
+    --batch-size "${DISTILL_BATCH:-1024}" \
     --dtype float32 --time-budget "$distill_s" --out "$out/distill/chat.jsonl"
 
 # 2.
@@ -28,10 +30,10 @@ $tt data distill --model "$model" --instructions 100000 --chat --max-new-tokens 
 # 3. block 8 first, then 16; 64 x 512 tokens a step
 $tt train --model "$model" --data "$out/data" --out-dir "$out/train" --flavour lora --lora-rank 16 --lora-alpha 16 \
     --steps 100000 --time-budget-s "$train_s" --lr 8e-4 --warmup-steps 30 --decay-fraction 0.2 \
-    --seq-len 512 --batch-size 64 --curriculum 8:100 --block-size 16 \
+    --seq-len "${SEQ_LEN:-512}" --batch-size "${BATCH:-64}" --curriculum 8:100 --block-size 16 \
     --eval-every 100 --save-every 100 --val-batches 2 --val-prompts 8 --log-every 10
 
 # 4.
 $tt eval quality --model "$out/train/final" --device "${DEVICE:-cuda}" \
-    --thresholds 0.5 0.7 0.8 0.9 0.95 --max-new-tokens 128 --batch-size 16 --judge none --humaneval-problems 0 \
+    --thresholds 0.5 0.7 0.8 0.9 0.95 --max-new-tokens "${EVAL_TOKENS:-128}" --batch-size 16 --judge none --humaneval-problems 0 \
     --output-dir "$out/eval"

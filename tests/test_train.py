@@ -209,3 +209,26 @@ def test_training_on_assistant_turns_only(setup):
         losses[loss_on] = [r["loss"] for r in metrics(root / f"chat-{loss_on}") if "loss" in r]
         assert len(last["slot_accuracy"]) == 8 and (root / f"chat-{loss_on}" / "final").is_dir()
     assert all(a != pytest.approx(b, rel=1e-3) for a, b in zip(losses["assistant"], losses["all"]))
+
+
+def test_the_gpu_recipe_runs_shrunk_on_a_tiny_model(setup, tmp_path):
+    """scripts/train_default_gpu.sh end to end (distill, prepare, train to a time budget, eval)
+    on the CPU with a tiny random backbone: the shipped default's recipe, in seconds."""
+    _, model_dir = setup
+    script = Path(__file__).parents[1] / "scripts" / "train_default_gpu.sh"
+    env = {**os.environ, "MODEL": str(model_dir), "TWOTOWER": f"{sys.executable} -m twotower.cli", "DEVICE": "cpu",
+           "DISTILL_BATCH": "256", "ANSWER_TOKENS": "32", "SEQ_LEN": "64", "BATCH": "4", "EVAL_TOKENS": "16"}
+    r = subprocess.run(["bash", str(script), str(tmp_path / "run"), "1", "8"], capture_output=True, text=True,
+                       env=env, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    manifest = json.loads((tmp_path / "run" / "data" / "manifest.json").read_text())
+    train_split = manifest["splits"]["train"]
+    assert manifest["loss_mask"] and 0 < train_split["trained_tokens"] < train_split["tokens"]
+    # the time budget cut the 100,000-step ceiling down after calibrating on steps 5-25
+    (last_ckpt,) = sorted((tmp_path / "run" / "train" / "checkpoints").glob("step-*"))[-1:]
+    fitted = json.loads((last_ckpt / "state.json").read_text())["config"]["steps"]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert 25 < fitted < 100_000 and rows[-1]["step"] == fitted
+    assert (tmp_path / "run" / "train" / "final" / "model.safetensors").is_file()
+    report = json.loads((tmp_path / "run" / "eval" / "quality.json").read_text())
+    assert [d["threshold"] for d in report["diffusion"]] == [0.5, 0.7, 0.8, 0.9, 0.95]

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from ..checkpoints import load_backbone
 from ..data.shards import TokenShards
+from ..data.sources import DataError
 from ..generate.diffusion import generate_mask_diffusion
 from ..model.twotower import DenoiserConfig, TwoTower
 from .batches import sample_masks, sample_rows
@@ -195,6 +196,8 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, wsd_schedule(cfg))
     shards, val = TokenShards(cfg.data, "train"), TokenShards(cfg.data, "val")
+    if not val.num_tokens:
+        raise DataError(f"{cfg.data} has no validation documents: prepare it with a larger --val-fraction")
 
     start, tokens_seen, elapsed = 0, 0, 0.0
     ckpt = latest_checkpoint(out)
