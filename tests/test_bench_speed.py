@@ -21,6 +21,7 @@ from twotower.bench.speed import (
     batches_of,
     counted,
     load_prompts,
+    markdown,
     ours,
     pareto_frontier,
     summarise,
@@ -215,3 +216,9 @@ def test_bench_speed_end_to_end(tiny_dir, tmp_path, capsys):
     table = (out / "speed.md").read_text()
     assert "| 1 | mask_diffusion | 4 | 0.9 |" in table and "speed-up vs AR" in table
     assert (out / "speed.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # on the CPU memory is RSS; a GPU run reports the CUDA allocator's peak instead
+    assert data["box"]["device"] == "cpu" and all(r["peak_gpu_mb"] is None for r in data["runs"])
+    gpu = {**data, "box": {**data["box"], "device": "cuda", "cuda": "NVIDIA H100"},
+           "runs": [{**r, "peak_gpu_mb": 123.0} for r in data["runs"]]}
+    table = markdown(gpu)
+    assert "peak GPU mem (MB)" in table and "| 123 |" in table and "device cuda (NVIDIA H100)" in table

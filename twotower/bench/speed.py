@@ -16,6 +16,10 @@ Counting rules (the usual ways speed-ups get inflated are ruled out here):
   ``wall_time_ratio_vs_ar``;
 - agreement is greedy output against our AR output for the same requests at the same batch size.
 
+On a GPU (``--device cuda``) every pass ends with a device synchronisation before the clock
+stops, and memory is the peak of torch's CUDA allocator over the pass (the process RSS says
+little there).
+
 Requests: the shipped prompts (``prompts.jsonl``), chat-templated when the tokenizer has a
 template, cycled to fill whole batches; a request's latency is the time of the batch call
 that answered it.
@@ -116,6 +120,7 @@ class Pass:
     longest_rows: int  # sum over batches of the longest row: the sequential positions decoded
     peak_mb: float
     over_start_mb: float
+    gpu_peak_mb: float | None  # torch's CUDA allocator peak over the pass (None on the CPU)
 
 
 @dataclass
@@ -133,16 +138,23 @@ class Contender:
 
     def __call__(self) -> None:
         seconds, tokens, nfe, longest, peak, over = [], [], 0, 0, 0.0, 0.0
+        cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
         for batch in self.batches:
             with PeakMemory() as mem:
                 start = time.perf_counter()
                 out = self.decode(batch)
+                if cuda:
+                    torch.cuda.synchronize()  # the work queued on the device is part of the time
                 seconds.append(time.perf_counter() - start)
             tokens.extend(out.tokens)
             nfe = None if nfe is None or out.nfe is None else nfe + out.nfe
             longest += max(len(row) for row in out.tokens)
             peak, over = max(peak, mem.peak_mb), max(over, mem.over_start_mb)
-        self._passes.append(Pass(seconds, tokens, nfe, longest, peak, over))
+        gpu_peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
+        self._passes.append(Pass(seconds, tokens, nfe, longest, peak, over, gpu_peak))
 
     def keep(self, timings: Timings, warmup: int) -> None:
         self.kept.extend(self._passes[warmup:])
@@ -167,6 +179,7 @@ def summarise(c: Contender, time_ratio: float, reference: list[list[int]]) -> di
         "latency_s": {"median": float(np.median(latencies)), "p90": float(np.percentile(latencies, 90))},
         "peak_rss_mb": max(p.peak_mb for p in c.kept),
         "peak_rss_over_start_mb": max(p.over_start_mb for p in c.kept),
+        "peak_gpu_mb": max(p.gpu_peak_mb for p in c.kept) if c.kept[-1].gpu_peak_mb is not None else None,
         "token_agreement": statistics.mean(token_agreement(a, b) for a, b in zip(last.tokens, reference)),
         "exact_match": statistics.mean(float(exact_match(a, b)) for a, b in zip(last.tokens, reference)),
         "seconds": c.seconds,
@@ -212,7 +225,8 @@ def transformers_decoder(
         mask = p.attention_mask if p.attention_mask is not None else torch.ones_like(p.input_ids, dtype=torch.bool)
         before = forwards.count
         with torch.inference_mode():
-            out = hf.generate(p.input_ids, attention_mask=mask.long(), generation_config=config)
+            out = hf.generate(p.input_ids.to(hf.device), attention_mask=mask.long().to(hf.device),
+                              generation_config=config)
         width = p.input_ids.shape[1]
         return Decoded([counted(row[width:].tolist(), eos) for row in out], forwards.count - before)
 
@@ -262,12 +276,12 @@ def _gguf_of(name_or_path: str) -> Path | None:
     return Path(json.loads(source.read_text())["gguf"]) if source.is_file() else None
 
 
-def load_model(name_or_path: str, dtype: torch.dtype, untrained: bool = False) -> Loaded:
+def load_model(name_or_path: str, dtype: torch.dtype, untrained: bool = False, device: str = "cpu") -> Loaded:
     """A two-tower model (see ``load_two_tower``); the baselines load the backbone it sits on."""
     from ..checkpoints import checkpoint_dir
     from ..checkpoints.two_tower import load_two_tower
 
-    loaded = load_two_tower(name_or_path, dtype, untrained=untrained)
+    loaded = load_two_tower(name_or_path, dtype, device, untrained=untrained)
     ref = loaded.backbone
     return Loaded(loaded.model, loaded.tokenizer, checkpoint_dir(ref) if ref else None,
                   _gguf_of(ref) if ref else None, loaded.note)
@@ -299,11 +313,12 @@ def run_speed_bench(
     prompt_lookup_tokens: int = 10,
     output_dir: str | Path = "bench_results/speed",
     untrained: bool = False,
+    device: str = "cpu",
 ) -> dict:
     from ..cli import _torch_dtype
 
     _check(thresholds, block_sizes, batch_sizes, max_new_tokens, repeats, warmup)
-    loaded = load_model(model, _torch_dtype(dtype), untrained)
+    loaded = load_model(model, _torch_dtype(dtype), untrained, device)
     if loaded.tokenizer is None:
         raise ValueError(f"{model} has no tokenizer: the benchmark prompts are text")
     if loaded.note:
@@ -324,10 +339,12 @@ def run_speed_bench(
         else:
             from transformers import AutoModelForCausalLM
 
-            hf = AutoModelForCausalLM.from_pretrained(loaded.hf_dir, dtype=_torch_dtype(dtype)).eval()
+            hf = AutoModelForCausalLM.from_pretrained(loaded.hf_dir, dtype=_torch_dtype(dtype)).to(device).eval()
             forwards = ForwardCounter(hf)
     llama = None
-    if "llama_cpp" in modes:
+    if "llama_cpp" in modes and torch.device(device).type != "cpu":
+        skipped.append(f"llama_cpp: runs on the CPU, not on {device}")
+    elif "llama_cpp" in modes:
         try:
             import llama_cpp  # noqa: F401
         except ImportError:
@@ -393,7 +410,7 @@ def run_speed_bench(
         runs.extend(summarise(c, ratios[c.name], reference) for c in others)
     bar.close()
 
-    box = describe_box() | {"dtype": dtype}
+    box = describe_box() | {"dtype": dtype, "device": device}
     results = {
         "model": model,
         "denoiser": loaded.note or "trained (saved two-tower directory)",
@@ -425,28 +442,33 @@ def _fmt(value, spec: str) -> str:
 
 def markdown(results: dict) -> str:
     box = results["box"]
+    on_gpu = box.get("device", "cpu") != "cpu"
+    memory = ("peak of torch's CUDA allocator over a pass" if on_gpu
+              else f"peak RSS over the RSS at the call's start ({results['memory_method']})")
     lines = [
         f"# bench speed: {results['model']}",
         "",
         f"- denoiser: {results['denoiser']}",
         f"- box: {box['cpu']}, {box['threads']} threads, torch {box['torch']}, transformers {box['transformers']}, "
-        f"{box['dtype']}" + (f", {box['cuda']}" if box["cuda"] else ""),
+        f"{box['dtype']}, device {box.get('device', 'cpu')}" + (f" ({box['cuda']})" if on_gpu and box["cuda"] else ""),
         f"- {results['prompts']['count']} prompts ({'chat template' if results['prompts']['chat_template'] else 'plain'}), "
         f"up to {results['max_new_tokens']} new tokens, greedy; median of {results['repeats']} interleaved repeats "
         f"after {results['warmup']} warm-up",
         "- speed-up: generated tokens/s of the mode / of our AR, timed A B A B in one run; "
         "agreement: greedy tokens vs our AR",
-        f"- memory: peak RSS over the RSS at the call's start ({results['memory_method']})",
+        f"- memory: {memory}",
         "",
         "| batch | mode | block | threshold | tok/s | speed-up vs AR | NFE/token | latency median (s) "
-        "| latency p90 (s) | peak mem over start (MB) | token agreement | exact match |",
+        f"| latency p90 (s) | {'peak GPU mem' if on_gpu else 'peak mem over start'} (MB) | token agreement "
+        "| exact match |",
         "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results["runs"]:
         lines.append(
             f"| {r['batch_size']} | {r['mode']} | {r.get('block_size', '')} | {r.get('threshold', '')} "
             f"| {r['tokens_per_second']:.1f} | {r['speedup_vs_ar']:.2f} | {_fmt(r['nfe_per_token'], '.2f')} "
-            f"| {r['latency_s']['median']:.2f} | {r['latency_s']['p90']:.2f} | {r['peak_rss_over_start_mb']:.0f} "
+            f"| {r['latency_s']['median']:.2f} | {r['latency_s']['p90']:.2f} "
+            f"| {r['peak_gpu_mb'] if on_gpu else r['peak_rss_over_start_mb']:.0f} "
             f"| {100 * r['token_agreement']:.1f}% | {100 * r['exact_match']:.0f}% |"
         )
     lines += [f"- skipped: {s}" for s in results["skipped"]]
