@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The runs behind the README's Results section (CPU, 2 threads); each writes JSON, Markdown and
-# (bench speed) a plot; scripts/readme_results.py then writes the section from them. About 1.5
+# (bench speed) a plot; scripts/readme_results.py then writes the section from them. About 1.7
 # hours on the 2-core build machine; keep the machine otherwise idle, or the timings suffer.
 # Usage: scripts/bench_readme.sh [OUT_DIR]; STAGES="1 4" runs only those stages (default: all).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tt=.venv/bin/twotower
 out=${1:-bench_results}
-stages=" ${STAGES:-1 2 3 4 5 6} "
+stages=" ${STAGES:-1 2 3 4 5 6 7 8} "
 want() { [[ "$stages" == *" $1 "* ]]; }
 common=(--threads 2 --prompts 8 --max-new-tokens 64 --repeats 2)
 # 1. the dial with the shipped denoiser, against our AR and transformers' greedy and prompt-lookup decoding
@@ -27,3 +27,8 @@ if want 5; then $tt eval quality --threads 2 --thresholds 0.7 0.8 0.9 --max-new-
     --humaneval-max-new-tokens 128 --output-dir "$out/quality_trained"; fi
 if want 6; then $tt eval quality --threads 2 --thresholds 0.9 --max-new-tokens 64 --humaneval-problems 10 \
     --humaneval-max-new-tokens 128 --untrained-denoiser --output-dir "$out/quality_untrained"; fi
+# 7, 8. the left_prefix commit rule (only a contiguous confident prefix is committed), speed and quality
+if want 7; then $tt bench speed "${common[@]}" --modes mask_diffusion --thresholds 0.8 0.9 --block-sizes 16 \
+    --batch-sizes 1 --commit-rule left_prefix --output-dir "$out/speed_left_prefix"; fi
+if want 8; then $tt eval quality --threads 2 --thresholds 0.8 0.9 --max-new-tokens 64 --humaneval-problems 10 \
+    --humaneval-max-new-tokens 128 --commit-rule left_prefix --output-dir "$out/quality_left_prefix"; fi

@@ -12,7 +12,8 @@ import shutil
 import sys
 from pathlib import Path
 
-STAGES = ["speed_trained", "speed_blocks", "speed_untrained", "speed_batch4", "quality_trained", "quality_untrained"]
+STAGES = ["speed_trained", "speed_blocks", "speed_untrained", "speed_batch4", "speed_left_prefix",
+          "quality_trained", "quality_untrained", "quality_left_prefix"]
 
 
 def copy_artefacts(run: Path, docs: Path) -> list[str]:
@@ -42,29 +43,34 @@ def quality(docs: Path, stage: str) -> dict | None:
 
 def dial_table(docs: Path) -> list[str]:
     """One row per decoding setting: speed from the speed stages, quality where measured."""
-    trained = quality(docs, "quality_trained")
-    untrained = quality(docs, "quality_untrained")
-    by_dial = {}
-    for report, label in ((trained, "trained"), (untrained, "untrained")):
+    by_dial, ar_of = {}, {}
+    for stage, label in (("quality_trained", "trained"), ("quality_untrained", "untrained"),
+                         ("quality_left_prefix", "trained")):
+        report = quality(docs, stage)
         for r in report["diffusion"] if report else []:
-            by_dial[(label, r["block_size"], r["threshold"])] = r
+            rule = report["settings"]["commit_rule"]
+            by_dial[(label, rule, r["block_size"], r["threshold"])] = r
+            ar_of[(label, rule, r["block_size"], r["threshold"])] = report["ar"]
     lines = [
-        "| denoiser | mode | batch | block | threshold | speed-up vs AR | tokens/NFE | token agreement "
+        "| denoiser | mode | commit rule | batch | block | threshold | speed-up vs AR | tokens/NFE | token agreement "
         "| judge ppl (AR) | HumanEval pass@1 (AR) | quality retention |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for stage, label in (("speed_trained", "trained"), ("speed_blocks", "trained"), ("speed_batch4", "trained"),
-                         ("speed_untrained", "untrained")):
+    for stage, label in (("speed_trained", "trained"), ("speed_left_prefix", "trained"), ("speed_blocks", "trained"),
+                         ("speed_batch4", "trained"), ("speed_untrained", "untrained")):
         for r in speed_rows(docs, stage):
             if stage != "speed_trained" and r["mode"] != "mask_diffusion":
                 continue  # the baselines appear once, from the first stage
+            rule = r.get("commit_rule", "threshold")
+            key = (label, rule, r.get("block_size"), r.get("threshold"))
             # eval quality's numbers are per request (decoding is batch-invariant): shown once, at batch 1
-            q = by_dial.get((label, r.get("block_size"), r.get("threshold"))) if r["batch_size"] == 1 else None
+            q = by_dial.get(key) if r["batch_size"] == 1 else None
             m = q["metrics"] if q else None
-            ar = (trained if label == "trained" else untrained or {}).get("ar", {}) if q else {}
+            ar = ar_of[key] if q else {}
             tpn = 1 / r["nfe_per_token"] if r.get("nfe_per_token") else None
             cells = [
-                label if r["mode"] == "mask_diffusion" else "–", r["mode"], str(r["batch_size"]),
+                label if r["mode"] == "mask_diffusion" else "–", r["mode"],
+                rule if r["mode"] == "mask_diffusion" else "", str(r["batch_size"]),
                 str(r.get("block_size", "")), str(r.get("threshold", "")), f"{r['speedup_vs_ar']:.2f}x",
                 f"{tpn:.2f}" if tpn else "–", f"{100 * r['token_agreement']:.0f}%",
                 f"{m['judge_perplexity']:.1f} ({ar['judge_perplexity']:.1f})" if m and m.get("judge_perplexity") else "–",

@@ -215,6 +215,7 @@ def test_bench_speed_end_to_end(tiny_dir, tmp_path, capsys):
     assert data["prompts"]["chat_template"] is True
     table = (out / "speed.md").read_text()
     assert "| 1 | mask_diffusion | 4 | 0.9 |" in table and "speed-up vs AR" in table
+    assert "commit rule: threshold" in table and runs[(1, "mask_diffusion S=4 t=0.9")]["commit_rule"] == "threshold"
     assert (out / "speed.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # on the CPU memory is RSS; a GPU run reports the CUDA allocator's peak instead
     assert data["box"]["device"] == "cpu" and all(r["peak_gpu_mb"] is None for r in data["runs"])

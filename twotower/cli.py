@@ -164,7 +164,7 @@ def cmd_bench_speed(args: argparse.Namespace) -> None:
         block_sizes=args.block_sizes, batch_sizes=args.batch_sizes, prompts=args.prompts,
         max_new_tokens=args.max_new_tokens, repeats=args.repeats, warmup=args.warmup,
         prompt_lookup_tokens=args.prompt_lookup_tokens, output_dir=args.output_dir, untrained=args.untrained_denoiser,
-        device=args.device,
+        device=args.device, commit_rule=args.commit_rule,
     )
 
 
@@ -340,6 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--model", default=DEFAULT_MODEL, help="registry name, .gguf file, checkpoint dir or saved two-tower dir")
     sp.add_argument("--dtype", choices=DTYPES, default="float32")
     sp.add_argument("--device", default="cpu", help="where every contender runs, e.g. cuda (llama.cpp: CPU only)")
+    sp.add_argument("--commit-rule", choices=("threshold", "left_prefix"), default="threshold",
+                    help="which confident targets mask diffusion commits (see generate)")
     sp.add_argument("--modes", nargs="+", choices=speed.MODES, default=list(speed.MODES),
                     help="what to run besides our AR, which always runs as the reference (default: all)")
     sp.add_argument("--thresholds", type=float, nargs="+", default=list(speed.THRESHOLDS))

@@ -314,6 +314,7 @@ def run_speed_bench(
     output_dir: str | Path = "bench_results/speed",
     untrained: bool = False,
     device: str = "cpu",
+    commit_rule: str = "threshold",
 ) -> dict:
     from ..cli import _torch_dtype
 
@@ -370,8 +371,8 @@ def run_speed_bench(
                 for t in thresholds:
                     add(f"mask_diffusion S={s} t={t}", "mask_diffusion",
                         ours(partial(generate_mask_diffusion, tt), eos, max_new_tokens=max_new_tokens, block_size=s,
-                             confidence_threshold=t),
-                        block_size=s, threshold=t)
+                             confidence_threshold=t, commit_rule=commit_rule),
+                        block_size=s, threshold=t, commit_rule=commit_rule)
         if hf is not None and "transformers" in modes:
             add("transformers", "transformers", transformers_decoder(hf, forwards, eos, pad, max_new_tokens))
         if hf is not None and "prompt_lookup" in modes:
@@ -416,6 +417,7 @@ def run_speed_bench(
         "denoiser": loaded.note or "trained (saved two-tower directory)",
         "dtype": dtype,
         "max_new_tokens": max_new_tokens,
+        "commit_rule": commit_rule,
         "repeats": repeats,
         "warmup": warmup,
         "prompts": {"file": PROMPTS_FILE.name, "count": len(texts), "kinds": [p["kind"] for p in texts],
@@ -453,7 +455,7 @@ def markdown(results: dict) -> str:
         f"{box['dtype']}, device {box.get('device', 'cpu')}" + (f" ({box['cuda']})" if on_gpu and box["cuda"] else ""),
         f"- {results['prompts']['count']} prompts ({'chat template' if results['prompts']['chat_template'] else 'plain'}), "
         f"up to {results['max_new_tokens']} new tokens, greedy; median of {results['repeats']} interleaved repeats "
-        f"after {results['warmup']} warm-up",
+        f"after {results['warmup']} warm-up; mask diffusion commit rule: {results.get('commit_rule', 'threshold')}",
         "- speed-up: generated tokens/s of the mode / of our AR, timed A B A B in one run; "
         "agreement: greedy tokens vs our AR",
         f"- memory: {memory}",
