@@ -182,9 +182,11 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
     rank = int(os.environ.get("RANK", "0"))
     if cfg.fsdp and "RANK" not in os.environ:
         raise ValueError("--fsdp shards the model over torchrun's processes: launch with torchrun --nproc-per-node N")
-    if (world > 1 or cfg.fsdp) and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL and FSDP2 use the current device: one GPU per process
+    if (world > 1 or cfg.fsdp) and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     metrics_path = out / "metrics.jsonl"
