@@ -26,6 +26,7 @@ def test_generate_defaults_to_mask_diffusion_with_the_shipped_denoiser():
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout
     assert "[mask_diffusion] 16 tokens" in r.stderr and "tokens/NFE" in r.stderr
+    assert "rule left_prefix" in r.stderr  # the shipped denoiser's recommendation
     assert "untrained" not in r.stderr  # the shipped denoiser was loaded
 
 

@@ -10,7 +10,7 @@ EOS), so the held-out block NLL is checked beside it.
 import pytest
 import torch
 
-from twotower.checkpoints.two_tower import SHIPPED_DIR, load_two_tower, shipped_denoiser
+from twotower.checkpoints.two_tower import SHIPPED_DIR, LoadedTwoTower, load_two_tower, shipped_denoiser
 from twotower.eval import block_nll
 from twotower.generate.diffusion import generate_mask_diffusion
 
@@ -32,10 +32,16 @@ def test_artefact_is_small_and_safetensors_only():
     assert sum(p.stat().st_size for p in files) < 20e6
     assert all(p.stat().st_size < 16 * 2**20 for p in files)
     assert {p.suffix for p in files} <= {".json", ".safetensors", ".md"}
+    # without a recommendation (an untrained denoiser, a directory without generation_config.json)
+    # mask diffusion uses the released threshold rule
+    assert LoadedTwoTower(None, None, None, "untrained").commit_rule(None) == "threshold"
 
 
 def test_shipped_denoiser_loads_as_trained_lora(shipped):
     assert shipped.note is None  # not the untrained fallback
+    # it recommends the left_prefix rule (generation_config.json); an explicit choice wins
+    assert shipped.decoding == {"commit_rule": "left_prefix"}
+    assert shipped.commit_rule(None) == "left_prefix" and shipped.commit_rule("threshold") == "threshold"
     model = shipped.model
     assert model.config.flavour == "lora" and model.block_size == 16
     # training moved the time conditioning away from its identity initialisation

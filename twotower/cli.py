@@ -51,6 +51,7 @@ def _load_for_mode(args: argparse.Namespace):
         return load_backbone(args.model, dtype=dtype)
     loaded = load_two_tower(args.model, dtype, untrained=args.untrained_denoiser, block_size=args.block_size or 16)
     warn_untrained(loaded)
+    args.commit_rule = loaded.commit_rule(args.commit_rule)
     model = loaded.model
     if args.mode == "ar":
         return model.context, loaded.tokenizer
@@ -310,7 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--block-size", type=int, default=None, help="targets per block (default: the model's, 16)")
     g.add_argument("--steps-per-block", type=int, default=None, help="denoiser steps per block (default: block size)")
     g.add_argument("--confidence-threshold", type=float, default=0.9, help="commit targets above this confidence")
-    g.add_argument("--commit-rule", choices=("threshold", "left_prefix"), default="threshold")
+    g.add_argument("--commit-rule", choices=("threshold", "left_prefix"), default=None,
+                   help="default: the model's recommendation (the shipped denoiser: left_prefix), else threshold")
     g.add_argument("--verify", action="store_true", help="check every block against the AR model (output == ar)")
     g.add_argument("--show-steps", action="store_true", help="render the denoising, coloured by commit step")
     g.add_argument("--no-merge-adapters", action="store_true",
@@ -340,8 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--model", default=DEFAULT_MODEL, help="registry name, .gguf file, checkpoint dir or saved two-tower dir")
     sp.add_argument("--dtype", choices=DTYPES, default="float32")
     sp.add_argument("--device", default="cpu", help="where every contender runs, e.g. cuda (llama.cpp: CPU only)")
-    sp.add_argument("--commit-rule", choices=("threshold", "left_prefix"), default="threshold",
-                    help="which confident targets mask diffusion commits (see generate)")
+    sp.add_argument("--commit-rule", choices=("threshold", "left_prefix"), default=None,
+                    help="which confident targets mask diffusion commits (default: as generate)")
     sp.add_argument("--modes", nargs="+", choices=speed.MODES, default=list(speed.MODES),
                     help="what to run besides our AR, which always runs as the reference (default: all)")
     sp.add_argument("--thresholds", type=float, nargs="+", default=list(speed.THRESHOLDS))
@@ -372,7 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--thresholds", type=float, nargs="+", default=qd.thresholds)
     q.add_argument("--block-sizes", type=int, nargs="+", default=None, help="default: the model's block size")
     q.add_argument("--steps-per-block", type=int, default=None)
-    q.add_argument("--commit-rule", choices=("threshold", "left_prefix"), default=qd.commit_rule)
+    q.add_argument("--commit-rule", choices=("threshold", "left_prefix"), default=qd.commit_rule,
+                   help="default: as generate")
     q.add_argument("--verify", action="store_true")
     q.add_argument("--max-new-tokens", type=int, default=qd.max_new_tokens)
     q.add_argument("--batch-size", type=int, default=qd.batch_size)

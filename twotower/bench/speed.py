@@ -264,6 +264,7 @@ class Loaded:
     hf_dir: Path | None  # transformers-format weights of the context tower, for the baselines
     gguf: Path | None  # the GGUF those weights came from, for llama.cpp
     note: str | None  # set when the denoiser is untrained
+    commit_rule: str  # what --commit-rule resolved to for this model
 
 
 def _gguf_of(name_or_path: str) -> Path | None:
@@ -276,7 +277,9 @@ def _gguf_of(name_or_path: str) -> Path | None:
     return Path(json.loads(source.read_text())["gguf"]) if source.is_file() else None
 
 
-def load_model(name_or_path: str, dtype: torch.dtype, untrained: bool = False, device: str = "cpu") -> Loaded:
+def load_model(
+    name_or_path: str, dtype: torch.dtype, untrained: bool = False, device: str = "cpu", commit_rule: str | None = None
+) -> Loaded:
     """A two-tower model (see ``load_two_tower``); the baselines load the backbone it sits on."""
     from ..checkpoints import checkpoint_dir
     from ..checkpoints.two_tower import load_two_tower
@@ -284,7 +287,7 @@ def load_model(name_or_path: str, dtype: torch.dtype, untrained: bool = False, d
     loaded = load_two_tower(name_or_path, dtype, device, untrained=untrained)
     ref = loaded.backbone
     return Loaded(loaded.model, loaded.tokenizer, checkpoint_dir(ref) if ref else None,
-                  _gguf_of(ref) if ref else None, loaded.note)
+                  _gguf_of(ref) if ref else None, loaded.note, loaded.commit_rule(commit_rule))
 
 
 # -- the run ----------------------------------------------------------------------------------
@@ -314,12 +317,13 @@ def run_speed_bench(
     output_dir: str | Path = "bench_results/speed",
     untrained: bool = False,
     device: str = "cpu",
-    commit_rule: str = "threshold",
+    commit_rule: str | None = None,
 ) -> dict:
     from ..cli import _torch_dtype
 
     _check(thresholds, block_sizes, batch_sizes, max_new_tokens, repeats, warmup)
-    loaded = load_model(model, _torch_dtype(dtype), untrained, device)
+    loaded = load_model(model, _torch_dtype(dtype), untrained, device, commit_rule)
+    commit_rule = loaded.commit_rule
     if loaded.tokenizer is None:
         raise ValueError(f"{model} has no tokenizer: the benchmark prompts are text")
     if loaded.note:

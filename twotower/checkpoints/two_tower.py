@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -34,12 +34,32 @@ def shipped_denoiser(name: str) -> Path | None:
     return path if name in REGISTRY and is_two_tower_dir(path) else None
 
 
+DEFAULT_COMMIT_RULE = "threshold"  # the released rule (DESIGN.md §1)
+
+
 @dataclass
 class LoadedTwoTower:
     model: object  # TwoTower
     tokenizer: object | None
     backbone: str | None  # the backbone's name or path (for baselines that load it themselves)
     note: str | None  # set when the denoiser is untrained
+    # mask-diffusion settings the saved model recommends (its generation_config.json)
+    decoding: dict = field(default_factory=dict)
+
+    def commit_rule(self, requested: str | None) -> str:
+        """The rule asked for, else the one this model recommends, else the released rule."""
+        return requested or self.decoding.get("commit_rule", DEFAULT_COMMIT_RULE)
+
+
+def recommended_decoding(directory: str | Path) -> dict:
+    """The decoding settings a saved two-tower directory recommends, kept where transformers
+    models keep their generation defaults: ``generation_config.json`` (today: ``commit_rule``)."""
+    if not (Path(directory).expanduser() / "generation_config.json").is_file():
+        return {}
+    from transformers import GenerationConfig
+
+    config = GenerationConfig.from_pretrained(directory)
+    return {"commit_rule": config.commit_rule} if hasattr(config, "commit_rule") else {}
 
 
 def load_two_tower(
@@ -60,7 +80,8 @@ def load_two_tower(
         from ..hf import TwoTowerForCausalLM
 
         wrapped = TwoTowerForCausalLM.from_pretrained(directory, dtype=dtype, device=device)
-        return LoadedTwoTower(wrapped.twotower, wrapped.tokenizer, wrapped.config.backbone, None)
+        return LoadedTwoTower(wrapped.twotower, wrapped.tokenizer, wrapped.config.backbone, None,
+                              recommended_decoding(directory))
     backbone, tokenizer = load_backbone(name_or_path, dtype=dtype, device=device)
     model = TwoTower(backbone, DenoiserConfig(flavour="lora", block_size=block_size)).eval()
     return LoadedTwoTower(model, tokenizer, name_or_path, UNTRAINED_NOTE)

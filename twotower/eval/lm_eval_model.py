@@ -34,7 +34,7 @@ class TwoTowerLM(LM):
         block_size: int | None = None,
         steps_per_block: int | None = None,
         confidence_threshold: float = 0.9,
-        commit_rule: str = "threshold",
+        commit_rule: str | None = None,  # None: the model's recommendation, else the released rule
         verify: bool = False,
         max_gen_toks: int = 256,
         batch_size: int | str = 1,  # accepted for lm_eval's CLI; requests run one at a time
@@ -49,7 +49,8 @@ class TwoTowerLM(LM):
         self.note = loaded.note  # set when the denoiser is untrained
         self.mode = mode
         self.dial = dict(block_size=block_size, steps_per_block=steps_per_block,
-                         confidence_threshold=confidence_threshold, commit_rule=commit_rule, verify=verify)
+                         confidence_threshold=confidence_threshold, commit_rule=loaded.commit_rule(commit_rule),
+                         verify=verify)
         self.max_gen_toks = max_gen_toks
         config = self.model.context.config
         self.max_length = config.max_position_embeddings

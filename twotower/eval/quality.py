@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from statistics import mean
 
@@ -49,7 +49,7 @@ class QualitySettings:
     thresholds: list[float] = field(default_factory=lambda: [0.8, 0.9])
     block_sizes: list[int] | None = None  # None: the model's
     steps_per_block: int | None = None
-    commit_rule: str = "threshold"
+    commit_rule: str | None = None  # None: the model's recommendation, else the released rule
     verify: bool = False
     max_new_tokens: int = 64
     batch_size: int = 8
@@ -156,6 +156,7 @@ def run_quality(settings: QualitySettings) -> dict:
 
     loaded = load_two_tower(settings.model, _torch_dtype(settings.dtype), settings.device, settings.untrained)
     warn_untrained(loaded)
+    settings = replace(settings, commit_rule=loaded.commit_rule(settings.commit_rule))
     model, tokenizer, note = loaded.model, loaded.tokenizer, loaded.note
     rows = load_prompts(settings.prompts_file)[: settings.prompts]
     texts = [r["text"] for r in rows]
