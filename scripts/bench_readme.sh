@@ -10,21 +10,22 @@ out=${1:-bench_results}
 stages=" ${STAGES:-1 2 3 4 5 6 7 8} "
 want() { [[ "$stages" == *" $1 "* ]]; }
 common=(--threads 2 --prompts 8 --max-new-tokens 64 --repeats 2)
+# The shipped denoiser recommends left_prefix; stages 1-6 pin the released threshold rule, 7-8 left_prefix.
 # 1. the dial with the shipped denoiser, against our AR and transformers' greedy and prompt-lookup decoding
 if want 1; then $tt bench speed "${common[@]}" --repeats 3 --thresholds 0.5 0.7 0.8 0.9 0.95 --block-sizes 16 \
-    --batch-sizes 1 --output-dir "$out/speed_trained"; fi
+    --batch-sizes 1 --commit-rule threshold --output-dir "$out/speed_trained"; fi
 # 2. other block sizes at threshold 0.9
 if want 2; then $tt bench speed "${common[@]}" --modes mask_diffusion --thresholds 0.9 --block-sizes 4 8 32 \
-    --batch-sizes 1 --output-dir "$out/speed_blocks"; fi
+    --batch-sizes 1 --commit-rule threshold --output-dir "$out/speed_blocks"; fi
 # 3. the untrained denoiser, for comparison
 if want 3; then $tt bench speed "${common[@]}" --modes mask_diffusion --thresholds 0.9 --block-sizes 16 \
     --batch-sizes 1 --untrained-denoiser --output-dir "$out/speed_untrained"; fi
 # 4. batches of 4 requests
 if want 4; then $tt bench speed "${common[@]}" --modes mask_diffusion --thresholds 0.9 --block-sizes 16 \
-    --batch-sizes 4 --output-dir "$out/speed_batch4"; fi
+    --batch-sizes 4 --commit-rule threshold --output-dir "$out/speed_batch4"; fi
 # 5. quality: agreement, judge perplexity (Gemma-3-270M), block NLL, HumanEval pass@1 on 10 problems
 if want 5; then $tt eval quality --threads 2 --thresholds 0.7 0.8 0.9 --max-new-tokens 64 --humaneval-problems 10 \
-    --humaneval-max-new-tokens 128 --output-dir "$out/quality_trained"; fi
+    --humaneval-max-new-tokens 128 --commit-rule threshold --output-dir "$out/quality_trained"; fi
 if want 6; then $tt eval quality --threads 2 --thresholds 0.9 --max-new-tokens 64 --humaneval-problems 10 \
     --humaneval-max-new-tokens 128 --untrained-denoiser --output-dir "$out/quality_untrained"; fi
 # 7, 8. the left_prefix commit rule (only a contiguous confident prefix is committed), speed and quality
