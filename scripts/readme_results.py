@@ -7,9 +7,9 @@ usage: python scripts/readme_results.py RUN_DIR [DOCS_DIR]   (then paste DOCS_DI
 from __future__ import annotations
 
 import json
-from datetime import datetime
 import shutil
 import sys
+from datetime import datetime
 from pathlib import Path
 
 STAGES = ["speed_trained", "speed_blocks", "speed_untrained", "speed_batch4", "speed_left_prefix",

@@ -37,8 +37,7 @@ class ShardWriter:
     split: str
     dtype: np.dtype
     shard_tokens: int
-
-    with_loss_mask: bool
+    with_loss_mask: bool  # keep and write the per-token loss mask (else every token is a target)
 
     def __post_init__(self) -> None:
         self.files: list[str] = []
@@ -52,7 +51,8 @@ class ShardWriter:
             self.flush()
         self.docs.append(len(self.tokens))
         self.tokens.extend(ids)
-        self.trained.extend(trained)
+        if self.with_loss_mask:
+            self.trained.extend(trained)
         self.total_tokens += len(ids)
         self.total_trained += sum(trained)
         self.total_docs += 1

@@ -132,11 +132,10 @@ def _save_final(cfg: TrainConfig, model: TwoTower, tokenizer, path: Path, device
     from ..hf import TwoTowerForCausalLM
 
     if cfg.fsdp:
-        weights = trainable_state(model)
-        if rank != 0:
-            return
-        model, _ = build_model(cfg, device)
-        load_trainable(model, weights, "the gathered FSDP shards")
+        weights = trainable_state(model)  # collective
+        if rank == 0:
+            model, _ = build_model(cfg, device)
+            load_trainable(model, weights, "the gathered FSDP shards")
     if rank == 0:
         TwoTowerForCausalLM.from_twotower(model, backbone_ref=cfg.model, tokenizer=tokenizer).save_pretrained(path)
 
