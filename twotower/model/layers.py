@@ -97,10 +97,37 @@ class Attention(nn.Module):
             # (the context tower's cache may live on another device)
             k = torch.cat([cache.k[:, :, : ctx.prefix_len].to(k.device, k.dtype), k], dim=2)
             v = torch.cat([cache.v[:, :, : ctx.prefix_len].to(v.device, v.dtype), v], dim=2)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=ctx.attn_mask, is_causal=ctx.is_causal, enable_gqa=self.n_kv != self.n_heads
-        )
+        y = attend(q, k, v, ctx.attn_mask, ctx.is_causal)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
+
+
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool = False
+) -> torch.Tensor:
+    """Scaled dot-product attention of q (B, Hq, T, D) over k, v (B, Hkv, L, D), Hq a multiple
+    of Hkv (query head h reads key/value head h // (Hq / Hkv)); ``mask`` (B or 1, 1, T, L) bool."""
+    group = q.shape[1] // k.shape[1]
+    if group == 1 or mask is None or q.device.type == "cpu":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=group > 1)
+    return grouped_query_folded(q, k, v, mask)
+
+
+def grouped_query_folded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """GQA with a mask as plain multi-head attention over the key/value heads: the query heads
+    that share a key/value head are stacked along the query axis (and the mask with them).
+
+    On CUDA, SDPA's fused kernels do not take a mask together with ``enable_gqa``; it falls
+    back to the math kernel, which repeats K/V per query head and materialises the fp32 score
+    matrix: the denoiser's masked attention (training and decoding) and left-padded batches
+    (distillation) would pay that on every layer. Folded, the memory-efficient kernel runs and
+    K/V are never copied."""
+    b, hq, t, d = q.shape
+    kv_heads = k.shape[1]
+    group = hq // kv_heads
+    folded = q.reshape(b, kv_heads, group * t, d)  # row r*T + i = query i of head j*group + r
+    mask = mask[:, :, None].expand(-1, -1, group, -1, -1).reshape(mask.shape[0], 1, group * t, mask.shape[-1])
+    y = F.scaled_dot_product_attention(folded, k, v, attn_mask=mask)
+    return y.reshape(b, hq, t, d)
 
 
 def relu2(x: torch.Tensor) -> torch.Tensor:
