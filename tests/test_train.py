@@ -186,6 +186,46 @@ def test_time_budget_shortens_but_never_lengthens_the_run(tmp_path):
     assert cfg.steps == 30
 
 
+def test_suffix_masks_hide_a_suffix_of_stratified_length():
+    from twotower.train.batches import sample_masks
+
+    masks = sample_masks(0, 3, range(8), 8, 4, 16, 1e-3, False, pattern="suffix")
+    hidden = masks.sum(-1)
+    # a suffix: hidden inputs are exactly the last `hidden` positions
+    assert torch.equal(masks, torch.arange(16) >= 16 - hidden[..., None])
+    # t stratified over the 32 blocks: floor(16 t) takes every value 0..15 exactly twice
+    assert sorted(hidden.flatten().tolist()) == sorted(list(range(16)) * 2)
+    with pytest.raises(ValueError, match="mask pattern"):
+        sample_masks(0, 3, range(8), 8, 4, 16, 1e-3, False, pattern="prefix")
+    with pytest.raises(ValueError, match="complementary"):
+        TrainConfig(data="d", out_dir="o", mask_pattern="suffix", complementary_masks=True)
+
+
+def test_init_from_a_saved_denoiser(setup):
+    """A run can start from a saved denoiser (say, the shipped one): its weights are the
+    starting point, it trains on from there, and a mismatched denoiser is a clear error."""
+    from twotower.checkpoints.load import CheckpointError
+    from twotower.train.loop import build_model
+    from twotower.train.checkpoint import trainable_state
+
+    root, _ = setup
+    train(config(setup, "init-source", steps=3, mask_pattern="suffix"), progress=False)
+    source = root / "init-source" / "final"
+    cfg = config(setup, "init-target", steps=2, init_from=str(source))
+    model, _ = build_model(cfg, torch.device("cpu"))
+    saved = final_weights(root / "init-source")
+    state = trainable_state(model)
+    assert saved.keys() <= state.keys() and all(torch.equal(state[k], saved[k]) for k in saved)
+    fresh = trainable_state(build_model(config(setup, "init-none"), torch.device("cpu"))[0])
+    assert any(not torch.equal(fresh[k], saved[k]) for k in saved)  # training had changed them
+    train(cfg, progress=False)
+    assert (root / "init-target" / "final").is_dir()
+    with pytest.raises(CheckpointError, match="lora_rank"):
+        build_model(config(setup, "init-bad", lora_rank=4, init_from=str(source)), torch.device("cpu"))
+    with pytest.raises(CheckpointError, match="neither"):
+        build_model(config(setup, "init-bad", init_from=str(root / "nowhere")), torch.device("cpu"))
+
+
 def test_training_on_assistant_turns_only(setup):
     """Chat shards with a loss mask: the trainer takes the loss on the answers alone, which
     changes the loss it reports against the same chats trained on every token."""

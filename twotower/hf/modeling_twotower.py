@@ -62,6 +62,46 @@ def saved_state(model: TwoTower) -> dict[str, torch.Tensor]:
     return state
 
 
+def load_saved_state(model: TwoTower, weights: dict[str, torch.Tensor], directory: Path) -> None:
+    """Load what ``saved_state`` wrote (read from ``directory``) into ``model``: exactly those
+    names and shapes, else a clear error."""
+    expected = set(saved_state(model))
+    missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{directory / WEIGHTS_NAME} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    try:
+        model.load_state_dict(weights, strict=False)
+    except RuntimeError as e:  # same names, other shapes (e.g. another LoRA rank)
+        raise CheckpointError(f"{directory / WEIGHTS_NAME} does not match the model: {e}") from e
+
+
+def load_denoiser(model: TwoTower, name_or_path: str) -> None:
+    """Start ``model``'s denoiser from a saved one: a two-tower directory, or the denoiser
+    shipped for a registry model. Both must be the same kind of denoiser (flavour, LoRA rank
+    and scaling, block layout, mask token) over the same backbone architecture."""
+    from ..checkpoints.two_tower import is_two_tower_dir, shipped_denoiser
+
+    directory = Path(name_or_path).expanduser() if is_two_tower_dir(name_or_path) else shipped_denoiser(name_or_path)
+    if directory is None:
+        raise CheckpointError(
+            f"{name_or_path!r} is neither a saved two-tower directory nor a registry model with a shipped denoiser"
+        )
+    config = TwoTowerConfig.from_pretrained(directory)
+    saved, ours = config.denoiser_settings, model.config
+    fields = ("flavour", "lora_rank", "lora_alpha", "lora_targets", "token_shift", "modulation_order", "mask_token_id",
+              "time_freq_dim")
+    differ = [f"{f} {getattr(saved, f)!r} (ours {getattr(ours, f)!r})" for f in fields
+              if getattr(saved, f) != getattr(ours, f)]
+    if differ:
+        raise CheckpointError(f"the denoiser in {directory} differs from this run's: {', '.join(differ)}")
+    if _architecture(model.context.config.to_dict()) != _architecture(config.backbone_config):
+        raise CheckpointError(f"the denoiser in {directory} was trained on another backbone architecture")
+    with torch.no_grad():
+        load_saved_state(model, _read_safetensors(directory), directory)
+
+
 def _strip(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
@@ -257,16 +297,7 @@ class TwoTowerForCausalLM(PreTrainedModel, GenerationMixin):
                 context_state["lm_head.weight"] = context_state["embed_tokens.weight"]  # saved once
             backbone = backbone_from_state_dict(bcfg, context_state)
         model = TwoTower(backbone, denoiser)
-        expected = set(saved_state(model))
-        missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
-        if missing or unexpected:
-            raise CheckpointError(
-                f"{directory / WEIGHTS_NAME} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
-            )
-        try:
-            model.load_state_dict(weights, strict=False)
-        except RuntimeError as e:  # same names, other shapes (e.g. another LoRA rank)
-            raise CheckpointError(f"{directory / WEIGHTS_NAME} does not match the model: {e}") from e
+        load_saved_state(model, weights, directory)
         model.to(device=device, dtype=dtype).eval()
         if tokenizer is None:
             tokenizer = _load_tokenizer(directory)

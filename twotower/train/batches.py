@@ -44,12 +44,21 @@ def sample_rows(
     return torch.from_numpy(out), None if trained is None else torch.from_numpy(trained)
 
 
+MASK_PATTERNS = ("random", "suffix")
+
+
 def sample_masks(
-    seed: int, step: int, rows: range, global_rows: int, blocks: int, size: int, t_eps: float, complementary: bool
+    seed: int, step: int, rows: range, global_rows: int, blocks: int, size: int, t_eps: float, complementary: bool,
+    pattern: str = "random",
 ) -> torch.Tensor:
     """(len(rows), blocks, size) bool masks. One t per block, stratified over all blocks of the
     global batch: the i-th block takes t in the i-th of N equal slices of (eps, 1), slices
-    shuffled. With ``complementary`` odd rows mask exactly what the even row before hides not."""
+    shuffled. ``pattern`` "random" hides each input with probability t; "suffix" hides the
+    last floor(t * size) inputs, the only states left-to-right decoding (the left_prefix commit
+    rule) ever shows the denoiser. With ``complementary`` odd rows mask exactly what the even
+    row before hides not."""
+    if pattern not in MASK_PATTERNS:
+        raise ValueError(f"mask pattern must be one of {', '.join(MASK_PATTERNS)}, got {pattern!r}")
     n = global_rows * blocks
     shared = torch.Generator().manual_seed(_seed(seed, step, _T_STREAM))
     order = torch.randperm(n, generator=shared).view(global_rows, blocks)
@@ -59,6 +68,10 @@ def sample_masks(
         gen = torch.Generator().manual_seed(_seed(seed, step, base))
         u = (order[base].double() + torch.rand(blocks, generator=gen, dtype=torch.float64)) / n
         t = t_eps + (1 - t_eps) * u
-        masked = torch.rand(blocks, size, generator=gen, dtype=torch.float64) < t[:, None]
+        if pattern == "random":
+            masked = torch.rand(blocks, size, generator=gen, dtype=torch.float64) < t[:, None]
+        else:
+            hidden = (t * size).floor().long()
+            masked = torch.arange(size) >= size - hidden[:, None]
         out[i] = ~masked if base != row else masked
     return out

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from .batches import MASK_PATTERNS
+
 
 @dataclass
 class TrainConfig:
@@ -28,7 +30,12 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     t_eps: float = 1e-3  # t ~ U(eps, 1), stratified over the blocks of a global batch
+    # "random": each block input hidden with probability t (the released recipe); "suffix": the
+    # last floor(t * S) inputs, matching left-to-right decoding (the left_prefix commit rule)
+    mask_pattern: str = "random"
     complementary_masks: bool = False  # Fast-dLLM v2: each sequence twice, with a mask and its complement
+    # start the denoiser from a saved two-tower directory, or a registry name's shipped denoiser
+    init_from: str | None = None
     loss_weighting: str = "none"  # "none" (released) or "elbo" (1/t)
     bf16: bool | None = None  # autocast; None: on where the hardware supports bf16
     gradient_checkpointing: bool = False
@@ -52,6 +59,7 @@ class TrainConfig:
             "t_eps": 0 < self.t_eps < 1, "grad_clip": self.grad_clip >= 0,
             "loss_weighting": self.loss_weighting in ("none", "elbo"), "flavour": self.flavour in ("lora", "full"),
             "time_budget_s": self.time_budget_s is None or self.time_budget_s > 0,
+            "mask_pattern": self.mask_pattern in MASK_PATTERNS,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
@@ -61,6 +69,8 @@ class TrainConfig:
                 raise ValueError(f"seq_len {self.seq_len} is not a multiple of block size {size}")
         if self.complementary_masks and self.batch_size % 2:
             raise ValueError("complementary masks pair sequences: batch_size must be even")
+        if self.complementary_masks and self.mask_pattern != "random":
+            raise ValueError("complementary masks complement random masks: use --mask-pattern random")
 
     @property
     def block_sizes(self) -> list[int]:

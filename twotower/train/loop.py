@@ -18,13 +18,15 @@ from ..checkpoints import load_backbone
 from ..data.shards import TokenShards
 from ..data.sources import DataError
 from ..generate.diffusion import generate_mask_diffusion
+from ..hf.modeling_twotower import load_denoiser
 from ..model.twotower import DenoiserConfig, TwoTower
 from .batches import sample_masks, sample_rows
 from .checkpoint import latest_checkpoint, load_checkpoint, load_trainable, save_checkpoint, trainable_state
 from .config import TrainConfig
 
 VAL_STEP = 2**30  # the "step" whose rows and masks make the fixed validation set
-RESUME_KEYS = ("data", "model", "flavour", "lora_rank", "seq_len", "batch_size", "grad_accum", "seed", "steps")
+RESUME_KEYS = ("data", "model", "flavour", "lora_rank", "seq_len", "batch_size", "grad_accum", "seed", "steps",
+               "mask_pattern", "init_from")
 
 
 CALIBRATION_STEPS = (5, 25)  # a time budget is fitted from the pace of steps 5..25 (after warm-up kernels)
@@ -55,7 +57,8 @@ def bf16_supported(device: torch.device) -> bool:
 def validate(model: TwoTower, val: TokenShards, cfg: TrainConfig, block: int, autocast, global_rows: int) -> dict:
     """Masked-target loss at the training noise mix, and per target slot the accuracy and mean
     confidence with the whole block masked (the first denoising step, where parallelism starts),
-    plus tokens per NFE of mask diffusion (threshold 0.9) on a few validation prompts. The set
+    plus tokens per NFE of mask diffusion at threshold 0.9 (threshold and left_prefix rules)
+    on a few validation prompts. The set
     is ``val_batches`` global batches, so it does not depend on how many processes share them."""
     n = cfg.seq_len // block
     rows = range(cfg.val_batches * global_rows)
@@ -65,7 +68,7 @@ def validate(model: TwoTower, val: TokenShards, cfg: TrainConfig, block: int, au
         part = rows[first : first + cfg.batch_size]
         x, trained = sample_rows(val, cfg.seed, VAL_STEP, part, cfg.seq_len + 1)
         x = x.to(model.context.device)
-        masked = sample_masks(cfg.seed, VAL_STEP, part, len(rows), n, block, cfg.t_eps, False)
+        masked = sample_masks(cfg.seed, VAL_STEP, part, len(rows), n, block, cfg.t_eps, False, cfg.mask_pattern)
         masked = masked.to(x.device)
         with autocast():
             total += float(model.diffusion_loss(x, masked, normalizer=1.0, trained=trained))
@@ -81,13 +84,16 @@ def validate(model: TwoTower, val: TokenShards, cfg: TrainConfig, block: int, au
         slots += counted.sum((0, 1)).cpu()
     slots = slots.clamp_min(1)
     prompts = sample_rows(val, cfg.seed, VAL_STEP + 1, range(cfg.val_prompts), 32)[0].tolist()
-    out = generate_mask_diffusion(model, prompts, max_new_tokens=2 * block, block_size=block,
-                                  confidence_threshold=0.9, eos_token_id=[])
+    speed = {}
+    for rule, key in (("threshold", "tokens_per_nfe"), ("left_prefix", "tokens_per_nfe_left_prefix")):
+        out = generate_mask_diffusion(model, prompts, max_new_tokens=2 * block, block_size=block,
+                                      confidence_threshold=0.9, eos_token_id=[], commit_rule=rule)
+        speed[key] = out.stats.tokens_per_nfe
     return {
         "val_loss": total / max(count, 1),
         "slot_accuracy": [round(v, 4) for v in (hits / slots).tolist()],
         "slot_confidence": [round(v, 4) for v in (conf / slots).tolist()],
-        "tokens_per_nfe": out.stats.tokens_per_nfe,
+        **speed,
     }
 
 
@@ -157,6 +163,8 @@ def build_model(cfg: TrainConfig, device: torch.device):
     backbone, tokenizer = load_backbone(cfg.model, device=device)
     model = TwoTower(backbone, DenoiserConfig(flavour=cfg.flavour, block_size=cfg.block_size,
                                               lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha))
+    if cfg.init_from:  # (a resumed run's checkpoint overwrites these weights)
+        load_denoiser(model, cfg.init_from)
     model.gradient_checkpointing = cfg.gradient_checkpointing
     return model, tokenizer
 
@@ -241,7 +249,7 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
             x, trained = sample_rows(shards, cfg.seed, step, rows, cfg.seq_len + 1, cfg.complementary_masks)
             x, trained = x.to(device), trained.to(device) if trained is not None else None
             masked = sample_masks(cfg.seed, step, rows, global_rows, n, block, cfg.t_eps,
-                                  cfg.complementary_masks).to(device)
+                                  cfg.complementary_masks, cfg.mask_pattern).to(device)
             local_count += model.loss_targets(x, masked, trained).sum()
             micro.append((x, masked, trained))
         total = local_count.clone()
