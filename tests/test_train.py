@@ -226,6 +226,19 @@ def test_init_from_a_saved_denoiser(setup):
         build_model(config(setup, "init-bad", init_from=str(root / "nowhere")), torch.device("cpu"))
 
 
+def test_compiled_training_follows_eager_training(setup):
+    """--compile changes how the step runs, not what it computes."""
+    train(config(setup, "eager", steps=3, eval_every=3), progress=False)
+    train(config(setup, "compiled", steps=3, eval_every=3, compile=True), progress=False)
+    eager, compiled = metrics(setup[0] / "eager"), metrics(setup[0] / "compiled")
+    for a, b in zip(eager, compiled):
+        for key in ("loss", "val_loss"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-4)
+    a, b = final_weights(setup[0] / "eager"), final_weights(setup[0] / "compiled")
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
 def test_training_on_assistant_turns_only(setup):
     """Chat shards with a loss mask: the trainer takes the loss on the answers alone, which
     changes the loss it reports against the same chats trained on every token."""

@@ -19,6 +19,7 @@ from ..data.shards import TokenShards
 from ..data.sources import DataError
 from ..generate.diffusion import generate_mask_diffusion
 from ..hf.modeling_twotower import load_denoiser
+from ..model.linear import Linear
 from ..model.twotower import DenoiserConfig, TwoTower
 from .batches import sample_masks, sample_rows
 from .checkpoint import latest_checkpoint, load_checkpoint, load_trainable, save_checkpoint, trainable_state
@@ -226,6 +227,11 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
 
     wrapped = torch.nn.parallel.DistributedDataParallel(model) if world > 1 and not cfg.fsdp else model
+    if cfg.compile:
+        for module in model.modules():
+            if isinstance(module, Linear):
+                module.packing = False  # oneDNN-prepacked weights (CPU, no grad) do not lower in inductor
+        wrapped = torch.compile(wrapped)
     use_bf16 = bf16_supported(device) if cfg.bf16 is None else cfg.bf16
 
     def autocast():
