@@ -35,7 +35,7 @@ $tt train --model "$model" --data "$out/data" --out-dir "$out/train" --flavour l
     --steps 100000 --time-budget-s "$train_s" --lr 8e-4 --warmup-steps 30 --decay-fraction 0.2 \
     --seq-len "${SEQ_LEN:-512}" --batch-size "${BATCH:-64}" --curriculum 8:100 --block-size 16 \
     --eval-every 100 --save-every 100 --val-batches 2 --val-prompts 8 --log-every 10 \
-    --mask-pattern "${MASK_PATTERN:-random}" ${INIT_FROM:+--init-from "$INIT_FROM"} ${COMPILE:+--compile}
+    --mask-pattern "${MASK_PATTERN:-random}" ${INIT_FROM:+--init-from "$INIT_FROM"} $([ "${COMPILE:-0}" = 1 ] && echo --compile)
 
 # 4.
 $tt eval quality --model "$out/train/final" --device "${DEVICE:-cuda}" \
