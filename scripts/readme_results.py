@@ -12,6 +12,8 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
+from twotower.eval.quality import AGGREGATED, aggregate
+
 STAGES = ["speed_trained", "speed_blocks", "speed_untrained", "speed_batch4", "speed_left_prefix",
           "quality_trained", "quality_untrained", "quality_left_prefix"]
 
@@ -76,7 +78,9 @@ def dial_table(docs: Path) -> list[str]:
                 f"{m['judge_perplexity']:.1f} ({ar['judge_perplexity']:.1f})" if m and m.get("judge_perplexity") else "–",
                 f"{m['humaneval_pass_at_1']:.1f} ({ar['humaneval_pass_at_1']:.1f})"
                 if m and m.get("humaneval_pass_at_1") is not None else "–",
-                f"{100 * q['aggregate_retention']:.1f}%" if q and q.get("aggregate_retention") else "–",
+                # recomputed from the per-metric retentions, so the column follows the library's
+                # current definition of the aggregate whatever version wrote the JSON
+                f"{100 * aggregate(q['retention']):.1f}%" if q and aggregate(q["retention"]) else "–",
             ]
             lines.append("| " + " | ".join(cells) + " |")
     return lines
@@ -97,7 +101,9 @@ def main() -> None:
                 f"transformers {box['transformers']}, {box['dtype']}, by `scripts/bench_readme.sh` (stages: "
                 f"{', '.join(stages)}); this table by `scripts/readme_results.py`.", ""]
     out += dial_table(docs)
-    out += ["", "Full tables: " + ", ".join(f"[{s}]({docs.as_posix()}/{s}/{'speed' if s.startswith('speed') else 'quality'}.md)"
+    out += ["", f"Quality retention is the geometric mean of the diffusion / AR ratios of "
+                f"{', '.join(AGGREGATED)} (where defined), recomputed from each report's per-metric ratios.",
+            "", "Full tables: " + ", ".join(f"[{s}]({docs.as_posix()}/{s}/{'speed' if s.startswith('speed') else 'quality'}.md)"
                                           for s in stages), ""]
     if (docs / "speed_trained" / "speed.png").is_file():
         out += [f"![speed-up vs agreement]({docs.as_posix()}/speed_trained/speed.png)", ""]
