@@ -223,3 +223,19 @@ def test_bench_speed_end_to_end(tiny_dir, tmp_path, capsys):
            "runs": [{**r, "peak_gpu_mb": 123.0} for r in data["runs"]]}
     table = markdown(gpu)
     assert "peak GPU mem (MB)" in table and "| 123 |" in table and "device cuda (NVIDIA H100)" in table
+
+
+def test_bench_speed_verified_drafting_reproduces_ar(tiny_dir, tmp_path):
+    """--verify --steps-per-block 1: the denoiser drafts each block in one forward and the
+    context tower keeps the agreeing prefix, so the output is our AR's, token for token."""
+    out = tmp_path / "verified"
+    code = main(["bench", "speed", "--model", str(tiny_dir), "--threads", "1", "--modes", "mask_diffusion",
+                 "--thresholds", "0.9", "--block-sizes", "4", "--batch-sizes", "1", "--prompts", "2",
+                 "--max-new-tokens", "8", "--repeats", "1", "--verify", "--steps-per-block", "1",
+                 "--output-dir", str(out)])
+    assert code == 0
+    data = json.loads((out / "speed.json").read_text())
+    (diffusion,) = [r for r in data["runs"] if r["mode"] == "mask_diffusion"]
+    assert diffusion["label"] == "mask_diffusion S=4 t=0.9 verified" and diffusion["steps_per_block"] == 1
+    assert diffusion["exact_match"] == 1.0 and diffusion["verify"] is True
+    assert "verified against the context tower, 1 denoiser step(s) per block" in (out / "speed.md").read_text()

@@ -165,7 +165,7 @@ def cmd_bench_speed(args: argparse.Namespace) -> None:
         block_sizes=args.block_sizes, batch_sizes=args.batch_sizes, prompts=args.prompts,
         max_new_tokens=args.max_new_tokens, repeats=args.repeats, warmup=args.warmup,
         prompt_lookup_tokens=args.prompt_lookup_tokens, output_dir=args.output_dir, untrained=args.untrained_denoiser,
-        device=args.device, commit_rule=args.commit_rule,
+        device=args.device, commit_rule=args.commit_rule, verify=args.verify, steps_per_block=args.steps_per_block,
     )
 
 
@@ -344,6 +344,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--device", default="cpu", help="where every contender runs, e.g. cuda (llama.cpp: CPU only)")
     sp.add_argument("--commit-rule", choices=("threshold", "left_prefix"), default=None,
                     help="which confident targets mask diffusion commits (default: as generate)")
+    sp.add_argument("--verify", action="store_true",
+                    help="mask diffusion verified by the context tower (output = AR greedy)")
+    sp.add_argument("--steps-per-block", type=int, default=None,
+                    help="denoiser steps per block (default: the block size); 1 with --verify drafts whole blocks")
     sp.add_argument("--modes", nargs="+", choices=speed.MODES, default=list(speed.MODES),
                     help="what to run besides our AR, which always runs as the reference (default: all)")
     sp.add_argument("--thresholds", type=float, nargs="+", default=list(speed.THRESHOLDS))

@@ -318,7 +318,12 @@ def run_speed_bench(
     untrained: bool = False,
     device: str = "cpu",
     commit_rule: str | None = None,
+    verify: bool = False,
+    steps_per_block: int | None = None,
 ) -> dict:
+    """``verify``: mask diffusion checks every block against the context tower (output = AR
+    greedy); with ``steps_per_block=1`` the denoiser drafts a whole block in one forward and
+    the context tower's pass keeps the agreeing prefix (self-speculative decoding)."""
     from ..cli import _torch_dtype
 
     _check(thresholds, block_sizes, batch_sizes, max_new_tokens, repeats, warmup)
@@ -373,10 +378,12 @@ def run_speed_bench(
         if "mask_diffusion" in modes:
             for s in block_sizes:
                 for t in thresholds:
-                    add(f"mask_diffusion S={s} t={t}", "mask_diffusion",
+                    add(f"mask_diffusion S={s} t={t}" + (" verified" if verify else ""), "mask_diffusion",
                         ours(partial(generate_mask_diffusion, tt), eos, max_new_tokens=max_new_tokens, block_size=s,
-                             confidence_threshold=t, commit_rule=commit_rule),
-                        block_size=s, threshold=t, commit_rule=commit_rule)
+                             confidence_threshold=t, commit_rule=commit_rule, verify=verify,
+                             steps_per_block=steps_per_block),
+                        block_size=s, threshold=t, commit_rule=commit_rule, verify=verify,
+                        steps_per_block=steps_per_block or s)
         if hf is not None and "transformers" in modes:
             add("transformers", "transformers", transformers_decoder(hf, forwards, eos, pad, max_new_tokens))
         if hf is not None and "prompt_lookup" in modes:
@@ -422,6 +429,8 @@ def run_speed_bench(
         "dtype": dtype,
         "max_new_tokens": max_new_tokens,
         "commit_rule": commit_rule,
+        "verify": verify,
+        "steps_per_block": steps_per_block,
         "repeats": repeats,
         "warmup": warmup,
         "prompts": {"file": PROMPTS_FILE.name, "count": len(texts), "kinds": [p["kind"] for p in texts],
@@ -459,7 +468,9 @@ def markdown(results: dict) -> str:
         f"{box['dtype']}, device {box.get('device', 'cpu')}" + (f" ({box['cuda']})" if on_gpu and box["cuda"] else ""),
         f"- {results['prompts']['count']} prompts ({'chat template' if results['prompts']['chat_template'] else 'plain'}), "
         f"up to {results['max_new_tokens']} new tokens, greedy; median of {results['repeats']} interleaved repeats "
-        f"after {results['warmup']} warm-up; mask diffusion commit rule: {results.get('commit_rule', 'threshold')}",
+        f"after {results['warmup']} warm-up; mask diffusion commit rule: {results.get('commit_rule', 'threshold')}"
+        + (", verified against the context tower" if results.get("verify") else "")
+        + (f", {results['steps_per_block']} denoiser step(s) per block" if results.get("steps_per_block") else ""),
         "- speed-up: generated tokens/s of the mode / of our AR, timed A B A B in one run; "
         "agreement: greedy tokens vs our AR",
         f"- memory: {memory}",
