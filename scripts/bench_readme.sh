@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 tt=.venv/bin/twotower
 out=${1:-bench_results}
-stages=" ${STAGES:-1 2 3 4 5 6 7 8} "
+stages=" ${STAGES:-1 2 3 4 5 6 7 8 9} "
 want() { [[ "$stages" == *" $1 "* ]]; }
 common=(--threads 2 --prompts 8 --max-new-tokens 64 --repeats 2)
 # The shipped denoiser recommends left_prefix; stages 1-6 pin the released threshold rule, 7-8 left_prefix.
@@ -33,3 +33,7 @@ if want 7; then $tt bench speed "${common[@]}" --modes mask_diffusion --threshol
     --batch-sizes 1 --commit-rule left_prefix --output-dir "$out/speed_left_prefix"; fi
 if want 8; then $tt eval quality --threads 2 --thresholds 0.8 0.9 --max-new-tokens 64 --humaneval-problems 10 \
     --humaneval-max-new-tokens 128 --commit-rule left_prefix --output-dir "$out/quality_left_prefix"; fi
+# 9. verified drafting: the denoiser drafts each block in one forward, the context tower keeps the
+#    agreeing prefix plus its own next token (output = AR greedy, so no quality stage is needed)
+if want 9; then $tt bench speed "${common[@]}" --repeats 3 --modes mask_diffusion --thresholds 0.9 --block-sizes 16 \
+    --batch-sizes 1 --commit-rule left_prefix --verify --steps-per-block 1 --output-dir "$out/speed_verified"; fi

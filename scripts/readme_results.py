@@ -15,7 +15,7 @@ from pathlib import Path
 from twotower.eval.quality import AGGREGATED, aggregate
 
 STAGES = ["speed_trained", "speed_blocks", "speed_untrained", "speed_batch4", "speed_left_prefix",
-          "quality_trained", "quality_untrained", "quality_left_prefix"]
+          "quality_trained", "quality_untrained", "quality_left_prefix", "speed_verified"]
 
 
 def copy_artefacts(run: Path, docs: Path) -> list[str]:
@@ -59,19 +59,21 @@ def dial_table(docs: Path) -> list[str]:
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for stage, label in (("speed_trained", "trained"), ("speed_left_prefix", "trained"), ("speed_blocks", "trained"),
-                         ("speed_batch4", "trained"), ("speed_untrained", "untrained")):
+                         ("speed_batch4", "trained"), ("speed_untrained", "untrained"), ("speed_verified", "trained")):
         for r in speed_rows(docs, stage):
             if stage != "speed_trained" and r["mode"] != "mask_diffusion":
                 continue  # the baselines appear once, from the first stage
             rule = r.get("commit_rule", "threshold")
             key = (label, rule, r.get("block_size"), r.get("threshold"))
             # eval quality's numbers are per request (decoding is batch-invariant): shown once, at batch 1
-            q = by_dial.get(key) if r["batch_size"] == 1 else None
+            # verified decoding's text is AR's (exact match below): no quality stage of its own
+            q = by_dial.get(key) if r["batch_size"] == 1 and not r.get("verify") else None
             m = q["metrics"] if q else None
             ar = ar_of[key] if q else {}
             tpn = 1 / r["nfe_per_token"] if r.get("nfe_per_token") else None
             cells = [
-                label if r["mode"] == "mask_diffusion" else "–", r["mode"],
+                label if r["mode"] == "mask_diffusion" else "–",
+                r["mode"] + (f" verified, {r['steps_per_block']} step/block" if r.get("verify") else ""),
                 rule if r["mode"] == "mask_diffusion" else "", str(r["batch_size"]),
                 str(r.get("block_size", "")), str(r.get("threshold", "")), f"{r['speedup_vs_ar']:.2f}x",
                 f"{tpn:.2f}" if tpn else "–", f"{100 * r['token_agreement']:.0f}%",
@@ -96,7 +98,9 @@ def main() -> None:
     box = first["box"] if first else {}
     out = ["## Results", ""]
     if box:
-        day = datetime.fromtimestamp((docs / stages[0] / "speed.json").stat().st_mtime).date()
+        days = sorted({datetime.fromtimestamp(f.stat().st_mtime).date() for s in stages
+                       for f in (docs / s).glob("*.json")})
+        day = str(days[0]) if len(days) == 1 else f"{days[0]} to {days[-1]}"
         out += [f"Measured {day} on {box['cpu']}, {box['threads']} threads, torch {box['torch']}, "
                 f"transformers {box['transformers']}, {box['dtype']}, by `scripts/bench_readme.sh` (stages: "
                 f"{', '.join(stages)}); this table by `scripts/readme_results.py`.", ""]
