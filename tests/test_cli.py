@@ -25,9 +25,23 @@ def test_generate_defaults_to_mask_diffusion_with_the_shipped_denoiser():
     r = run_cli("generate", "What is the capital of France?", "--chat", "--max-new-tokens", "16", "--threads", "1")
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout
-    assert "[mask_diffusion] 16 tokens" in r.stderr and "tokens/NFE" in r.stderr
-    assert "rule left_prefix" in r.stderr  # the shipped denoiser's recommendation
+    assert "[mask_diffusion] 8 tokens" in r.stderr and "tokens/NFE" in r.stderr  # AR's answer, EOS included
+    # the shipped denoiser's recommendation: verified whole-block drafts with the left_prefix rule
+    assert "verified drafts of 16 tokens, rule left_prefix" in r.stderr
     assert "untrained" not in r.stderr  # the shipped denoiser was loaded
+
+
+def test_any_dial_option_replaces_the_recommended_preset():
+    """Giving the threshold (or --verify / --no-verify, --steps-per-block) means the plain dial:
+    unverified unless asked, every step of the block, the commit rule still the model's."""
+    r = run_cli("generate", "What is the capital of France?", "--chat", "--max-new-tokens", "8", "--threads", "1",
+                "--confidence-threshold", "0.9")
+    assert r.returncode == 0, r.stderr
+    assert "block 16, threshold 0.9, rule left_prefix)" in r.stderr and "verified" not in r.stderr
+    r = run_cli("generate", "What is the capital of France?", "--chat", "--max-new-tokens", "8", "--threads", "1",
+                "--verify")
+    assert r.returncode == 0, r.stderr
+    assert "block 16, threshold 0.9, rule left_prefix, verified)" in r.stderr
 
 
 def test_generate_chat_bfloat16_no_stream(capsys):

@@ -42,8 +42,10 @@ def test_artefact_is_small_and_safetensors_only():
 
 def test_shipped_denoiser_loads_as_trained_lora(shipped):
     assert shipped.note is None  # not the untrained fallback
-    # it recommends the left_prefix rule (generation_config.json); an explicit choice wins
-    assert shipped.decoding == {"commit_rule": "left_prefix"}
+    # it recommends the left_prefix rule and, for generate, verified whole-block drafts
+    # (generation_config.json); an explicit choice wins
+    assert shipped.decoding == {"commit_rule": "left_prefix", "verify": True, "steps_per_block": 1}
+    assert shipped.preset() == {"verify": True, "steps_per_block": 1}
     assert shipped.commit_rule(None) == "left_prefix" and shipped.commit_rule("threshold") == "threshold"
     model = shipped.model
     assert model.config.flavour == "lora" and model.block_size == 16

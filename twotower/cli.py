@@ -38,6 +38,7 @@ def _encode_prompt(tokenizer, prompt: str, chat: bool) -> list[int]:
 
 
 MODES = ("ar", "mask_diffusion", "mock_ar")
+DEFAULT_THRESHOLD = 0.9  # generate_mask_diffusion's default, as in the released model
 
 
 def _load_for_mode(args: argparse.Namespace):
@@ -52,6 +53,10 @@ def _load_for_mode(args: argparse.Namespace):
     loaded = load_two_tower(args.model, dtype, untrained=args.untrained_denoiser, block_size=args.block_size or 16)
     warn_untrained(loaded)
     args.commit_rule = loaded.commit_rule(args.commit_rule)
+    dial_given = any(getattr(args, k) is not None for k in ("verify", "steps_per_block", "confidence_threshold"))
+    preset = {} if dial_given else loaded.preset()
+    args.verify = bool(args.verify) if args.verify is not None else preset.get("verify", False)
+    args.steps_per_block = args.steps_per_block or preset.get("steps_per_block")
     model = loaded.model
     if args.mode == "ar":
         return model.context, loaded.tokenizer
@@ -70,7 +75,7 @@ def _check_generate_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--block-size must be >= 1, got {args.block_size}")
     if args.steps_per_block is not None and args.steps_per_block < 1:
         raise UsageError(f"--steps-per-block must be >= 1, got {args.steps_per_block}")
-    if not 0.0 <= args.confidence_threshold <= 1.0:
+    if args.confidence_threshold is not None and not 0.0 <= args.confidence_threshold <= 1.0:
         raise UsageError(f"--confidence-threshold must be in [0, 1], got {args.confidence_threshold}")
     if args.show_steps and args.mode == "ar":
         raise UsageError("--show-steps needs --mode mask_diffusion or mock_ar")
@@ -104,6 +109,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
             streamer.put(torch.tensor([token]))
 
     callback = on_token if (display or streamer) else None
+    threshold = DEFAULT_THRESHOLD if args.confidence_threshold is None else args.confidence_threshold
     if display is not None:
         display.__enter__()
     try:
@@ -115,7 +121,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         else:
             out = generate_mask_diffusion(
                 model, ids, block_size=args.block_size, steps_per_block=args.steps_per_block,
-                confidence_threshold=args.confidence_threshold, commit_rule=args.commit_rule, verify=args.verify,
+                confidence_threshold=threshold, commit_rule=args.commit_rule, verify=args.verify,
                 callback=callback, step_callback=display.on_step if display else None, **sampling,
             )
     finally:
@@ -128,8 +134,12 @@ def cmd_generate(args: argparse.Namespace) -> None:
     s = out.stats
     dial = ""
     if args.mode == "mask_diffusion":
-        dial = f", block {args.block_size or model.block_size}, threshold {args.confidence_threshold}, rule {args.commit_rule}"
-        dial += ", verified" if args.verify else ""
+        block = args.block_size or model.block_size
+        if args.verify and args.steps_per_block == 1:  # one draft per block: the threshold plays no part
+            dial = f", verified drafts of {block} tokens, rule {args.commit_rule}"
+        else:
+            dial = f", block {block}, threshold {threshold}, rule {args.commit_rule}"
+            dial += ", verified" if args.verify else ""
     print(
         f"[{args.mode}] {s.total_new_tokens} tokens in {s.seconds:.2f} s ({s.tokens_per_second:.1f} tokens/s, "
         f"{s.tokens_per_nfe:.2f} tokens/NFE, {s.nfe} NFE{dial}), prompt {len(ids)} tokens, {args.dtype}, "
@@ -310,10 +320,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use an untrained denoiser (a copy of the AR model) instead of the one shipped for the model")
     g.add_argument("--block-size", type=int, default=None, help="targets per block (default: the model's, 16)")
     g.add_argument("--steps-per-block", type=int, default=None, help="denoiser steps per block (default: block size)")
-    g.add_argument("--confidence-threshold", type=float, default=0.9, help="commit targets above this confidence")
+    g.add_argument("--confidence-threshold", type=float, default=None,
+                   help=f"commit targets above this confidence (default {DEFAULT_THRESHOLD})")
     g.add_argument("--commit-rule", choices=("threshold", "left_prefix"), default=None,
                    help="default: the model's recommendation (the shipped denoiser: left_prefix), else threshold")
-    g.add_argument("--verify", action="store_true", help="check every block against the AR model (output == ar)")
+    g.add_argument("--verify", action=argparse.BooleanOptionalAction, default=None,
+                   help="check every block against the AR model (output == ar). With none of --verify, "
+                        "--steps-per-block and --confidence-threshold given, the model's recommended preset "
+                        "applies (the shipped denoiser: verified drafts, one denoiser step per block)")
     g.add_argument("--show-steps", action="store_true", help="render the denoising, coloured by commit step")
     g.add_argument("--no-merge-adapters", action="store_true",
                    help="LoRA models: run the adapters as they are instead of a merged copy (less memory, slower)")

@@ -35,6 +35,7 @@ def shipped_denoiser(name: str) -> Path | None:
 
 
 DEFAULT_COMMIT_RULE = "threshold"  # the released rule (DESIGN.md §1)
+PRESET_KEYS = ("verify", "steps_per_block")  # generation_config.json keys of a generate preset
 
 
 @dataclass
@@ -50,16 +51,23 @@ class LoadedTwoTower:
         """The rule asked for, else the one this model recommends, else the released rule."""
         return requested or self.decoding.get("commit_rule", DEFAULT_COMMIT_RULE)
 
+    def preset(self) -> dict:
+        """The dial settings this model recommends for ``generate`` (say, verified whole-block
+        drafts: ``verify=True, steps_per_block=1``), meant as one preset: a caller who sets any
+        option of the dial takes the plain dial instead."""
+        return {k: self.decoding[k] for k in PRESET_KEYS if k in self.decoding}
+
 
 def recommended_decoding(directory: str | Path) -> dict:
     """The decoding settings a saved two-tower directory recommends, kept where transformers
-    models keep their generation defaults: ``generation_config.json`` (today: ``commit_rule``)."""
+    models keep their generation defaults: ``generation_config.json`` (``commit_rule``, and a
+    ``generate`` preset of ``verify`` and ``steps_per_block``)."""
     if not (Path(directory).expanduser() / "generation_config.json").is_file():
         return {}
     from transformers import GenerationConfig
 
     config = GenerationConfig.from_pretrained(directory)
-    return {"commit_rule": config.commit_rule} if hasattr(config, "commit_rule") else {}
+    return {k: getattr(config, k) for k in ("commit_rule", *PRESET_KEYS) if hasattr(config, k)}
 
 
 def load_two_tower(
