@@ -69,6 +69,9 @@ def dial_table(docs: Path) -> list[str]:
             # verified decoding's text is AR's (exact match below): no quality stage of its own
             q = by_dial.get(key) if r["batch_size"] == 1 and not r.get("verify") else None
             m = q["metrics"] if q else None
+            # recomputed from the per-metric retentions, so the column follows the library's
+            # current definition of the aggregate whatever version wrote the JSON
+            kept = aggregate(q["retention"]) if q else None
             ar = ar_of[key] if q else {}
             tpn = 1 / r["nfe_per_token"] if r.get("nfe_per_token") else None
             cells = [
@@ -80,9 +83,7 @@ def dial_table(docs: Path) -> list[str]:
                 f"{m['judge_perplexity']:.1f} ({ar['judge_perplexity']:.1f})" if m and m.get("judge_perplexity") else "–",
                 f"{m['humaneval_pass_at_1']:.1f} ({ar['humaneval_pass_at_1']:.1f})"
                 if m and m.get("humaneval_pass_at_1") is not None else "–",
-                # recomputed from the per-metric retentions, so the column follows the library's
-                # current definition of the aggregate whatever version wrote the JSON
-                f"{100 * aggregate(q['retention']):.1f}%" if q and aggregate(q["retention"]) else "–",
+                f"{100 * kept:.1f}%" if kept else "–",
             ]
             lines.append("| " + " | ".join(cells) + " |")
     return lines

@@ -38,7 +38,6 @@ def _encode_prompt(tokenizer, prompt: str, chat: bool) -> list[int]:
 
 
 MODES = ("ar", "mask_diffusion", "mock_ar")
-DEFAULT_THRESHOLD = 0.9  # generate_mask_diffusion's default, as in the released model
 
 
 def _load_for_mode(args: argparse.Namespace):
@@ -86,7 +85,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from transformers import TextStreamer
 
     from .generate import generate_ar
-    from .generate.diffusion import generate_mask_diffusion, generate_mock_ar
+    from .generate.diffusion import DEFAULT_CONFIDENCE_THRESHOLD, generate_mask_diffusion, generate_mock_ar
 
     _check_generate_args(args)
     model, tokenizer = _load_for_mode(args)
@@ -109,7 +108,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
             streamer.put(torch.tensor([token]))
 
     callback = on_token if (display or streamer) else None
-    threshold = DEFAULT_THRESHOLD if args.confidence_threshold is None else args.confidence_threshold
+    threshold = DEFAULT_CONFIDENCE_THRESHOLD if args.confidence_threshold is None else args.confidence_threshold
     if display is not None:
         display.__enter__()
     try:
@@ -296,6 +295,7 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from .checkpoints import DEFAULT_MODEL
     from .data.sources import LOSS_ON
+    from .generate.diffusion import DEFAULT_CONFIDENCE_THRESHOLD
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -321,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--block-size", type=int, default=None, help="targets per block (default: the model's, 16)")
     g.add_argument("--steps-per-block", type=int, default=None, help="denoiser steps per block (default: block size)")
     g.add_argument("--confidence-threshold", type=float, default=None,
-                   help=f"commit targets above this confidence (default {DEFAULT_THRESHOLD})")
+                   help=f"commit targets above this confidence (default {DEFAULT_CONFIDENCE_THRESHOLD})")
     g.add_argument("--commit-rule", choices=("threshold", "left_prefix"), default=None,
                    help="default: the model's recommendation (the shipped denoiser: left_prefix), else threshold")
     g.add_argument("--verify", action=argparse.BooleanOptionalAction, default=None,

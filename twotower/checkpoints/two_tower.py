@@ -34,6 +34,12 @@ def shipped_denoiser(name: str) -> Path | None:
     return path if name in REGISTRY and is_two_tower_dir(path) else None
 
 
+def denoiser_dir(name_or_path: str) -> Path | None:
+    """A saved two-tower directory as given, else the denoiser shipped for registry model
+    ``name_or_path``, else None."""
+    return Path(name_or_path).expanduser() if is_two_tower_dir(name_or_path) else shipped_denoiser(name_or_path)
+
+
 DEFAULT_COMMIT_RULE = "threshold"  # the released rule (DESIGN.md §1)
 PRESET_KEYS = ("verify", "steps_per_block")  # generation_config.json keys of a generate preset
 
@@ -78,12 +84,9 @@ def load_two_tower(
     ``untrained``); else the backbone with an untrained lora denoiser of ``block_size``."""
     from ..model.twotower import DenoiserConfig, TwoTower
 
-    if is_two_tower_dir(name_or_path):
-        if untrained:
-            raise ValueError(f"{name_or_path} is a trained two-tower directory: drop the untrained option")
-        directory: str | Path | None = name_or_path
-    else:
-        directory = None if untrained else shipped_denoiser(name_or_path)
+    if untrained and is_two_tower_dir(name_or_path):
+        raise ValueError(f"{name_or_path} is a trained two-tower directory: drop the untrained option")
+    directory = None if untrained else denoiser_dir(name_or_path)
     if directory is not None:
         from ..hf import TwoTowerForCausalLM
 

@@ -22,6 +22,9 @@ from .commit import CommitRule, get_commit_rule
 from .sampling import Sampler
 
 
+DEFAULT_CONFIDENCE_THRESHOLD = 0.9  # the released model's default
+
+
 @dataclass
 class StepEvent:
     """What one denoiser step decided, for visualisation and streaming."""
@@ -69,7 +72,7 @@ def generate_mask_diffusion(
     steps_per_block: int | None = None,
     mask_token_id: int | None = None,
     temperature: float = 0.0,
-    confidence_threshold: float = 0.9,
+    confidence_threshold: float = DEFAULT_CONFIDENCE_THRESHOLD,
     eos_token_id: int | Sequence[int] | None = None,
     top_k: int | None = None,
     top_p: float | None = None,

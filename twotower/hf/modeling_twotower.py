@@ -81,9 +81,9 @@ def load_denoiser(model: TwoTower, name_or_path: str) -> None:
     """Start ``model``'s denoiser from a saved one: a two-tower directory, or the denoiser
     shipped for a registry model. Both must be the same kind of denoiser (flavour, LoRA rank
     and scaling, block layout, mask token) over the same backbone architecture."""
-    from ..checkpoints.two_tower import is_two_tower_dir, shipped_denoiser
+    from ..checkpoints.two_tower import denoiser_dir
 
-    directory = Path(name_or_path).expanduser() if is_two_tower_dir(name_or_path) else shipped_denoiser(name_or_path)
+    directory = denoiser_dir(name_or_path)
     if directory is None:
         raise CheckpointError(
             f"{name_or_path!r} is neither a saved two-tower directory nor a registry model with a shipped denoiser"
