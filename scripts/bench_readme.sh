@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The runs behind the README's Results section (CPU, 2 threads); each writes JSON, Markdown and
-# (bench speed) a plot; scripts/readme_results.py then writes the section from them. About 1.7
+# (bench speed) a plot; scripts/readme_results.py then writes the section from them. About 1.9
 # hours on the 2-core build machine; keep the machine otherwise idle, or the timings suffer.
 # Usage: scripts/bench_readme.sh [OUT_DIR]; STAGES="1 4" runs only those stages (default: all).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tt=.venv/bin/twotower
 out=${1:-bench_results}
-stages=" ${STAGES:-1 2 3 4 5 6 7 8 9} "
+stages=" ${STAGES:-1 2 3 4 5 6 7 8 9 10} "
 want() { [[ "$stages" == *" $1 "* ]]; }
 common=(--threads 2 --prompts 8 --max-new-tokens 64 --repeats 2)
 # The shipped denoiser recommends left_prefix; stages 1-6 pin the released threshold rule, 7-8 left_prefix.
@@ -37,3 +37,7 @@ if want 8; then $tt eval quality --threads 2 --thresholds 0.8 0.9 --max-new-toke
 #    agreeing prefix plus its own next token (output = AR greedy, so no quality stage is needed)
 if want 9; then $tt bench speed "${common[@]}" --repeats 3 --modes mask_diffusion --thresholds 0.9 --block-sizes 16 \
     --batch-sizes 1 4 --commit-rule left_prefix --verify --steps-per-block 1 --output-dir "$out/speed_verified"; fi
+# 10. verified drafting with the dial: each denoiser forward drafts the run of targets above the
+#     threshold (at least one) and the context tower checks it (output = AR greedy)
+if want 10; then $tt bench speed "${common[@]}" --repeats 3 --modes mask_diffusion --thresholds 0.5 0.7 0.9 \
+    --block-sizes 16 --batch-sizes 1 --commit-rule left_prefix --verify --output-dir "$out/speed_verified_dial"; fi

@@ -41,7 +41,7 @@ def test_any_dial_option_replaces_the_recommended_preset():
     r = run_cli("generate", "What is the capital of France?", "--chat", "--max-new-tokens", "8", "--threads", "1",
                 "--verify")
     assert r.returncode == 0, r.stderr
-    assert "block 16, threshold 0.9, rule left_prefix, verified)" in r.stderr
+    assert "block 16, threshold 0.9, rule left_prefix, verified, " in r.stderr and "-token drafts)" in r.stderr
 
 
 def test_generate_chat_bfloat16_no_stream(capsys):

@@ -46,6 +46,12 @@ def test_round_trip_and_manifest(tmp_path, tokenizer):
     assert shards.num_tokens == manifest["splits"]["train"]["tokens"]
     assert all(s.dtype == np.uint16 for s in shards.shards)
 
+    # a model with a smaller vocabulary cannot train on these shards (checked once, when loaded)
+    top = max(int(s.max()) for s in shards.shards)
+    shards.check_token_ids(top + 1)
+    with pytest.raises(DataError, match="vocabulary"):
+        shards.check_token_ids(top)
+
 
 def test_validation_split_is_seeded(tmp_path, tokenizer):
     corpus = tmp_path / "many"

@@ -69,17 +69,32 @@ def test_verified_decoding_is_ar_greedy(kind, flavour, perturb):
     s, n = 4, 11  # 11 is not a multiple of the block size: the last block is cut
     model = two_tower(kind, flavour, block_size=s, perturb=perturb)
     ar = generate_ar(model.context, PROMPTS, max_new_tokens=n, **NO_EOS).tokens
-    rejected = 0
+    rejected = bonus = 0
     for rule in RULES:
         for threshold in (0.0, 0.5, 0.9):
             out = generate_mask_diffusion(model, PROMPTS, max_new_tokens=n, confidence_threshold=threshold,
                                           commit_rule=rule, verify=True, return_cache=True, **NO_EOS)
             assert out.tokens == ar, (rule, threshold)
-            for accepted in out.stats.accepted:
-                assert sum(accepted) == n and all(1 <= a <= s for a in accepted)
-                rejected += sum(a < s for a in accepted[:-1])
+            for accepted, drafted in zip(out.stats.accepted, out.stats.drafted):
+                assert sum(accepted) == n and all(1 <= a <= d + 1 <= s + 1 for a, d in zip(accepted, drafted))
+                rejected += sum(a <= d for a, d in zip(accepted[:-1], drafted))
+                bonus += sum(a == d + 1 for a, d in zip(accepted[:-1], drafted))
             assert_cache_is_fresh(model, PROMPTS, out)
     assert rejected > 0  # the denoiser did propose wrong tokens: rollback was exercised
+    assert bonus > 0  # whole drafts were accepted and AR's next token came with them
+
+
+def test_verified_draft_length_follows_the_dial():
+    """A draft is the commit rule's run from the left at a block's first step: whole blocks
+    with steps_per_block=1 or threshold 0, one token at threshold 1 (the quota)."""
+    s = 4
+    model = two_tower("attention", block_size=s, perturb=PERTURB)
+    for kwargs, length in ((dict(steps_per_block=1, confidence_threshold=1.0), s),
+                           (dict(confidence_threshold=0.0), s), (dict(confidence_threshold=1.0), 1)):
+        out = generate_mask_diffusion(model, PROMPTS, max_new_tokens=9, verify=True, commit_rule="left_prefix",
+                                      **kwargs, **NO_EOS)
+        assert all(set(drafted) == {length} for drafted in out.stats.drafted), kwargs
+        assert out.stats.nfe == max(len(d) for d in out.stats.drafted)  # one denoiser forward a draft
 
 
 def test_verified_decoding_accepts_whole_blocks_when_the_denoiser_agrees():
@@ -237,8 +252,9 @@ def test_batch_invariance_sampling(kind, mode):
     alone = run(model, PROMPTS[0], **kwargs).tokens[0]
     batched = run(model, PROMPTS, **kwargs)
     assert batched.tokens[0] == alone
-    if mode not in ("ar", "mock_ar"):  # rows needing different step counts share the loop
-        assert len({tuple(steps) for steps in batched.stats.block_steps}) > 1
+    if mode not in ("ar", "mock_ar"):  # rows needing different step counts (or drafts) share the loop
+        per_row = batched.stats.drafted if mode == "verified" else batched.stats.block_steps
+        assert len({tuple(steps) for steps in per_row}) > 1
     assert run(model, PROMPTS[0], **kwargs).tokens[0] == alone  # seeded: reproducible
     assert run(model, PROMPTS[0], **{**kwargs, "seed": 6}).tokens[0] != alone
 
@@ -335,7 +351,7 @@ def test_speculative_sampling_keeps_the_ar_distribution():
     out = generate_mask_diffusion(model, [prompt] * rows, max_new_tokens=3, temperature=temperature, seed=0,
                                   verify=True, commit_rule="left_prefix", confidence_threshold=0.2, **NO_EOS)
     tokens = torch.tensor(out.tokens)
-    assert any(steps[0] < 3 for steps in out.stats.block_steps)
+    assert any(drafted[0] > 1 for drafted in out.stats.drafted)
     for i, p in enumerate(marginals):
         empirical = torch.bincount(tokens[:, i], minlength=vocab) / rows
         assert 0.5 * float((empirical - p).abs().sum()) < 0.045, i

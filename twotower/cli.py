@@ -138,7 +138,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
             dial = f", verified drafts of {block} tokens, rule {args.commit_rule}"
         else:
             dial = f", block {block}, threshold {threshold}, rule {args.commit_rule}"
-            dial += ", verified" if args.verify else ""
+            if args.verify:  # the threshold sets how long the drafts are
+                drafts = [d for row in s.drafted for d in row]
+                dial += f", verified, {sum(drafts) / max(len(drafts), 1):.1f}-token drafts"
     print(
         f"[{args.mode}] {s.total_new_tokens} tokens in {s.seconds:.2f} s ({s.tokens_per_second:.1f} tokens/s, "
         f"{s.tokens_per_nfe:.2f} tokens/NFE, {s.nfe} NFE{dial}), prompt {len(ids)} tokens, {args.dtype}, "
@@ -325,7 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--commit-rule", choices=("threshold", "left_prefix"), default=None,
                    help="default: the model's recommendation (the shipped denoiser: left_prefix), else threshold")
     g.add_argument("--verify", action=argparse.BooleanOptionalAction, default=None,
-                   help="check every block against the AR model (output == ar). With none of --verify, "
+                   help="every denoiser forward drafts the confident run from the left and the AR model checks "
+                        "it (output == ar; the threshold sets the draft length). With none of --verify, "
                         "--steps-per-block and --confidence-threshold given, the model's recommended preset "
                         "applies (the shipped denoiser: verified drafts, one denoiser step per block)")
     g.add_argument("--show-steps", action="store_true", help="render the denoising, coloured by commit step")
@@ -394,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--steps-per-block", type=int, default=None)
     q.add_argument("--commit-rule", choices=("threshold", "left_prefix"), default=qd.commit_rule,
                    help="default: as generate")
-    q.add_argument("--verify", action="store_true")
+    q.add_argument("--verify", action="store_true", help="verified drafts (output = AR greedy)")
     q.add_argument("--max-new-tokens", type=int, default=qd.max_new_tokens)
     q.add_argument("--batch-size", type=int, default=qd.batch_size)
     q.add_argument("--judge", default=DEFAULT_JUDGE, help=f"judge model directory, .gguf or {DEFAULT_JUDGE}; 'none' skips it")

@@ -1,6 +1,7 @@
 """Terminal rendering of block denoising (``twotower generate --show-steps``): each block's
-positions fill in live, every token coloured by the denoiser step that committed it; tokens
-the AR model replaced under verified decoding are shown in reverse video."""
+positions fill in live, every token coloured by the denoiser step that committed it. Under
+verified decoding each draft is a block of one step, and the AR model's own tokens (at a
+rejected position, or after a draft it accepted whole) are shown in reverse video."""
 
 from __future__ import annotations
 
@@ -62,6 +63,6 @@ class StepDisplay:
         if j < len(self.block_tokens) and self.block_tokens[j] == token:
             style = PALETTE[self.block_steps[j] % len(PALETTE)]
         else:
-            style = "reverse"  # the AR model's token at a rejected position
+            style = "reverse"  # the AR model's token: at a rejected position or after the draft
         self.done.append(self._piece(token), style=style)
         self.live.update(self.done)

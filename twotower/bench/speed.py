@@ -321,9 +321,9 @@ def run_speed_bench(
     verify: bool = False,
     steps_per_block: int | None = None,
 ) -> dict:
-    """``verify``: mask diffusion checks every block against the context tower (output = AR
-    greedy); with ``steps_per_block=1`` the denoiser drafts a whole block in one forward and
-    the context tower's pass keeps the agreeing prefix (self-speculative decoding)."""
+    """``verify``: every denoiser forward drafts the confident run of targets from the left and
+    the context tower checks it (output = AR greedy); with ``steps_per_block=1`` the drafts are
+    whole blocks (self-speculative decoding)."""
     from ..cli import _torch_dtype
 
     _check(thresholds, block_sizes, batch_sizes, max_new_tokens, repeats, warmup)

@@ -181,6 +181,13 @@ class TokenShards:
     def num_tokens(self) -> int:
         return sum(len(s) for s in self.shards)
 
+    def check_token_ids(self, vocab_size: int) -> None:
+        """Every token id must be one of the model's (data prepared with another tokenizer fails here)."""
+        top = max((int(s.max()) for s in self.shards if len(s)), default=-1)
+        if top >= vocab_size:
+            raise DataError(f"{self.directory}: token id {top} is outside the model's vocabulary of {vocab_size} "
+                            "(prepared with another tokenizer?)")
+
     def documents(self):
         """Token ids of every document, EOS included, in order."""
         for shard, starts in zip(self.shards, self.doc_starts):

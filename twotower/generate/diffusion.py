@@ -1,10 +1,17 @@
 """Block-diffusion decoding with the two towers: mask diffusion, mock-AR (S = 1) and verified
-decoding (every committed block checked against the context tower's own predictions).
+decoding (every draft checked against the context tower's own predictions).
 
-Per block: the denoiser fills the S targets over at most ``steps_per_block`` forwards, a
-commit rule deciding which proposals become final; then the context tower advances over the
-block's inputs in one pass (it always lags one token, DESIGN.md §1). Every decision is per
-row, and the context state only ever holds committed tokens.
+Mask diffusion, per block: the denoiser fills the S targets over at most ``steps_per_block``
+forwards, a commit rule deciding which proposals become final; then the context tower advances
+over the block's inputs in one pass (it always lags one token, DESIGN.md §1).
+
+Verified decoding is speculative decoding with the denoiser as the drafter: each denoiser
+forward drafts the run of targets the commit rule commits from the left; the context tower's
+pass over the anchor and the draft yields the AR model's prediction for every drafted target
+and for the target after the draft, so the agreeing prefix is kept and the AR model's own
+token follows it (a correction, or the next token when the whole draft agrees).
+
+Every decision is per row, and the context state only ever holds committed tokens.
 """
 
 from __future__ import annotations
@@ -29,9 +36,9 @@ DEFAULT_CONFIDENCE_THRESHOLD = 0.9  # the released model's default
 class StepEvent:
     """What one denoiser step decided, for visualisation and streaming."""
 
-    block: int  # block index within this call
-    step: int  # step within the block, from 0
-    committed: torch.Tensor  # (B, S) bool: targets committed at this step
+    block: int  # block index within this call (verified: the draft's index)
+    step: int  # step within the block, from 0 (verified: always 0)
+    committed: torch.Tensor  # (B, S) bool: targets committed at this step (verified: drafted)
     tokens: torch.Tensor  # (B, S) the block's targets committed so far, -1 where unknown
 
 
@@ -42,7 +49,8 @@ StepCallback = Callable[[StepEvent], None]
 class DiffusionStats(GenerationStats):
     context_passes: int = 0  # context-tower passes over committed blocks (prompt pass excluded)
     block_steps: list[list[int]] = field(default_factory=list)  # per row: denoiser steps of each block
-    accepted: list[list[int]] = field(default_factory=list)  # per row: tokens kept of each block (verify)
+    drafted: list[list[int]] = field(default_factory=list)  # per row: tokens of each draft (verify)
+    accepted: list[list[int]] = field(default_factory=list)  # per row: tokens each draft gave, AR's included (verify)
 
 
 @dataclass
@@ -61,6 +69,61 @@ def _check(block_size: int, steps: int, threshold: float) -> None:
         raise ValueError(f"steps_per_block must be an integer >= 1, got {steps!r}")
     if not 0.0 <= threshold <= 1.0:  # also rejects NaN
         raise ValueError(f"confidence_threshold must be in [0, 1], got {threshold}")
+
+
+@dataclass
+class _Decoding:
+    """The state both loops share: the model, the context cache and every row's output."""
+
+    model: TwoTower
+    cache: ModelCache
+    sampler: Sampler
+    rule: CommitRule
+    block_size: int
+    steps: int
+    threshold: float
+    max_new_tokens: int
+    stops: set[int]
+    anchor: torch.Tensor  # (B,) each row's last committed token: the next block's first input
+    stats: DiffusionStats
+    callback: TokenCallback | None
+    step_callback: StepCallback | None
+    out: list[list[int]] = field(default_factory=list)
+    done: list[bool] = field(default_factory=list)
+
+    def active(self) -> torch.Tensor:
+        return torch.tensor([not d for d in self.done], device=self.anchor.device)
+
+    def fresh_block(self) -> torch.Tensor:
+        """(B, S) inputs of a block with every target masked."""
+        batch = len(self.out)
+        block_in = torch.full((batch, self.block_size), self.model.mask_token_id, dtype=torch.long,
+                              device=self.anchor.device)
+        if self.model.config.token_shift:
+            block_in[:, 0] = self.anchor
+        return block_in
+
+    def emit(self, row: int, new: list[int]) -> int:
+        """Append a row's newly final tokens (cut at max_new_tokens and after a stop token);
+        return how many were kept."""
+        new = new[: self.max_new_tokens - len(self.out[row])]
+        for i, tok in enumerate(new):
+            if tok in self.stops:
+                new = new[: i + 1]
+                break
+        self.out[row].extend(new)
+        if self.callback is not None:
+            for tok in new:
+                self.callback(row, tok)
+        self.anchor[row] = new[-1]
+        self.done[row] = len(self.out[row]) >= self.max_new_tokens or new[-1] in self.stops
+        return len(new)
+
+    def settle_context(self, before: torch.Tensor, appended: torch.Tensor) -> None:
+        """After a recorded context pass: keep every committed token but each row's anchor."""
+        target = before + appended
+        if bool((target != self.cache.lengths).any()):
+            self.cache.rollback(target)
 
 
 @torch.inference_mode()
@@ -86,10 +149,14 @@ def generate_mask_diffusion(
 ) -> DiffusionOutput:
     """Fill blocks of ``block_size`` targets (default: the model's), at most ``steps_per_block``
     denoiser forwards each (default: block_size). ``confidence_threshold`` is the dial: lower
-    is faster, higher is safer. With ``verify=True`` the output equals ``generate_ar`` at
-    temperature 0 whatever the threshold; with sampling it follows speculative-sampling
-    acceptance (exactly the AR distribution for the left-prefix rule, whose proposals only
-    condition on their left; confidence is then the top probability, not the drawn token's)."""
+    is faster, higher is safer.
+
+    With ``verify=True`` every denoiser forward is a draft checked at once by the context tower,
+    and the output equals ``generate_ar`` at temperature 0 whatever the dial; with sampling it
+    follows speculative-sampling acceptance (exactly the AR distribution). The draft is the run
+    of targets the commit rule commits from the left at a block's first step: at least
+    ceil(block_size / steps_per_block) of them (``steps_per_block=1`` drafts whole blocks), then
+    further targets while their confidence (the top probability) exceeds the threshold."""
     s = model.block_size if block_size is None else block_size
     steps = s if steps_per_block is None else steps_per_block
     _check(s, steps, confidence_threshold)
@@ -112,149 +179,152 @@ def generate_mask_diffusion(
         raise ValueError(f"the prompt contains the mask token id {model.mask_token_id}")
     device = context.device
     batch, width = prompts.input_ids.shape
-    sampler = Sampler(batch, temperature, top_k, top_p, seed, device)
-    stops = eos_set(context, eos_token_id)
     ids = prompts.input_ids.to(device)
     mask = prompts.attention_mask.to(device) if prompts.attention_mask is not None else None
 
     start = time.perf_counter()
-    # at most width - 1 + max_new_tokens slots hold committed tokens; every context pass appends
-    # s more to every row (finished rows too) before rolling back
+    # a row holds at most width - 1 + max_new_tokens committed tokens, and a context pass
+    # appends at most s (a block's inputs, or the anchor and a draft) before rolling back
     cache = context.new_cache(batch, width + max_new_tokens + s - 1)
     if width > shift:  # with token shift the last prompt token is the first block's input
         prefix_mask = None if mask is None else mask[:, : width - shift]
         model.context_forward(ids[:, : width - shift], cache, attention_mask=prefix_mask)
-    stats = DiffusionStats(new_tokens=[0] * batch, block_steps=[[] for _ in range(batch)],
-                           accepted=[[] for _ in range(batch)])
+    empty = [[] for _ in range(batch)]
+    stats = DiffusionStats(block_steps=[[] for _ in empty], drafted=[[] for _ in empty], accepted=[[] for _ in empty])
     stats.prefill_seconds = time.perf_counter() - start
     start = time.perf_counter()
 
-    out: list[list[int]] = [[] for _ in range(batch)]
-    done = [False] * batch
-    anchor = ids[:, -1].clone()
+    run = _Decoding(
+        model, cache, Sampler(batch, temperature, top_k, top_p, seed, device), rule, s, steps, confidence_threshold,
+        max_new_tokens, eos_set(context, eos_token_id), ids[:, -1].clone(), stats, callback, step_callback,
+        out=empty, done=[False] * batch,
+    )
+    (_verified_drafts if verify else _blocks)(run)
+    stats.decode_seconds = time.perf_counter() - start
+    stats.new_tokens = [len(r) for r in run.out]
+    stats.row_nfe = [sum(steps) for steps in stats.block_steps]  # a row takes part while it has unknown targets
+    return DiffusionOutput(run.out, stats, cache if return_cache else None)
+
+
+def _propose(run: _Decoding, block_in: torch.Tensor, unknown: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One denoiser forward (1 NFE): the logits and a proposal for every target of the rows
+    with unknown targets (the others draw nothing: a row's random stream must not depend on
+    how many steps its batch mates need)."""
+    t = unknown.sum(1).float() / run.block_size
+    logits = run.model.denoise_block(block_in, t, run.cache)
+    run.stats.nfe += 1
+    live = unknown.any(1).nonzero()[:, 0]
+    proposal = torch.zeros(unknown.shape, dtype=torch.long, device=unknown.device)
+    proposal[live] = run.sampler(logits[live], live)
+    return logits, proposal
+
+
+def _blocks(run: _Decoding) -> None:
+    """Mask diffusion: fill each block over denoiser steps, then extend the context over it."""
+    s, shift = run.block_size, 1 if run.model.config.token_shift else 0
+    batch = len(run.out)
     block = 0
-    while not all(done):
-        active = torch.tensor([not d for d in done], device=device)
-        tokens = torch.full((batch, s), -1, dtype=torch.long, device=device)
+    while not all(run.done):
+        active = run.active()
+        tokens = torch.full((batch, s), -1, dtype=torch.long, device=active.device)
         unknown = active[:, None].expand(batch, s).clone()
-        block_in = torch.full((batch, s), model.mask_token_id, dtype=torch.long, device=device)
-        if shift:
-            block_in[:, 0] = anchor
-        q_probs = None
-        if verify and not sampler.greedy:
-            q_probs = torch.zeros(batch, s, context.config.vocab_size, device=device)
+        block_in = run.fresh_block()
         steps_used = torch.zeros(batch, dtype=torch.long)
         step = 0
         while bool(unknown.any()):
-            t = unknown.sum(1).float() / s
-            logits = model.denoise_block(block_in, t, cache)
-            stats.nfe += 1
-            # rows whose block is complete draw nothing: a row's random stream must not depend
-            # on how many steps its batch mates need
-            live = unknown.any(1).nonzero()[:, 0]
-            proposal = torch.zeros_like(tokens)
-            proposal[live] = sampler(logits[live], live)
-            probs = logits.float().softmax(-1)
-            if verify:
-                # the decision to commit must not depend on which token was drawn: committed
-                # tokens must follow q exactly for speculative acceptance to give the AR
-                # distribution (greedy: the same thing, the proposal is the argmax)
-                confidence = probs.max(-1).values
-            else:
-                confidence = probs.gather(-1, proposal[..., None])[..., 0]
-            commit = rule(confidence, unknown, max(steps - step, 1), confidence_threshold)
+            logits, proposal = _propose(run, block_in, unknown)
+            confidence = logits.float().softmax(-1).gather(-1, proposal[..., None])[..., 0]
+            commit = run.rule(confidence, unknown, max(run.steps - step, 1), run.threshold)
             tokens = torch.where(commit, proposal, tokens)
-            if q_probs is not None:
-                q_probs[commit] = sampler.probs(logits)[commit]
             unknown &= ~commit
             steps_used += commit.any(1).cpu()
             # committing target j reveals it as input j + shift
             written = tokens[:, : s - shift] if shift else tokens
             block_in[:, shift:] = torch.where(written >= 0, written, block_in[:, shift:])
-            if step_callback is not None:
-                step_callback(StepEvent(block, step, commit.clone(), tokens.clone()))
+            if run.step_callback is not None:
+                run.step_callback(StepEvent(block, step, commit.clone(), tokens.clone()))
             step += 1
 
-        # the context tower advances over the block's inputs (record: rows may roll back)
-        ext = torch.cat([anchor[:, None], tokens[:, : s - 1]], dim=1) if shift else tokens
+        # the context tower advances over the block's inputs (recorded: a row may finish early)
+        ext = torch.cat([run.anchor[:, None], tokens[:, : s - 1]], dim=1) if shift else tokens
         ext = torch.where(active[:, None], ext, 0)
-        before = cache.lengths.clone()
-        ar_logits = model.context_forward(ext, cache, record=True)
-        stats.context_passes += 1
-        keep = torch.full((batch,), s, dtype=torch.long, device=device)
-        if verify:
-            tokens, keep = _verify(tokens, ar_logits, q_probs, sampler, active)
-
-        appended = torch.zeros(batch, dtype=torch.long, device=device)
-        for row in range(batch):
-            if done[row]:
-                continue
-            new = tokens[row, : int(keep[row])].tolist()
-            new = new[: max_new_tokens - len(out[row])]
-            for i, tok in enumerate(new):
-                if tok in stops:
-                    new = new[: i + 1]
-                    break
-            out[row].extend(new)
-            if callback is not None:
-                for tok in new:
-                    callback(row, tok)
-            appended[row] = len(new)
-            anchor[row] = new[-1]
-            stats.block_steps[row].append(int(steps_used[row]))
-            if verify:
-                stats.accepted[row].append(len(new))
-            done[row] = len(out[row]) >= max_new_tokens or new[-1] in stops
-        target = before + appended  # the context holds every committed token but the anchor
-        if bool((target != cache.lengths).any()):
-            cache.rollback(target)
+        before = run.cache.lengths.clone()
+        run.model.context_forward(ext, run.cache, record=True)
+        run.stats.context_passes += 1
+        appended = torch.zeros(batch, dtype=torch.long, device=active.device)
+        for row in active.nonzero()[:, 0].tolist():
+            appended[row] = run.emit(row, tokens[row].tolist())
+            run.stats.block_steps[row].append(int(steps_used[row]))
+        run.settle_context(before, appended)
         block += 1
-    stats.decode_seconds = time.perf_counter() - start
-    stats.new_tokens = [len(r) for r in out]
-    stats.row_nfe = [sum(steps) for steps in stats.block_steps]  # a row takes part while it has unknown targets
-    return DiffusionOutput(out, stats, cache if return_cache else None)
 
 
-def _verify(
-    tokens: torch.Tensor,
-    ar_logits: torch.Tensor,
-    q_probs: torch.Tensor | None,
-    sampler: Sampler,
-    active: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keep each row's longest prefix of committed targets that the AR model accepts and put
-    the AR model's token at the first rejection. The context pass over the block's inputs
-    yields the AR prediction for exactly the block's targets (token shift).
-    Greedy: accept while equal to the AR argmax. Sampling: speculative-sampling acceptance
-    with the denoiser's proposal distribution q and the AR distribution p."""
-    batch, s = tokens.shape
-    tokens = tokens.clone()
+def _verified_drafts(run: _Decoding) -> None:
+    """Verified decoding: one denoiser forward drafts, one context pass checks the draft."""
+    s = run.block_size
+    batch = len(run.out)
+    draft_index = 0
+    while not all(run.done):
+        active = run.active()
+        unknown = active[:, None].expand(batch, s)
+        logits, proposal = _propose(run, run.fresh_block(), unknown)
+        # the draft's length must not depend on which tokens were drawn, or acceptance would
+        # no longer give the AR distribution: it reads the top probability (greedy: the same)
+        confidence = logits.float().softmax(-1).max(-1).values
+        commit = run.rule(confidence, unknown, run.steps, run.threshold)
+        drafted = commit.long().cumprod(1).sum(1)  # targets after a gap cannot be checked yet
+        in_draft = torch.arange(s, device=active.device)[None, :] < drafted[:, None]
+        if run.step_callback is not None:
+            run.step_callback(StepEvent(draft_index, 0, in_draft, torch.where(in_draft, proposal, -1)))
+
+        # the context pass over the anchor and the draft: AR's token for every drafted target
+        # and for the one after the draft (but a whole-block draft: the cache and the position
+        # limit leave room for S tokens a pass, as in mask diffusion)
+        width = min(int(drafted.max()) + 1, s)
+        ext = torch.cat([run.anchor[:, None], proposal[:, : width - 1]], dim=1)
+        ext = torch.where(active[:, None] & (torch.arange(width, device=ext.device) <= drafted[:, None]), ext, 0)
+        before = run.cache.lengths.clone()
+        ar_logits = run.model.context_forward(ext, run.cache, record=True)
+        run.stats.context_passes += 1
+        q = None if run.sampler.greedy else run.sampler.probs(logits[:, : int(drafted.max())])
+        appended = torch.zeros(batch, dtype=torch.long, device=active.device)
+        for row in active.nonzero()[:, 0].tolist():
+            new = _accept(run.sampler, row, proposal[row, : int(drafted[row])], ar_logits[row], q)
+            appended[row] = run.emit(row, new)
+            run.stats.block_steps[row].append(1)
+            run.stats.drafted[row].append(int(drafted[row]))
+            run.stats.accepted[row].append(int(appended[row]))
+        run.settle_context(before, appended)
+        draft_index += 1
+
+
+def _accept(sampler: Sampler, row: int, draft: torch.Tensor, ar_logits: torch.Tensor, q: torch.Tensor | None) -> list[int]:
+    """A row's draft (k,) checked against the AR logits of its targets (k rows, or k + 1 with
+    the target after the draft): the accepted prefix, then the AR model's token at the first
+    rejection or after the draft. Greedy: accept while equal to the AR argmax. Sampling:
+    speculative-sampling acceptance with the denoiser's proposal distribution q and the AR
+    distribution p."""
+    k = len(draft)
+    ar_logits = ar_logits[: k + 1]
     if sampler.greedy:
         ar = ar_logits.argmax(-1)
-        agree = tokens == ar
-        first_bad = torch.where(agree.all(1), s, (~agree).long().argmax(1))
-        fix = first_bad < s
-        idx = first_bad.clamp(max=s - 1)
-        tokens[fix, idx[fix]] = ar[fix, idx[fix]]
-        return tokens, torch.where(fix, first_bad + 1, s)
+        kept = int((draft == ar[:k]).long().cumprod(0).sum())
+        return draft[:kept].tolist() + ar[kept : kept + 1].tolist()
     p = sampler.probs(ar_logits)
-    keep = torch.full((batch,), s, dtype=torch.long, device=tokens.device)
-    for row in range(batch):
-        if not bool(active[row]):  # finished rows have no targets (and draw nothing)
-            continue
-        x = tokens[row]
-        px = p[row].gather(-1, x[:, None])[:, 0]
-        qx = q_probs[row].gather(-1, x[:, None])[:, 0]
-        u = sampler.uniform(row, (s,)).to(px.device)
-        rejected = (u * qx > px).nonzero()
-        if len(rejected):
-            j = int(rejected[0])
-            residual = (p[row, j] - q_probs[row, j]).clamp_min(0)
-            residual = residual if float(residual.sum()) > 0 else p[row, j]
-            gumbel = -torch.log(-torch.log(sampler.uniform(row, residual.shape).to(px.device).clamp_min(1e-20)))
-            tokens[row, j] = (residual.log() + gumbel).argmax()
-            keep[row] = j + 1
-    return tokens, keep
+    px = p[:k].gather(-1, draft[:, None])[:, 0]
+    qx = q[row, :k].gather(-1, draft[:, None])[:, 0]
+    u = sampler.uniform(row, (k,)).to(px.device)
+    rejected = (u * qx > px).nonzero()
+    if len(rejected):
+        j = int(rejected[0])
+        residual = (p[j] - q[row, j]).clamp_min(0)
+        target = residual if float(residual.sum()) > 0 else p[j]
+    elif k < len(p):
+        j, target = k, p[k]
+    else:
+        return draft.tolist()
+    gumbel = -torch.log(-torch.log(sampler.uniform(row, target.shape).to(px.device).clamp_min(1e-20)))
+    return draft[:j].tolist() + [int((target.log() + gumbel).argmax())]
 
 
 def generate_mock_ar(model: TwoTower, input_ids, max_new_tokens: int = 128, **kwargs) -> DiffusionOutput:

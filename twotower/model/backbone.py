@@ -87,6 +87,8 @@ class Backbone(nn.Module):
         return ModelCache(self.config, batch, max_len, dtype=self.dtype, device=self.device)
 
     def check_token_ids(self, input_ids: torch.Tensor) -> None:
+        if torch.compiler.is_compiling():
+            return  # compiled training checks its data once, when loaded; reading ids here would split the graph
         if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
             raise ValueError(
                 f"token ids must lie in [0, {self.config.vocab_size}); got {int(input_ids.min())}..{int(input_ids.max())}"

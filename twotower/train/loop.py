@@ -208,6 +208,8 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
     shards, val = TokenShards(cfg.data, "train"), TokenShards(cfg.data, "val")
     if not val.num_tokens:
         raise DataError(f"{cfg.data} has no validation documents: prepare it with a larger --val-fraction")
+    for split in (shards, val):
+        split.check_token_ids(model.context.config.vocab_size)
 
     start, tokens_seen, elapsed = 0, 0, 0.0
     ckpt = latest_checkpoint(out)
