@@ -35,7 +35,7 @@ if want 8; then $tt eval quality --threads 2 --thresholds 0.8 0.9 --max-new-toke
     --humaneval-max-new-tokens 128 --commit-rule left_prefix --output-dir "$out/quality_left_prefix"; fi
 # 9. verified drafting: the denoiser drafts each block in one forward, the context tower keeps the
 #    agreeing prefix plus its own next token (output = AR greedy, so no quality stage is needed)
-if want 9; then $tt bench speed "${common[@]}" --repeats 3 --modes mask_diffusion --thresholds 0.9 --block-sizes 16 \
+if want 9; then $tt bench speed "${common[@]}" --repeats 3 --modes mask_diffusion --thresholds 0.9 --block-sizes 4 8 16 \
     --batch-sizes 1 4 --commit-rule left_prefix --verify --steps-per-block 1 --output-dir "$out/speed_verified"; fi
 # 10. verified drafting with the dial: each denoiser forward drafts the run of targets above the
 #     threshold (at least one) and the context tower checks it (output = AR greedy)

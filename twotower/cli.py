@@ -9,32 +9,11 @@ import os
 import sys
 from pathlib import Path
 
-DTYPES = ("float32", "bfloat16")
+DTYPES = ("float32", "bfloat16")  # twotower.model.devices.DTYPES, named here without importing torch
 
 
 class UsageError(ValueError):
     """A bad command-line request, reported without a traceback."""
-
-
-def _torch_dtype(name: str):
-    import torch
-
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
-
-
-def _encode_prompt(tokenizer, prompt: str, chat: bool) -> list[int]:
-    if not prompt.strip():
-        raise UsageError("the prompt is empty")
-    if tokenizer is None:
-        raise UsageError("this checkpoint has no tokenizer: text prompts need one")
-    if chat:
-        if not tokenizer.chat_template:
-            raise UsageError("--chat: this model's tokenizer has no chat template")
-        ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
-        )
-        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
-    return tokenizer(prompt, add_special_tokens=True)["input_ids"]
 
 
 MODES = ("ar", "mask_diffusion", "mock_ar")
@@ -45,8 +24,9 @@ def _load_for_mode(args: argparse.Namespace):
     directory, the registry model with its shipped denoiser, or an untrained denoiser."""
     from .checkpoints import load_backbone
     from .checkpoints.two_tower import is_two_tower_dir, load_two_tower, warn_untrained
+    from .model.devices import torch_dtype
 
-    dtype = _torch_dtype(args.dtype)
+    dtype = torch_dtype(args.dtype)
     if args.mode == "ar" and not is_two_tower_dir(args.model):
         return load_backbone(args.model, dtype=dtype)
     loaded = load_two_tower(args.model, dtype, untrained=args.untrained_denoiser, block_size=args.block_size or 16)
@@ -56,6 +36,7 @@ def _load_for_mode(args: argparse.Namespace):
     preset = {} if dial_given else loaded.preset()
     args.verify = bool(args.verify) if args.verify is not None else preset.get("verify", False)
     args.steps_per_block = args.steps_per_block or preset.get("steps_per_block")
+    args.block_size = args.block_size or preset.get("block_size")
     model = loaded.model
     if args.mode == "ar":
         return model.context, loaded.tokenizer
@@ -86,10 +67,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     from .generate import generate_ar
     from .generate.diffusion import DEFAULT_CONFIDENCE_THRESHOLD, generate_mask_diffusion, generate_mock_ar
+    from .generate.prompts import encode_prompt
 
     _check_generate_args(args)
     model, tokenizer = _load_for_mode(args)
-    ids = _encode_prompt(tokenizer, args.prompt, args.chat)
+    ids = encode_prompt(tokenizer, args.prompt, args.chat)
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p, seed=args.seed)
 
@@ -224,11 +206,12 @@ def cmd_data_distill(args: argparse.Namespace) -> None:
     from .data.distill import distill
     from .data.instructions import chat_instructions
     from .data.sources import SourceSpec, read_documents
+    from .model.devices import torch_dtype
 
     if (args.prompts is None) == (args.instructions is None):
         raise UsageError("give either --prompts FILE or --instructions N")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    backbone, tokenizer = load_backbone(args.model, dtype=_torch_dtype(args.dtype), device=device)
+    backbone, tokenizer = load_backbone(args.model, dtype=torch_dtype(args.dtype), device=device)
     if args.instructions is not None:
         if not args.chat:
             raise UsageError("--instructions are chat requests: add --chat")
@@ -330,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="every denoiser forward drafts the confident run from the left and the AR model checks "
                         "it (output == ar; the threshold sets the draft length). With none of --verify, "
                         "--steps-per-block and --confidence-threshold given, the model's recommended preset "
-                        "applies (the shipped denoiser: verified drafts, one denoiser step per block)")
+                        "applies (the shipped denoiser: verified whole-block drafts of 4 tokens)")
     g.add_argument("--show-steps", action="store_true", help="render the denoising, coloured by commit step")
     g.add_argument("--no-merge-adapters", action="store_true",
                    help="LoRA models: run the adapters as they are instead of a merged copy (less memory, slower)")

@@ -11,6 +11,7 @@ from tqdm import tqdm
 
 from ..checkpoints import checkpoint_dir, load_backbone
 from ..generate import generate_ar
+from ..model.devices import torch_dtype
 from .box import describe_box
 from .timing import interleaved
 
@@ -22,14 +23,12 @@ def run_ar_bench(
 ) -> dict:
     from transformers import AutoModelForCausalLM
 
-    from ..cli import _torch_dtype
-
     if repeats < 1 or max_new_tokens < 1:
         raise ValueError("--repeats and --max-new-tokens must be >= 1")
     results = {"model": model, "max_new_tokens": max_new_tokens, "batch": 1, "repeats": repeats,
                "prompt": PROMPT, "box": describe_box(), "runs": []}
     for name in dtypes:
-        dtype = _torch_dtype(name)
+        dtype = torch_dtype(name)
         ours, tokenizer = load_backbone(model, dtype=dtype)
         hf = AutoModelForCausalLM.from_pretrained(checkpoint_dir(model), dtype=dtype).eval()
         hf.generation_config.eos_token_id = None  # both sides generate exactly max_new_tokens

@@ -45,6 +45,8 @@ from ..eval.metrics import exact_match, token_agreement
 from ..generate import generate_ar, prepare_prompts
 from ..generate.ar import eos_set
 from ..generate.diffusion import generate_mask_diffusion, generate_mock_ar
+from ..generate.prompts import encode_prompt
+from ..model.devices import torch_dtype
 from ..model.twotower import TwoTower
 from .box import describe_box
 from .memory import PeakMemory
@@ -68,10 +70,8 @@ def load_prompts(count: int | None = None, path: Path = PROMPTS_FILE) -> list[di
 
 def encode_prompts(tokenizer, prompts: list[dict]) -> tuple[list[list[int]], bool]:
     """Token ids of each prompt, through the chat template when the tokenizer has one."""
-    from ..cli import _encode_prompt
-
     chat = bool(getattr(tokenizer, "chat_template", None))
-    return [_encode_prompt(tokenizer, p["text"], chat) for p in prompts], chat
+    return [encode_prompt(tokenizer, p["text"], chat) for p in prompts], chat
 
 
 def counted(tokens: Sequence[int], eos: set[int]) -> list[int]:
@@ -324,10 +324,8 @@ def run_speed_bench(
     """``verify``: every denoiser forward drafts the confident run of targets from the left and
     the context tower checks it (output = AR greedy); with ``steps_per_block=1`` the drafts are
     whole blocks (self-speculative decoding)."""
-    from ..cli import _torch_dtype
-
     _check(thresholds, block_sizes, batch_sizes, max_new_tokens, repeats, warmup)
-    loaded = load_model(model, _torch_dtype(dtype), untrained, device, commit_rule)
+    loaded = load_model(model, torch_dtype(dtype), untrained, device, commit_rule)
     commit_rule = loaded.commit_rule
     if loaded.tokenizer is None:
         raise ValueError(f"{model} has no tokenizer: the benchmark prompts are text")
@@ -349,7 +347,7 @@ def run_speed_bench(
         else:
             from transformers import AutoModelForCausalLM
 
-            hf = AutoModelForCausalLM.from_pretrained(loaded.hf_dir, dtype=_torch_dtype(dtype)).to(device).eval()
+            hf = AutoModelForCausalLM.from_pretrained(loaded.hf_dir, dtype=torch_dtype(dtype)).to(device).eval()
             forwards = ForwardCounter(hf)
     llama = None
     if "llama_cpp" in modes and torch.device(device).type != "cpu":

@@ -17,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from ..checkpoints import load_backbone
+from ..model.devices import torch_dtype
 from ..model.twotower import DenoiserConfig, TwoTower
 from .box import describe_box
 from .timing import interleaved
@@ -26,15 +27,13 @@ def run_step_bench(
     model: str, dtypes: list[str], context_tokens: int = 256, block_size: int = 16, repeats: int = 30,
     output: str | None = None,
 ) -> dict:
-    from ..cli import _torch_dtype
-
     if context_tokens < 2 or block_size < 1 or repeats < 1:
         raise ValueError("--context-tokens must be >= 2, --block-size and --repeats >= 1")
     results = {"model": model, "context_tokens": context_tokens, "block_size": block_size, "repeats": repeats,
                "box": describe_box(), "runs": []}
     for name in dtypes:
         # one backbone each: LoRA is injected into the backbone it wraps
-        towers = {flavour: TwoTower(load_backbone(model, dtype=_torch_dtype(name))[0],
+        towers = {flavour: TwoTower(load_backbone(model, dtype=torch_dtype(name))[0],
                                     DenoiserConfig(flavour="full" if flavour == "full" else "lora", block_size=block_size))
                   for flavour in ("lora", "merged", "full")}
         towers["merged"].merge_adapters()

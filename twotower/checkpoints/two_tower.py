@@ -41,7 +41,7 @@ def denoiser_dir(name_or_path: str) -> Path | None:
 
 
 DEFAULT_COMMIT_RULE = "threshold"  # the released rule (DESIGN.md §1)
-PRESET_KEYS = ("verify", "steps_per_block")  # generation_config.json keys of a generate preset
+PRESET_KEYS = ("verify", "steps_per_block", "block_size")  # generation_config.json keys of a generate preset
 
 
 @dataclass
@@ -59,15 +59,16 @@ class LoadedTwoTower:
 
     def preset(self) -> dict:
         """The dial settings this model recommends for ``generate`` (say, verified whole-block
-        drafts: ``verify=True, steps_per_block=1``), meant as one preset: a caller who sets any
-        option of the dial takes the plain dial instead."""
+        drafts of 4 tokens: ``verify=True, steps_per_block=1, block_size=4``), meant as one
+        preset: a caller who sets any option of the dial takes the plain dial instead (a block
+        size they give replaces the preset's)."""
         return {k: self.decoding[k] for k in PRESET_KEYS if k in self.decoding}
 
 
 def recommended_decoding(directory: str | Path) -> dict:
     """The decoding settings a saved two-tower directory recommends, kept where transformers
     models keep their generation defaults: ``generation_config.json`` (``commit_rule``, and a
-    ``generate`` preset of ``verify`` and ``steps_per_block``)."""
+    ``generate`` preset of ``verify``, ``steps_per_block`` and ``block_size``)."""
     if not (Path(directory).expanduser() / "generation_config.json").is_file():
         return {}
     from transformers import GenerationConfig

@@ -16,6 +16,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..generate.ar import generate_ar
+from ..generate.prompts import encode_prompt
 from .sources import DataError
 
 
@@ -63,11 +64,7 @@ def distill(
             if deadline is not None and time.monotonic() > deadline:
                 break
             batch = list(prompts[first : first + batch_size])
-            if chat:
-                ids = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                                     tokenize=True, return_dict=True)["input_ids"] for p in batch]
-            else:
-                ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in batch]
+            ids = [encode_prompt(tokenizer, p, chat, add_special_tokens=False) for p in batch]
             # one seed per batch position: a resumed run draws exactly what the killed one would have
             out_tokens = generate_ar(backbone, ids, max_new_tokens=max_new_tokens, temperature=temperature,
                                      seed=seed + first).tokens

@@ -20,6 +20,7 @@ from ..checkpoints import DEFAULT_MODEL
 from ..generate import generate_ar
 from ..generate.diffusion import generate_mask_diffusion, generate_mock_ar
 from ..checkpoints.two_tower import load_two_tower
+from ..model.devices import torch_dtype
 
 MODES = ("ar", "mask_diffusion", "mock_ar")
 
@@ -40,11 +41,9 @@ class TwoTowerLM(LM):
         batch_size: int | str = 1,  # accepted for lm_eval's CLI; requests run one at a time
     ) -> None:
         super().__init__()
-        from ..cli import _torch_dtype
-
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        loaded = load_two_tower(pretrained, _torch_dtype(dtype))
+        loaded = load_two_tower(pretrained, torch_dtype(dtype))
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
         self.note = loaded.note  # set when the denoiser is untrained
         self.mode = mode

@@ -28,6 +28,8 @@ from ..checkpoints import DEFAULT_MODEL
 from ..checkpoints.two_tower import load_two_tower, warn_untrained
 from ..generate import generate_ar
 from ..generate.diffusion import generate_mask_diffusion
+from ..generate.prompts import encode_prompt
+from ..model.devices import torch_dtype
 from ..model.twotower import TwoTower
 from . import block_nll, humaneval, metrics
 from .judge import DEFAULT_JUDGE, Judge
@@ -72,14 +74,6 @@ def load_prompts(path: str | Path = PROMPTS) -> list[dict]:
         if not isinstance(row.get("text"), str) or not row["text"].strip():
             raise ValueError(f"{path}: line {i + 1} has no \"text\"")
     return rows
-
-
-def encode(tokenizer, text: str, chat: bool) -> list[int]:
-    if chat and tokenizer.chat_template:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                            tokenize=True, return_dict=True)["input_ids"]
-        return list(ids)
-    return tokenizer(text, add_special_tokens=True)["input_ids"]
 
 
 def _batches(items: list, size: int) -> list[list]:
@@ -155,15 +149,14 @@ def _t_key(t: float) -> str:
 
 
 def run_quality(settings: QualitySettings) -> dict:
-    from ..cli import _torch_dtype
-
-    loaded = load_two_tower(settings.model, _torch_dtype(settings.dtype), settings.device, settings.untrained)
+    loaded = load_two_tower(settings.model, torch_dtype(settings.dtype), settings.device, settings.untrained)
     warn_untrained(loaded)
     settings = replace(settings, commit_rule=loaded.commit_rule(settings.commit_rule))
     model, tokenizer, note = loaded.model, loaded.tokenizer, loaded.note
     rows = load_prompts(settings.prompts_file)[: settings.prompts]
     texts = [r["text"] for r in rows]
-    prompt_ids = [encode(tokenizer, t, settings.chat) for t in texts]
+    chat = settings.chat and bool(tokenizer.chat_template)  # a base model's tokenizer may have none: plain text
+    prompt_ids = [encode_prompt(tokenizer, t, chat) for t in texts]
     block_sizes = settings.block_sizes or [model.block_size]
     dials = [{"block_size": s, "threshold": th} for s in block_sizes for th in settings.thresholds]
     judge = Judge(settings.judge) if settings.judge else None

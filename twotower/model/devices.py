@@ -1,8 +1,16 @@
-"""Device names checked up front, so a typo or a missing GPU is one clear error."""
+"""Device and dtype names checked up front, so a typo or a missing GPU is one clear error."""
 
 from __future__ import annotations
 
 import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # what the command line offers
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r} (choose from {', '.join(DTYPES)})")
+    return DTYPES[name]
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
