@@ -98,10 +98,13 @@ def test_verified_draft_length_follows_the_dial():
 
 
 def test_verified_decoding_accepts_whole_blocks_when_the_denoiser_agrees():
-    """With S = 1 the identity denoiser is the AR model: every proposal is accepted."""
+    """With S = 1 the identity denoiser is the AR model: every draft is accepted, and the
+    context pass over it brings AR's next token too (two tokens a denoiser forward)."""
     model = two_tower("hybrid", block_size=1)
-    out = generate_mask_diffusion(model, PROMPTS, max_new_tokens=6, verify=True, **NO_EOS)
-    assert all(a == [1] * 6 for a in out.stats.accepted)
+    out = generate_mask_diffusion(model, PROMPTS, max_new_tokens=6, verify=True, return_cache=True, **NO_EOS)
+    assert all(d == [1] * 3 and a == [2] * 3 for d, a in zip(out.stats.drafted, out.stats.accepted))
+    assert out.tokens == generate_ar(model.context, PROMPTS, max_new_tokens=6, **NO_EOS).tokens
+    assert_cache_is_fresh(model, PROMPTS, out)
 
 
 # ---- cache exactness -------------------------------------------------------------------------
@@ -206,11 +209,12 @@ def test_max_new_tokens_not_a_multiple_of_the_block(verify):
 @pytest.mark.parametrize("verify", (False, True))
 def test_the_last_block_may_run_to_the_context_limit(verify):
     """prompt + max_new_tokens + S - 1 may reach the model's context exactly (the last block
-    overruns max_new_tokens by up to S - 1 positions), rows finishing at different blocks."""
+    overruns max_new_tokens by up to S - 1 positions; verified, S: the pass over a whole-block
+    draft also reads its last token), rows finishing at different blocks."""
     s, context = 4, 64
     model = two_tower("hybrid", block_size=s, perturb=PERTURB, backbone_overrides=dict(max_position_embeddings=context))
     prompts = [list(range(3, 13)), [40, 41, 42]]
-    n = context - len(prompts[0]) - (s - 1)
+    n = context - len(prompts[0]) - (s if verify else s - 1)
     kwargs = dict(confidence_threshold=0.0, verify=verify, **NO_EOS)
     out = generate_mask_diffusion(model, prompts, max_new_tokens=n, return_cache=True, **kwargs)
     assert out.stats.new_tokens == [n, n]

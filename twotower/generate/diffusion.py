@@ -170,7 +170,11 @@ def generate_mask_diffusion(
     context = model.context
     prompts = prepare_prompts(input_ids, attention_mask)
     check_generation_args(context, prompts, max_new_tokens)
-    check_generation_args(context, prompts, max_new_tokens + s - 1)  # the last block may overrun
+    # a context pass appends s tokens (a block's inputs) or, verified, up to s + 1 (the anchor
+    # and a whole-block draft) to every row before rolling back, finished rows too: the last
+    # block may overrun max_new_tokens by that much less the anchor
+    overrun = s if verify else s - 1
+    check_generation_args(context, prompts, max_new_tokens + overrun)
     if prompts.attention_mask is None:
         in_prompt = prompts.input_ids == model.mask_token_id
     else:
@@ -183,9 +187,7 @@ def generate_mask_diffusion(
     mask = prompts.attention_mask.to(device) if prompts.attention_mask is not None else None
 
     start = time.perf_counter()
-    # a row holds at most width - 1 + max_new_tokens committed tokens, and a context pass
-    # appends at most s (a block's inputs, or the anchor and a draft) before rolling back
-    cache = context.new_cache(batch, width + max_new_tokens + s - 1)
+    cache = context.new_cache(batch, width + max_new_tokens + overrun)
     if width > shift:  # with token shift the last prompt token is the first block's input
         prefix_mask = None if mask is None else mask[:, : width - shift]
         model.context_forward(ids[:, : width - shift], cache, attention_mask=prefix_mask)
@@ -278,9 +280,8 @@ def _verified_drafts(run: _Decoding) -> None:
             run.step_callback(StepEvent(draft_index, 0, in_draft, torch.where(in_draft, proposal, -1)))
 
         # the context pass over the anchor and the draft: AR's token for every drafted target
-        # and for the one after the draft (but a whole-block draft: the cache and the position
-        # limit leave room for S tokens a pass, as in mask diffusion)
-        width = min(int(drafted.max()) + 1, s)
+        # and for the one after the draft
+        width = int(drafted.max()) + 1
         ext = torch.cat([run.anchor[:, None], proposal[:, : width - 1]], dim=1)
         ext = torch.where(active[:, None] & (torch.arange(width, device=ext.device) <= drafted[:, None]), ext, 0)
         before = run.cache.lengths.clone()
