@@ -155,7 +155,7 @@ def run_quality(settings: QualitySettings) -> dict:
     model, tokenizer, note = loaded.model, loaded.tokenizer, loaded.note
     rows = load_prompts(settings.prompts_file)[: settings.prompts]
     texts = [r["text"] for r in rows]
-    chat = settings.chat and bool(tokenizer.chat_template)  # a base model's tokenizer may have none: plain text
+    chat = settings.chat and bool(getattr(tokenizer, "chat_template", None))  # a base model may have none: plain text
     prompt_ids = [encode_prompt(tokenizer, t, chat) for t in texts]
     block_sizes = settings.block_sizes or [model.block_size]
     dials = [{"block_size": s, "threshold": th} for s in block_sizes for th in settings.thresholds]
