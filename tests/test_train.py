@@ -72,6 +72,21 @@ def test_training_lowers_the_loss(setup, flavour):
     assert (setup[0] / f"learn-{flavour}" / "loss.png").stat().st_size > 1000
 
 
+def test_ar_distill_is_part_of_the_trained_loss(setup):
+    """The KL to the AR model at each block's first unknown target adds to the first step's loss
+    (same batch, same weights), and validation reports the first slot's agreement with AR."""
+    first = {}
+    for weight in (0.0, 1.0):
+        out = f"ar-distill-{weight}"
+        train(config(setup, out, steps=3, mask_pattern="suffix", ar_distill=weight), progress=False)
+        rows = metrics(setup[0] / out)
+        first[weight] = rows[0]["loss"]
+        assert 0 <= rows[-1]["slot1_ar_agreement"] <= 1
+    assert first[1.0] > first[0.0]
+    with pytest.raises(ValueError, match="ar_distill"):
+        config(setup, "bad", ar_distill=-0.1)
+
+
 def test_resume_is_exact(setup):
     train(config(setup, "straight"), progress=False)
     train(config(setup, "pieces"), progress=False, stop_after=3)  # ends as a kill after step 3 would

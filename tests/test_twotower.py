@@ -232,6 +232,47 @@ def test_elbo_weighting_and_bad_weighting():
         model.diffusion_loss(x[:, :8], masked)
 
 
+@pytest.mark.parametrize("token_shift", [True, False])
+def test_ar_distill_adds_the_kl_to_the_ar_model_at_each_blocks_first_unknown_target(token_shift):
+    model = two_tower("hybrid", block_size=4, perturb=PERTURB, token_shift=token_shift)
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randint(3, 250, (2, 13), generator=gen)
+    masked = torch.rand(2, 3, 4, generator=gen) < 0.5
+    with torch.no_grad():
+        plain = model.diffusion_loss(x, masked)
+        distilled = model.diffusion_loss(x, masked, ar_distill=0.5)
+        block_inputs, _, unknown, t = model.noisy_blocks(x, masked)
+        student = model.training_logits(x, block_inputs, t).log_softmax(-1)
+        teacher = model.context_forward(x).log_softmax(-1)  # teacher[p] predicts x[p + 1]
+    kl = 0.0
+    for row in range(2):
+        for b in range(3):
+            hidden = unknown[row, b].nonzero().flatten().tolist()
+            if not hidden:
+                continue
+            j = hidden[0]  # the first unknown target: x[4b + j + shift], predicted by AR at the position before
+            pos = 4 * b + j + int(token_shift) - 1
+            if pos >= 0:
+                kl += float((teacher[row, pos].exp() * (teacher[row, pos] - student[row, b, j])).sum())
+    assert kl > 0
+    torch.testing.assert_close(float(distilled - plain), 0.5 * kl / int(unknown.sum()), rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="ar_distill"):
+        model.diffusion_loss(x, masked, ar_distill=-1.0)
+
+
+@pytest.mark.parametrize("kind", ALL_KINDS)
+def test_ar_distill_vanishes_where_the_denoiser_is_the_ar_model(kind):
+    """At block size 1 the untrained denoiser is the AR model (mock-AR), so it has nothing to learn
+    from the AR teacher; a perturbed one has."""
+    x = torch.randint(3, 250, (2, 9), generator=torch.Generator().manual_seed(5))
+    masked = torch.zeros(2, 8, 1, dtype=torch.bool)
+    for perturb, vanishes in ((0.0, True), (PERTURB, False)):
+        model = two_tower(kind, block_size=1, perturb=perturb)
+        with torch.no_grad():
+            plain, distilled = (model.diffusion_loss(x, masked, ar_distill=w) for w in (0.0, 1.0))
+        assert (float(distilled - plain) < 1e-5) == vanishes, (perturb, float(distilled - plain))
+
+
 # ---- configuration errors ----------------------------------------------------------------
 
 

@@ -109,8 +109,9 @@ class Backbone(nn.Module):
         last_only: bool = False,
         record: bool = False,
         boundary_every: int | None = None,
+        head: bool = True,
     ) -> torch.Tensor:
-        """Logits for ``input_ids`` (B, T).
+        """Logits for ``input_ids`` (B, T); with ``head=False`` the final hidden states instead.
 
         Without a cache: one causal pass; ``attention_mask`` (B, T) marks real tokens of
         left-padded rows. With a cache: the tokens are appended to every row (a prompt's left
@@ -142,4 +143,4 @@ class Backbone(nn.Module):
             cache.advance(t)
         if last_only:
             h = h[:, -1:]
-        return self.lm_head(h)
+        return self.lm_head(h) if head else h

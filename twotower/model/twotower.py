@@ -214,9 +214,11 @@ class TwoTower(nn.Module):
     # ---- training -----------------------------------------------------------------------
     def training_logits(self, input_ids: torch.Tensor, block_inputs: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Logits (B, n, S, V) of every block input: see ``training_hidden``."""
-        return self.denoiser.lm_head(self.training_hidden(input_ids, block_inputs, t))
+        return self.denoiser.lm_head(self.training_hidden(input_ids, block_inputs, t)[0])
 
-    def training_hidden(self, input_ids: torch.Tensor, block_inputs: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def training_hidden(
+        self, input_ids: torch.Tensor, block_inputs: torch.Tensor, t: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Vectorised denoiser pass over every block of a batch of clean sequences.
 
         ``input_ids`` (B, L) clean tokens; ``block_inputs`` (B, n, S) the noisy block inputs
@@ -224,13 +226,15 @@ class TwoTower(nn.Module):
         K/V for all positions and Mamba states at every block boundary (chunk size S); the
         denoiser then runs all blocks at once: block b attends to context keys < b*S and to its
         own block only, and its Mamba scans start from the context state at b*S.
-        Returns the final hidden states (B, n, S, H)."""
+        Returns the denoiser's final hidden states (B, n, S, H) and the context tower's (B, L, H),
+        whose LM head gives the AR model's next-token distributions (the teacher of
+        ``ar_distill``)."""
         b, n, s = block_inputs.shape
         length = input_ids.shape[1]
         if n * s > length:
             raise ValueError(f"{n} blocks of {s} need {n * s} tokens, the sequence has {length}")
         cache = self.context.new_cache(b, length)
-        self.context_forward(input_ids, cache, boundary_every=s)
+        context_hidden = self.context_forward(input_ids, cache, boundary_every=s, head=False)
         device = input_ids.device
         view = ModelCache.__new__(ModelCache)
         view.layers = [self._block_seed(state, n, s) for state in cache.layers]
@@ -244,7 +248,8 @@ class TwoTower(nn.Module):
             prefix_len=length,
             blocks=n,
         )
-        return self.denoise(block_inputs.reshape(b, n * s), t, view, ctx, head=False).view(b, n, s, -1)
+        hidden = self.denoise(block_inputs.reshape(b, n * s), t, view, ctx, head=False).view(b, n, s, -1)
+        return hidden, context_hidden
 
     @staticmethod
     def _block_seed(state, n: int, s: int):
@@ -296,6 +301,23 @@ class TwoTower(nn.Module):
         over its whole global batch to normalise)."""
         return self._counted(self.noisy_blocks(input_ids, masked)[2], trained)
 
+    def ar_aligned(self, unknown: torch.Tensor) -> torch.Tensor:
+        """(B, n, S) bool: each block's first unknown target. Everything before it in the block
+        is visible, so the AR model's next-token distribution after the same tokens is its
+        teacher; with suffix masks (nothing visible after it) that is exactly the distribution
+        the denoiser should match, and it is the slot left-to-right decoding commits first."""
+        aligned = unknown & (unknown.cumsum(-1) == 1)
+        if not self.config.token_shift:
+            aligned[:, 0, 0] = False  # the sequence's first token has no AR prediction
+        return aligned
+
+    def ar_teacher_positions(self, aligned: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows, positions) of the context tower's outputs predicting the ``aligned`` targets,
+        in the row-major order in which boolean indexing lists them."""
+        rows, blocks, slots = aligned.nonzero(as_tuple=True)
+        shift = 1 if self.config.token_shift else 0
+        return rows, blocks * aligned.shape[-1] + slots + shift - 1
+
     def diffusion_loss(
         self,
         input_ids: torch.Tensor,
@@ -303,6 +325,7 @@ class TwoTower(nn.Module):
         weighting: str = "none",
         normalizer: float | None = None,
         trained: torch.Tensor | None = None,
+        ar_distill: float = 0.0,
     ) -> torch.Tensor:
         """Masked-diffusion loss over all blocks of ``input_ids`` for the given (B, n, S) mask:
         cross-entropy on every target not visible in its block input; ``weighting`` "none"
@@ -311,20 +334,33 @@ class TwoTower(nn.Module):
         turns); t still counts every unknown target, as inference sees them.
         ``normalizer`` replaces this batch's count of such targets as the divisor (a trainer
         splitting one global batch over micro-steps and processes divides by the global count).
-        The LM head runs on the counted targets only: the others carry no loss."""
+        The LM head runs on the counted targets only: the others carry no loss.
+        ``ar_distill`` > 0 adds that weight times KL(AR || denoiser) at each block's first
+        unknown target (``ar_aligned``): the full distribution of the model the denoiser must
+        agree with, where a sampled token gives one label."""
         if weighting not in ("none", "elbo"):
             raise ValueError(f"weighting must be 'none' or 'elbo', got {weighting!r}")
+        if ar_distill < 0:
+            raise ValueError(f"ar_distill must be >= 0, got {ar_distill}")
         block_inputs, targets, unknown, t = self.noisy_blocks(input_ids, masked)
         counted = self._counted(unknown, trained)
-        hidden = self.training_hidden(input_ids, block_inputs, t)
+        hidden, context_hidden = self.training_hidden(input_ids, block_inputs, t)
         logits = self.denoiser.lm_head(hidden[counted])
         ce = F.cross_entropy(logits.float(), targets[counted], reduction="none")
         if weighting == "elbo":
             ce = ce / t.clamp_min(1.0 / masked.shape[-1])[..., None].expand_as(counted)[counted]
+        total = ce.sum()
+        if ar_distill:
+            aligned = self.ar_aligned(unknown) & counted
+            rows, positions = self.ar_teacher_positions(aligned)
+            with torch.no_grad():
+                teacher = self.context.lm_head(context_hidden[rows, positions]).float().log_softmax(-1)
+            student = logits[aligned[counted]].float().log_softmax(-1)
+            total = total + ar_distill * F.kl_div(student, teacher, log_target=True, reduction="sum")
         divisor = normalizer if normalizer is not None else counted.sum().clamp_min(1)
-        return ce.sum() / divisor
+        return total / divisor
 
-    def forward(self, input_ids, masked, weighting: str = "none", normalizer=None, trained=None):
+    def forward(self, input_ids, masked, weighting: str = "none", normalizer=None, trained=None, ar_distill=0.0):
         """The training objective (so DDP/FSDP wrappers, which call forward, see the loss)."""
-        return self.diffusion_loss(input_ids, masked, weighting, normalizer, trained)
+        return self.diffusion_loss(input_ids, masked, weighting, normalizer, trained, ar_distill)
 

@@ -37,6 +37,9 @@ class TrainConfig:
     # start the denoiser from a saved two-tower directory, or a registry name's shipped denoiser
     init_from: str | None = None
     loss_weighting: str = "none"  # "none" (released) or "elbo" (1/t)
+    # weight of KL(AR || denoiser) at each block's first unknown target, the slot the denoiser
+    # must get right to agree with AR greedy; 0: the released objective alone
+    ar_distill: float = 0.0
     bf16: bool | None = None  # autocast; None: on where the hardware supports bf16
     gradient_checkpointing: bool = False
     # torch.compile the training forward: minutes of compiling (again when the block size
@@ -63,7 +66,7 @@ class TrainConfig:
             "t_eps": 0 < self.t_eps < 1, "grad_clip": self.grad_clip >= 0,
             "loss_weighting": self.loss_weighting in ("none", "elbo"), "flavour": self.flavour in ("lora", "full"),
             "time_budget_s": self.time_budget_s is None or self.time_budget_s > 0,
-            "mask_pattern": self.mask_pattern in MASK_PATTERNS,
+            "mask_pattern": self.mask_pattern in MASK_PATTERNS, "ar_distill": self.ar_distill >= 0,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:

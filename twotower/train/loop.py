@@ -58,13 +58,14 @@ def bf16_supported(device: torch.device) -> bool:
 def validate(model: TwoTower, val: TokenShards, cfg: TrainConfig, block: int, autocast, global_rows: int) -> dict:
     """Masked-target loss at the training noise mix, and per target slot the accuracy and mean
     confidence with the whole block masked (the first denoising step, where parallelism starts),
-    plus tokens per NFE of mask diffusion at threshold 0.9 (threshold and left_prefix rules)
+    how often the first slot's argmax is the AR model's (greedy agreement), plus tokens per NFE of mask diffusion at threshold 0.9 (threshold and left_prefix rules)
     on a few validation prompts. The set
     is ``val_batches`` global batches, so it does not depend on how many processes share them."""
     n = cfg.seq_len // block
     rows = range(cfg.val_batches * global_rows)
     total = count = 0.0
     hits, conf, slots = torch.zeros(block), torch.zeros(block), torch.zeros(block)
+    ar_hits = ar_slots = 0.0
     for first in range(0, len(rows), cfg.batch_size):
         part = rows[first : first + cfg.batch_size]
         x, trained = sample_rows(val, cfg.seed, VAL_STEP, part, cfg.seq_len + 1)
@@ -78,8 +79,13 @@ def validate(model: TwoTower, val: TokenShards, cfg: TrainConfig, block: int, au
         block_inputs, targets, _, t = model.noisy_blocks(x, all_hidden)
         counted = model.loss_targets(x, all_hidden, trained)
         with autocast():
-            probs = model.training_logits(x, block_inputs, t).float().softmax(-1)
+            hidden, context_hidden = model.training_hidden(x, block_inputs, t)
+            probs = model.denoiser.lm_head(hidden).float().softmax(-1)
+            aligned = model.ar_aligned(torch.ones_like(counted)) & counted  # the first slots
+            ar_next = model.context.lm_head(context_hidden[model.ar_teacher_positions(aligned)]).argmax(-1)
         top = probs.max(-1)
+        ar_hits += float((top.indices[aligned] == ar_next).sum())
+        ar_slots += float(aligned.sum())
         hits += ((top.indices == targets) & counted).sum((0, 1)).cpu()
         conf += (top.values * counted).sum((0, 1)).cpu()
         slots += counted.sum((0, 1)).cpu()
@@ -94,6 +100,7 @@ def validate(model: TwoTower, val: TokenShards, cfg: TrainConfig, block: int, au
         "val_loss": total / max(count, 1),
         "slot_accuracy": [round(v, 4) for v in (hits / slots).tolist()],
         "slot_confidence": [round(v, 4) for v in (conf / slots).tolist()],
+        "slot1_ar_agreement": round(ar_hits / max(ar_slots, 1.0), 4),
         **speed,
     }
 
@@ -273,7 +280,7 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
                 model.set_requires_gradient_sync(last_micro)
             sync = nullcontext() if world == 1 or cfg.fsdp or last_micro else wrapped.no_sync()
             with sync, autocast():
-                loss = wrapped(x, masked, cfg.loss_weighting, normalizer, trained)
+                loss = wrapped(x, masked, cfg.loss_weighting, normalizer, trained, cfg.ar_distill)
             loss.backward()
             loss_sum += loss.detach()
         if cfg.grad_clip > 0:
