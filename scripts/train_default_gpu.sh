@@ -10,7 +10,8 @@
 # may be set; DISTILL_BATCH, ANSWER_TOKENS, SEQ_LEN, BATCH and EVAL_TOKENS shrink the run (the test
 # suite runs the whole recipe on a tiny random model this way). INIT_FROM (a saved two-tower
 # directory or a registry name with a shipped denoiser) continues from that denoiser instead of
-# starting from the AR model; MASK_PATTERN (random, suffix) picks the training masks; COMPILE=1
+# starting from the AR model; MASK_PATTERN (random, suffix) picks the training masks; AR_DISTILL
+# (a weight, default 0) adds the KL to the AR model at each block's first hidden target; COMPILE=1
 # trains with torch.compile (untested on a GPU so far: try it on a short run first).
 set -euo pipefail
 out=${1:-runs/gpu}
@@ -35,7 +36,7 @@ $tt train --model "$model" --data "$out/data" --out-dir "$out/train" --flavour l
     --steps 100000 --time-budget-s "$train_s" --lr 8e-4 --warmup-steps 30 --decay-fraction 0.2 \
     --seq-len "${SEQ_LEN:-512}" --batch-size "${BATCH:-64}" --curriculum 8:100 --block-size 16 \
     --eval-every 100 --save-every 100 --val-batches 2 --val-prompts 8 --log-every 10 \
-    --mask-pattern "${MASK_PATTERN:-random}" ${INIT_FROM:+--init-from "$INIT_FROM"} $([ "${COMPILE:-0}" = 1 ] && echo --compile)
+    --mask-pattern "${MASK_PATTERN:-random}" --ar-distill "${AR_DISTILL:-0}" ${INIT_FROM:+--init-from "$INIT_FROM"} $([ "${COMPILE:-0}" = 1 ] && echo --compile)
 
 # 4.
 $tt eval quality --model "$out/train/final" --device "${DEVICE:-cuda}" \

@@ -285,7 +285,8 @@ def test_the_gpu_recipe_runs_shrunk_on_a_tiny_model(setup, tmp_path):
     _, model_dir = setup
     script = Path(__file__).parents[1] / "scripts" / "train_default_gpu.sh"
     env = {**os.environ, "MODEL": str(model_dir), "TWOTOWER": f"{sys.executable} -m twotower.cli", "DEVICE": "cpu",
-           "DISTILL_BATCH": "256", "ANSWER_TOKENS": "32", "SEQ_LEN": "64", "BATCH": "4", "EVAL_TOKENS": "16"}
+           "DISTILL_BATCH": "256", "ANSWER_TOKENS": "32", "SEQ_LEN": "64", "BATCH": "4", "EVAL_TOKENS": "16",
+           "MASK_PATTERN": "suffix", "AR_DISTILL": "0.5"}
     r = subprocess.run(["bash", str(script), str(tmp_path / "run"), "1", "8"], capture_output=True, text=True,
                        env=env, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -294,7 +295,9 @@ def test_the_gpu_recipe_runs_shrunk_on_a_tiny_model(setup, tmp_path):
     assert manifest["loss_mask"] and 0 < train_split["trained_tokens"] < train_split["tokens"]
     # the time budget cut the 100,000-step ceiling down after calibrating on steps 5-25
     (last_ckpt,) = sorted((tmp_path / "run" / "train" / "checkpoints").glob("step-*"))[-1:]
-    fitted = json.loads((last_ckpt / "state.json").read_text())["config"]["steps"]
+    saved = json.loads((last_ckpt / "state.json").read_text())["config"]
+    assert (saved["mask_pattern"], saved["ar_distill"]) == ("suffix", 0.5)
+    fitted = saved["steps"]
     rows = [json.loads(line) for line in (tmp_path / "run" / "train" / "metrics.jsonl").read_text().splitlines()]
     assert 25 < fitted < 100_000 and rows[-1]["step"] == fitted
     assert (tmp_path / "run" / "train" / "final" / "model.safetensors").is_file()
