@@ -311,12 +311,14 @@ class TwoTower(nn.Module):
             aligned[:, 0, 0] = False  # the sequence's first token has no AR prediction
         return aligned
 
-    def ar_teacher_positions(self, aligned: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(rows, positions) of the context tower's outputs predicting the ``aligned`` targets,
-        in the row-major order in which boolean indexing lists them."""
+    @torch.no_grad()
+    def ar_teacher_logits(self, context_hidden: torch.Tensor, aligned: torch.Tensor) -> torch.Tensor:
+        """The AR model's logits (N, V) for the ``aligned`` targets (B, n, S), from the context
+        tower's hidden states (B, L, H) of ``training_hidden``, in the row-major order in which
+        boolean indexing lists the targets."""
         rows, blocks, slots = aligned.nonzero(as_tuple=True)
         shift = 1 if self.config.token_shift else 0
-        return rows, blocks * aligned.shape[-1] + slots + shift - 1
+        return self.context.lm_head(context_hidden[rows, blocks * aligned.shape[-1] + slots + shift - 1])
 
     def diffusion_loss(
         self,
@@ -352,9 +354,7 @@ class TwoTower(nn.Module):
         total = ce.sum()
         if ar_distill:
             aligned = self.ar_aligned(unknown) & counted
-            rows, positions = self.ar_teacher_positions(aligned)
-            with torch.no_grad():
-                teacher = self.context.lm_head(context_hidden[rows, positions]).float().log_softmax(-1)
+            teacher = self.ar_teacher_logits(context_hidden, aligned).float().log_softmax(-1)
             student = logits[aligned[counted]].float().log_softmax(-1)
             total = total + ar_distill * F.kl_div(student, teacher, log_target=True, reduction="sum")
         divisor = normalizer if normalizer is not None else counted.sum().clamp_min(1)

@@ -58,9 +58,10 @@ def bf16_supported(device: torch.device) -> bool:
 def validate(model: TwoTower, val: TokenShards, cfg: TrainConfig, block: int, autocast, global_rows: int) -> dict:
     """Masked-target loss at the training noise mix, and per target slot the accuracy and mean
     confidence with the whole block masked (the first denoising step, where parallelism starts),
-    how often the first slot's argmax is the AR model's (greedy agreement), plus tokens per NFE of mask diffusion at threshold 0.9 (threshold and left_prefix rules)
-    on a few validation prompts. The set
-    is ``val_batches`` global batches, so it does not depend on how many processes share them."""
+    how often the first slot's argmax is the AR model's (greedy agreement), plus tokens per NFE
+    of mask diffusion at threshold 0.9 (threshold and left_prefix rules) on a few validation
+    prompts. The set is ``val_batches`` global batches, so it does not depend on how many
+    processes share them."""
     n = cfg.seq_len // block
     rows = range(cfg.val_batches * global_rows)
     total = count = 0.0
@@ -82,7 +83,7 @@ def validate(model: TwoTower, val: TokenShards, cfg: TrainConfig, block: int, au
             hidden, context_hidden = model.training_hidden(x, block_inputs, t)
             probs = model.denoiser.lm_head(hidden).float().softmax(-1)
             aligned = model.ar_aligned(torch.ones_like(counted)) & counted  # the first slots
-            ar_next = model.context.lm_head(context_hidden[model.ar_teacher_positions(aligned)]).argmax(-1)
+            ar_next = model.ar_teacher_logits(context_hidden, aligned).argmax(-1)
         top = probs.max(-1)
         ar_hits += float((top.indices[aligned] == ar_next).sum())
         ar_slots += float(aligned.sum())
