@@ -12,7 +12,8 @@
 # directory or a registry name with a shipped denoiser) continues from that denoiser instead of
 # starting from the AR model; MASK_PATTERN (random, suffix) picks the training masks; AR_DISTILL
 # (a weight, default 0) adds the KL to the AR model at each block's first hidden target; COMPILE=1
-# trains with torch.compile (untested on a GPU so far: try it on a short run first).
+# trains with torch.compile (untested on a GPU so far: try it on a short run first). On this
+# workplace's lent GPU machine, scripts/device/ packs and runs it.
 set -euo pipefail
 out=${1:-runs/gpu}
 distill_s=${2:-150}
@@ -38,7 +39,7 @@ $tt train --model "$model" --data "$out/data" --out-dir "$out/train" --flavour l
     --eval-every 100 --save-every 100 --val-batches 2 --val-prompts 8 --log-every 10 \
     --mask-pattern "${MASK_PATTERN:-random}" --ar-distill "${AR_DISTILL:-0}" ${INIT_FROM:+--init-from "$INIT_FROM"} $([ "${COMPILE:-0}" = 1 ] && echo --compile)
 
-# 4.
-$tt eval quality --model "$out/train/final" --device "${DEVICE:-cuda}" \
+# 4. (EVAL=0 skips it)
+[ "${EVAL:-1}" = 0 ] || $tt eval quality --model "$out/train/final" --device "${DEVICE:-cuda}" \
     --thresholds 0.5 0.7 0.8 0.9 0.95 --max-new-tokens "${EVAL_TOKENS:-128}" --batch-size 16 --judge none --humaneval-problems 0 \
     --output-dir "$out/eval"

