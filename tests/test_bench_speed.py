@@ -227,10 +227,11 @@ def test_bench_speed_end_to_end(tiny_dir, tmp_path, capsys):
 
 def test_bench_speed_verified_drafting_reproduces_ar(tiny_dir, tmp_path):
     """--verify --steps-per-block 1: the denoiser drafts each block in one forward and the
-    context tower keeps the agreeing prefix, so the output is our AR's, token for token."""
+    context tower keeps the agreeing prefix, so the output is our AR's, token for token. The
+    threshold plays no part then: two of them make one run, shown without a threshold."""
     out = tmp_path / "verified"
     code = main(["bench", "speed", "--model", str(tiny_dir), "--threads", "1", "--modes", "mask_diffusion",
-                 "--thresholds", "0.9", "--block-sizes", "4", "--batch-sizes", "1", "--prompts", "2",
+                 "--thresholds", "0.9", "0.5", "--block-sizes", "4", "--batch-sizes", "1", "--prompts", "2",
                  "--max-new-tokens", "8", "--repeats", "1", "--verify", "--steps-per-block", "1",
                  "--output-dir", str(out)])
     assert code == 0
@@ -238,4 +239,6 @@ def test_bench_speed_verified_drafting_reproduces_ar(tiny_dir, tmp_path):
     (diffusion,) = [r for r in data["runs"] if r["mode"] == "mask_diffusion"]
     assert diffusion["label"] == "mask_diffusion S=4 t=0.9 verified" and diffusion["steps_per_block"] == 1
     assert diffusion["exact_match"] == 1.0 and diffusion["verify"] is True
-    assert "verified against the context tower, 1 denoiser step(s) per block" in (out / "speed.md").read_text()
+    table = (out / "speed.md").read_text()
+    assert "verified against the context tower, 1 denoiser step(s) per block" in table
+    assert "| 1 | mask_diffusion | 4 | – |" in table

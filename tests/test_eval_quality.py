@@ -148,6 +148,21 @@ def test_eval_quality_end_to_end(tiny_dirs, tmp_path, capsys):
     assert "| 4 | 0.9 |" in table and "retention" in table
 
 
+def test_eval_quality_one_step_per_block_runs_one_threshold(tiny_dirs, tmp_path):
+    """With one step per block the whole block is drafted at once, so the threshold plays no
+    part: verified whole-block drafts are decoded once, shown without a threshold, and equal AR."""
+    out = tmp_path / "drafts"
+    code = main(["eval", "quality", "--model", str(tiny_dirs["model"]), "--judge", "none", "--prompts", "2",
+                 "--max-new-tokens", "8", "--thresholds", "0.5", "0.9", "--block-sizes", "4",
+                 "--humaneval-problems", "0", "--nll-window", "64", "--nll-t", "1.0", "--verify",
+                 "--steps-per-block", "1", "--output-dir", str(out), "--threads", "1"])
+    assert code == 0
+    report = json.loads((out / "quality.json").read_text())
+    (row,) = report["diffusion"]
+    assert row["metrics"]["exact_match"] == 1.0
+    assert "| 4 | – |" in (out / "quality.md").read_text()
+
+
 TASK_YAML = """\
 task: {name}
 dataset_path: json

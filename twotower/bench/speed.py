@@ -375,7 +375,7 @@ def run_speed_bench(
             add("mock_ar", "mock_ar", ours(partial(generate_mock_ar, tt), eos, max_new_tokens=max_new_tokens))
         if "mask_diffusion" in modes:
             for s in block_sizes:
-                for t in thresholds:
+                for t in thresholds if steps_per_block != 1 else thresholds[:1]:  # one step commits it all
                     add(f"mask_diffusion S={s} t={t}" + (" verified" if verify else ""), "mask_diffusion",
                         ours(partial(generate_mask_diffusion, tt), eos, max_new_tokens=max_new_tokens, block_size=s,
                              confidence_threshold=t, commit_rule=commit_rule, verify=verify,
@@ -453,6 +453,12 @@ def _fmt(value, spec: str) -> str:
     return "–" if value is None else format(value, spec)
 
 
+def _threshold_cell(row: dict) -> str:
+    """The threshold where it plays a part: not for baselines, nor with one step per block
+    (the whole block is committed, or drafted, at once)."""
+    return "–" if row.get("steps_per_block") == 1 else str(row.get("threshold", ""))
+
+
 def markdown(results: dict) -> str:
     box = results["box"]
     on_gpu = box.get("device", "cpu") != "cpu"
@@ -480,7 +486,7 @@ def markdown(results: dict) -> str:
     ]
     for r in results["runs"]:
         lines.append(
-            f"| {r['batch_size']} | {r['mode']} | {r.get('block_size', '')} | {r.get('threshold', '')} "
+            f"| {r['batch_size']} | {r['mode']} | {r.get('block_size', '')} | {_threshold_cell(r)} "
             f"| {r['tokens_per_second']:.1f} | {r['speedup_vs_ar']:.2f} | {_fmt(r['nfe_per_token'], '.2f')} "
             f"| {r['latency_s']['median']:.2f} | {r['latency_s']['p90']:.2f} "
             f"| {r['peak_gpu_mb'] if on_gpu else r['peak_rss_over_start_mb']:.0f} "

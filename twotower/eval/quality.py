@@ -158,7 +158,9 @@ def run_quality(settings: QualitySettings) -> dict:
     chat = settings.chat and bool(getattr(tokenizer, "chat_template", None))  # a base model may have none: plain text
     prompt_ids = [encode_prompt(tokenizer, t, chat) for t in texts]
     block_sizes = settings.block_sizes or [model.block_size]
-    dials = [{"block_size": s, "threshold": th} for s in block_sizes for th in settings.thresholds]
+    # with one step per block the whole block is committed (or drafted) at once: one threshold is enough
+    thresholds = settings.thresholds[:1] if settings.steps_per_block == 1 else settings.thresholds
+    dials = [{"block_size": s, "threshold": th} for s in block_sizes for th in thresholds]
     judge = Judge(settings.judge) if settings.judge else None
 
     def judged(tokens: list[list[int]]) -> float | None:
@@ -234,8 +236,9 @@ def markdown(report: dict) -> str:
     for r in report["diffusion"]:
         m = r["metrics"]
         t1 = m["block_nll"].get("t1")
+        threshold = "–" if report["settings"].get("steps_per_block") == 1 else r["threshold"]
         lines.append(
-            f"| {r['block_size']} | {r['threshold']} | {m['tokens_per_nfe']:.2f} "
+            f"| {r['block_size']} | {threshold} | {m['tokens_per_nfe']:.2f} "
             f"| {m['mean_tokens']:.1f} ({ar['mean_tokens']:.1f}) | {m['token_agreement']:.3f} "
             f"| {m['exact_match']:.2f} | {_fmt(m['judge_perplexity'], 2)} ({_fmt(ar['judge_perplexity'], 2)}) "
             f"| {m['distinct_2']:.3f} ({ar['distinct_2']:.3f}) | {m['repetition_rate']:.3f} ({ar['repetition_rate']:.3f}) "
