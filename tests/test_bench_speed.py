@@ -14,19 +14,9 @@ import pytest
 import torch
 from tiny_models import attention_config, backbone_from_hf, hf_model, tiny_backbone
 
-from twotower.bench.speed import (
-    Contender,
-    Decoded,
-    ForwardCounter,
-    batches_of,
-    counted,
-    load_prompts,
-    markdown,
-    ours,
-    pareto_frontier,
-    summarise,
-    transformers_decoder,
-)
+from twotower.bench.decoders import Decoded, ForwardCounter, counted, ours, transformers_decoder
+from twotower.bench.report import markdown, pareto_frontier
+from twotower.bench.speed import Contender, batches_of, load_prompts, summarise
 from twotower.bench.timing import interleaved
 from twotower.cli import main
 from twotower.generate import generate_ar

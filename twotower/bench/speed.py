@@ -32,7 +32,7 @@ import math
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -42,14 +42,16 @@ import torch
 from tqdm import tqdm
 
 from ..eval.metrics import exact_match, token_agreement
-from ..generate import generate_ar, prepare_prompts
+from ..generate import generate_ar
 from ..generate.ar import eos_set
 from ..generate.diffusion import generate_mask_diffusion, generate_mock_ar
 from ..generate.prompts import encode_prompt
 from ..model.devices import torch_dtype
 from ..model.twotower import TwoTower
 from .box import describe_box
+from .decoders import Decoder, ForwardCounter, llama_cpp_decoder, ours, transformers_decoder
 from .memory import PeakMemory
+from .report import markdown, plot
 from .timing import Timings, interleaved
 
 PROMPTS_FILE = Path(__file__).with_name("prompts.jsonl")
@@ -74,40 +76,12 @@ def encode_prompts(tokenizer, prompts: list[dict]) -> tuple[list[list[int]], boo
     return [encode_prompt(tokenizer, p["text"], chat) for p in prompts], chat
 
 
-def counted(tokens: Sequence[int], eos: set[int]) -> list[int]:
-    """The generated tokens that count: up to and including the first EOS, nothing after it."""
-    out = []
-    for tok in tokens:
-        out.append(int(tok))
-        if tok in eos:
-            break
-    return out
-
-
 def batches_of(prompts: list[list[int]], batch_size: int) -> list[list[list[int]]]:
     """Batches of exactly ``batch_size`` requests: the prompts are cycled to fill the last batch,
     so that no batch size is measured on a half-empty batch."""
     n = math.ceil(len(prompts) / batch_size) * batch_size
     requests = [prompts[i % len(prompts)] for i in range(n)]
     return [requests[i : i + batch_size] for i in range(0, n, batch_size)]
-
-
-def pareto_frontier(points: Sequence[tuple[float, float]]) -> list[int]:
-    """Indices of the points no other point beats on both axes (higher is better), by x."""
-    keep = [
-        i for i, (x, y) in enumerate(points)
-        if not any(x2 >= x and y2 >= y and (x2 > x or y2 > y) for x2, y2 in points)
-    ]
-    return sorted(keep, key=lambda i: points[i])
-
-
-@dataclass
-class Decoded:
-    tokens: list[list[int]]  # per row, counted tokens only
-    nfe: int | None  # forward passes of the call; None where the engine does not tell
-
-
-Decoder = Callable[[list[list[int]]], Decoded]
 
 
 @dataclass
@@ -184,74 +158,6 @@ def summarise(c: Contender, time_ratio: float, reference: list[list[int]]) -> di
         "exact_match": statistics.mean(float(exact_match(a, b)) for a, b in zip(last.tokens, reference)),
         "seconds": c.seconds,
     }
-
-
-# -- decoders ---------------------------------------------------------------------------------
-
-
-def ours(fn: Callable, eos: set[int], **kwargs) -> Decoder:
-    """One of our generators, ``fn(batch, **kwargs)``, with its own NFE count."""
-
-    def decode(batch: list[list[int]]) -> Decoded:
-        out = fn(batch, **kwargs)
-        return Decoded([counted(row, eos) for row in out.tokens], out.stats.nfe)
-
-    return decode
-
-
-class ForwardCounter:
-    """Counts a module's forward calls (transformers does not report its NFE)."""
-
-    def __init__(self, module: torch.nn.Module) -> None:
-        self.count = 0
-        module.register_forward_hook(self._hook)
-
-    def _hook(self, *_) -> None:
-        self.count += 1
-
-
-def transformers_decoder(
-    hf, forwards: ForwardCounter, eos: set[int], pad: int, max_new_tokens: int, lookup: int | None = None
-) -> Decoder:
-    """transformers ``generate()``, greedy with its KV cache; ``lookup`` turns on prompt-lookup
-    decoding (n-gram drafts from the prompt, verified by the model in one forward)."""
-    from transformers import GenerationConfig
-
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=sorted(eos),
-                              pad_token_id=pad, prompt_lookup_num_tokens=lookup)
-
-    def decode(batch: list[list[int]]) -> Decoded:
-        p = prepare_prompts(batch, pad_token_id=pad)
-        mask = p.attention_mask if p.attention_mask is not None else torch.ones_like(p.input_ids, dtype=torch.bool)
-        before = forwards.count
-        with torch.inference_mode():
-            out = hf.generate(p.input_ids.to(hf.device), attention_mask=mask.long().to(hf.device),
-                              generation_config=config)
-        width = p.input_ids.shape[1]
-        return Decoded([counted(row[width:].tolist(), eos) for row in out], forwards.count - before)
-
-    return decode
-
-
-def llama_cpp_decoder(gguf: Path, eos: set[int], max_new_tokens: int, n_ctx: int) -> Decoder:
-    """llama.cpp on the same GGUF. Its Python API decodes one sequence at a time, so it only
-    runs at batch size 1; it does not report forward passes."""
-    from llama_cpp import Llama
-
-    llm = Llama(model_path=str(gguf), n_ctx=n_ctx, n_threads=torch.get_num_threads(), verbose=False)
-
-    def decode(batch: list[list[int]]) -> Decoded:
-        rows = []
-        for prompt in batch:
-            row = []
-            for tok in llm.generate(prompt, top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
-                row.append(int(tok))
-                if tok in eos or len(row) >= max_new_tokens:
-                    break
-            rows.append(row)
-        return Decoded(rows, None)
-
-    return decode
 
 
 # -- model ------------------------------------------------------------------------------------
@@ -447,85 +353,3 @@ def run_speed_bench(
     print(table)
     print(f"wrote {out / 'speed.json'}, {out / 'speed.md'}, {out / 'speed.png'}")
     return results
-
-
-def _fmt(value, spec: str) -> str:
-    return "–" if value is None else format(value, spec)
-
-
-def _threshold_cell(row: dict) -> str:
-    """The threshold where it plays a part: not for baselines, nor with one step per block
-    (the whole block is committed, or drafted, at once)."""
-    return "–" if row.get("steps_per_block") == 1 else str(row.get("threshold", ""))
-
-
-def markdown(results: dict) -> str:
-    box = results["box"]
-    on_gpu = box.get("device", "cpu") != "cpu"
-    memory = ("peak of torch's CUDA allocator over a pass" if on_gpu
-              else f"peak RSS over the RSS at the call's start ({results['memory_method']})")
-    lines = [
-        f"# bench speed: {results['model']}",
-        "",
-        f"- denoiser: {results['denoiser']}",
-        f"- box: {box['cpu']}, {box['threads']} threads, torch {box['torch']}, transformers {box['transformers']}, "
-        f"{box['dtype']}, device {box.get('device', 'cpu')}" + (f" ({box['cuda']})" if on_gpu and box["cuda"] else ""),
-        f"- {results['prompts']['count']} prompts ({'chat template' if results['prompts']['chat_template'] else 'plain'}), "
-        f"up to {results['max_new_tokens']} new tokens, greedy; median of {results['repeats']} interleaved repeats "
-        f"after {results['warmup']} warm-up; mask diffusion commit rule: {results.get('commit_rule', 'threshold')}"
-        + (", verified against the context tower" if results.get("verify") else "")
-        + (f", {results['steps_per_block']} denoiser step(s) per block" if results.get("steps_per_block") else ""),
-        "- speed-up: generated tokens/s of the mode / of our AR, timed A B A B in one run; "
-        "agreement: greedy tokens vs our AR",
-        f"- memory: {memory}",
-        "",
-        "| batch | mode | block | threshold | tok/s | speed-up vs AR | NFE/token | latency median (s) "
-        f"| latency p90 (s) | {'peak GPU mem' if on_gpu else 'peak mem over start'} (MB) | token agreement "
-        "| exact match |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in results["runs"]:
-        lines.append(
-            f"| {r['batch_size']} | {r['mode']} | {r.get('block_size', '')} | {_threshold_cell(r)} "
-            f"| {r['tokens_per_second']:.1f} | {r['speedup_vs_ar']:.2f} | {_fmt(r['nfe_per_token'], '.2f')} "
-            f"| {r['latency_s']['median']:.2f} | {r['latency_s']['p90']:.2f} "
-            f"| {r['peak_gpu_mb'] if on_gpu else r['peak_rss_over_start_mb']:.0f} "
-            f"| {100 * r['token_agreement']:.1f}% | {100 * r['exact_match']:.0f}% |"
-        )
-    lines += [f"- skipped: {s}" for s in results["skipped"]]
-    return "\n".join(lines) + "\n"
-
-
-def plot(runs: list[dict], path: Path, title: str) -> None:
-    """Speed-up vs agreement with AR, one colour per batch size, its Pareto frontier drawn."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display on a benchmark box
-    import matplotlib.pyplot as plt
-
-    markers = {"ar": "*", "mock_ar": "s", "mask_diffusion": "o", "transformers": "^", "prompt_lookup": "v",
-               "llama_cpp": "D"}
-    fig, ax = plt.subplots(figsize=(8, 5.5))
-    for i, batch_size in enumerate(sorted({r["batch_size"] for r in runs})):
-        rows = [r for r in runs if r["batch_size"] == batch_size]
-        colour = f"C{i}"
-        points = [(100 * r["token_agreement"], r["speedup_vs_ar"]) for r in rows]
-        for r, (x, y) in zip(rows, points):
-            ax.scatter(x, y, marker=markers[r["mode"]], color=colour, s=50, alpha=0.8)
-            short = f"S{r['block_size']} t{r['threshold']}" if r["mode"] == "mask_diffusion" else r["mode"]
-            ax.annotate(short, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
-        front = [points[j] for j in pareto_frontier(points)]
-        ax.plot([x for x, _ in front], [y for _, y in front], color=colour, linestyle="--", marker="o",
-                markersize=13, markerfacecolor="none", label=f"batch {batch_size}: Pareto frontier (ringed)")
-    for mode, marker in markers.items():
-        if any(r["mode"] == mode for r in runs):
-            ax.scatter([], [], marker=marker, color="grey", label=mode)
-    ax.axhline(1.0, color="grey", linewidth=0.8)
-    ax.set_xlim(right=101)  # agreement tops out at 100%
-    ax.set_xlabel("greedy token agreement with our AR (%)")
-    ax.set_ylabel("speed-up vs our AR (x, interleaved)")
-    ax.set_title(title)
-    ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
