@@ -60,9 +60,9 @@ def test_pack_then_unpack_restores_the_gguf_where_the_registry_looks(tmp_path):
     assert _sha256(restored) == _sha256(original)
     assert (site / "device_kit_probe" / "__init__.py").is_file()  # the wheel went into the site folder
     # with the site folder first on the path, the registry resolves the default model there
-    found = subprocess.run(
-        [sys.executable, "-c", "from twotower.checkpoints.load import _registry_path; print(_registry_path('smollm2-135m'))"],
-        capture_output=True, text=True, env={**env, "PYTHONPATH": f"{site}{os.pathsep}{ROOT}"}, timeout=120)
+    probe = "from twotower.checkpoints.load import _registry_path; print(_registry_path('smollm2-135m'))"
+    found = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                           env={**env, "PYTHONPATH": f"{site}{os.pathsep}{ROOT}"}, timeout=120)
     assert found.returncode == 0, found.stderr
     assert Path(found.stdout.strip()) == restored
 
