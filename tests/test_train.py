@@ -97,6 +97,27 @@ def test_resume_is_exact(setup):
     assert metrics(setup[0] / "straight") == metrics(setup[0] / "pieces")
 
 
+def test_a_checkpoint_loads_as_the_model_it_holds(setup):
+    """``OUT/checkpoints/step-N`` is a model to evaluate (eval quality --model ...) before the run
+    ends: at the last step it decodes exactly as ``OUT/final`` does."""
+    from twotower.checkpoints.two_tower import load_two_tower
+    from twotower.generate.diffusion import generate_mask_diffusion
+
+    out = setup[0] / "straight"
+    if not (out / "final").is_dir():
+        train(config(setup, "straight"), progress=False)
+    last = out / "checkpoints" / "step-00000006"
+    from_checkpoint, from_final = load_two_tower(str(last)), load_two_tower(str(out / "final"))
+    assert from_checkpoint.note is None and from_checkpoint.backbone == str(setup[1])
+    a, b = from_checkpoint.model.state_dict(), from_final.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    prompt = [[1, 2, 3, 4, 5]]
+    assert (generate_mask_diffusion(from_checkpoint.model, prompt, max_new_tokens=8, block_size=8).tokens
+            == generate_mask_diffusion(from_final.model, prompt, max_new_tokens=8, block_size=8).tokens)
+    with pytest.raises(ValueError, match="untrained"):
+        load_two_tower(str(last), untrained=True)
+
+
 def test_resume_after_kill_9(setup):
     """A real SIGKILL in the middle of the run, then a resume from the last checkpoint."""
     root, _ = setup

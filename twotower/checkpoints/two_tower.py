@@ -81,12 +81,18 @@ def load_two_tower(
     name_or_path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
     untrained: bool = False, block_size: int = 16,
 ) -> LoadedTwoTower:
-    """A saved two-tower directory; a registry name with its shipped denoiser (unless
-    ``untrained``); else the backbone with an untrained lora denoiser of ``block_size``."""
+    """A saved two-tower directory or a training checkpoint (``OUT/checkpoints/step-N``); a
+    registry name with its shipped denoiser (unless ``untrained``); else the backbone with an
+    untrained lora denoiser of ``block_size``."""
     from ..model.twotower import DenoiserConfig, TwoTower
 
-    if untrained and is_two_tower_dir(name_or_path):
+    from ..train.checkpoint import is_training_checkpoint, model_from_checkpoint
+
+    if untrained and (is_two_tower_dir(name_or_path) or is_training_checkpoint(name_or_path)):
         raise ValueError(f"{name_or_path} is a trained two-tower directory: drop the untrained option")
+    if is_training_checkpoint(name_or_path):  # OUT/checkpoints/step-N of a run, finished or not
+        model, tokenizer, backbone = model_from_checkpoint(name_or_path, dtype, device)
+        return LoadedTwoTower(model, tokenizer, backbone, None)
     directory = None if untrained else denoiser_dir(name_or_path)
     if directory is not None:
         from ..hf import TwoTowerForCausalLM

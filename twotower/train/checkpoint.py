@@ -103,3 +103,30 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
     scheduler.load_state_dict({**scheduler.state_dict(), **state["scheduler"]})
     return state
+
+
+def is_training_checkpoint(path: str | Path) -> bool:
+    path = Path(path).expanduser()
+    return (path / "state.json").is_file() and (path / "trainable.safetensors").is_file()
+
+
+def model_from_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu"):
+    """The model a training checkpoint holds (``OUT/checkpoints/step-N``), to evaluate a run
+    before it ends or after it was stopped: the run's settings rebuild the two towers, the saved
+    trainable weights go on top. Returns (TwoTower, tokenizer, the backbone's name or path)."""
+    from dataclasses import replace
+
+    from .config import TrainConfig
+    from .loop import build_model
+
+    path = Path(path).expanduser()
+    try:
+        cfg = TrainConfig(**json.loads((path / "state.json").read_text())["config"])
+        weights = load_file(path / "trainable.safetensors")
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {path} is unreadable: {e}") from e
+    # the checkpoint holds every trained weight: no need to load the run's starting denoiser first
+    model, tokenizer = build_model(replace(cfg, init_from=None), torch.device("cpu"))
+    load_trainable(model, weights, str(path))
+    return model.to(device=device, dtype=dtype).eval(), tokenizer, cfg.model
+
