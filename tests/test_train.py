@@ -116,6 +116,11 @@ def test_a_checkpoint_loads_as_the_model_it_holds(setup):
             == generate_mask_diffusion(from_final.model, prompt, max_new_tokens=8, block_size=8).tokens)
     with pytest.raises(ValueError, match="untrained"):
         load_two_tower(str(last), untrained=True)
+    from twotower.cli import main
+
+    for mode in ("ar", "mask_diffusion"):
+        assert main(["generate", "the cat", "--model", str(last), "--mode", mode, "--max-new-tokens", "4",
+                     "--no-stream", "--threads", "1"]) == 0
 
 
 def test_resume_after_kill_9(setup):

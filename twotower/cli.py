@@ -25,9 +25,10 @@ def _load_for_mode(args: argparse.Namespace):
     from .checkpoints import load_backbone
     from .checkpoints.two_tower import is_two_tower_dir, load_two_tower, warn_untrained
     from .model.devices import torch_dtype
+    from .train.checkpoint import is_training_checkpoint
 
     dtype = torch_dtype(args.dtype)
-    if args.mode == "ar" and not is_two_tower_dir(args.model):
+    if args.mode == "ar" and not (is_two_tower_dir(args.model) or is_training_checkpoint(args.model)):
         return load_backbone(args.model, dtype=dtype)
     loaded = load_two_tower(args.model, dtype, untrained=args.untrained_denoiser, block_size=args.block_size or 16)
     warn_untrained(loaded)
