@@ -312,7 +312,7 @@ def test_the_gpu_recipe_runs_shrunk_on_a_tiny_model(setup, tmp_path):
     script = Path(__file__).parents[1] / "scripts" / "train_default_gpu.sh"
     env = {**os.environ, "MODEL": str(model_dir), "TWOTOWER": f"{sys.executable} -m twotower.cli", "DEVICE": "cpu",
            "DISTILL_BATCH": "256", "ANSWER_TOKENS": "32", "SEQ_LEN": "64", "BATCH": "4", "EVAL_TOKENS": "16",
-           "MASK_PATTERN": "suffix", "AR_DISTILL": "0.5"}
+           "MASK_PATTERN": "suffix", "AR_DISTILL": "0.5", "TRAIN_ARGS": "--lr 5e-4 --threads 1"}
     r = subprocess.run(["bash", str(script), str(tmp_path / "run"), "1", "8"], capture_output=True, text=True,
                        env=env, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -323,6 +323,7 @@ def test_the_gpu_recipe_runs_shrunk_on_a_tiny_model(setup, tmp_path):
     (last_ckpt,) = sorted((tmp_path / "run" / "train" / "checkpoints").glob("step-*"))[-1:]
     saved = json.loads((last_ckpt / "state.json").read_text())["config"]
     assert (saved["mask_pattern"], saved["ar_distill"]) == ("suffix", 0.5)
+    assert saved["lr"] == 5e-4 and saved["curriculum"] == [[8, 100]]  # TRAIN_ARGS override; no INIT_FROM
     fitted = saved["steps"]
     rows = [json.loads(line) for line in (tmp_path / "run" / "train" / "metrics.jsonl").read_text().splitlines()]
     assert 25 < fitted < 100_000 and rows[-1]["step"] == fitted
