@@ -12,6 +12,8 @@ pytestmark = pytest.mark.skipif(not packing_available(), reason="oneDNN packing 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("shape", [(1, 1, 48), (2, 16, 48), (5, 48)])
 def test_packed_matches_plain(dtype, tol, shape):
+    if not packing_available(dtype):
+        pytest.skip(f"this CPU has no oneDNN {dtype} kernels")
     torch.manual_seed(0)
     lin = Linear(48, 40, bias=True).to(dtype)
     x = torch.randn(shape, dtype=dtype)
@@ -35,6 +37,28 @@ def test_repacks_after_in_place_change_and_cast():
         assert torch.equal(lin(x), torch.zeros(1, 8))
         lin.to(torch.bfloat16)
         assert lin(x.bfloat16()).dtype == torch.bfloat16
+
+
+def test_bf16_without_cpu_support_takes_the_plain_path(monkeypatch):
+    # CPUs without avx512bw/vl/dq or avx_ne_convert: oneDNN's bf16 reorder raises there, so bf16
+    # must fall back to F.linear (which runs everywhere) while fp32 keeps its packed path
+    import twotower.model.linear as linear
+
+    monkeypatch.setattr(linear, "packing_available", lambda dtype=torch.float32: dtype == torch.float32)
+    reorder = torch.ops.mkldnn._reorder_linear_weight
+
+    def reorder_like_an_avx2_cpu(w, hint):
+        if w.dtype == torch.bfloat16:
+            raise RuntimeError("mkldnn_reorder_linear_weight: bf16 path needs the cpu support avx512bw")
+        return reorder(w, hint)
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", reorder_like_an_avx2_cpu)
+    torch.manual_seed(0)
+    lin = Linear(16, 8).bfloat16()
+    x = torch.randn(2, 16, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(lin(x), F.linear(x, lin.weight, lin.bias))
+    assert lin._packed is None
 
 
 def test_autograd_uses_the_plain_path():
