@@ -16,7 +16,8 @@ from tiny_models import attention_config, backbone_from_hf, hf_model, tiny_backb
 
 from twotower.bench.decoders import Decoded, ForwardCounter, counted, ours, transformers_decoder
 from twotower.bench.report import markdown, pareto_frontier
-from twotower.bench.speed import Contender, batches_of, load_prompts, summarise
+from twotower.bench.speed import Contender, batches_of, summarise
+from twotower.generate.prompts import load_prompt_set
 from twotower.bench.timing import interleaved
 from twotower.cli import main
 from twotower.generate import generate_ar
@@ -150,7 +151,7 @@ def test_peak_memory_sees_torch_allocations():
 
 
 def test_prompts_are_varied():
-    prompts = load_prompts()
+    prompts = load_prompt_set()
     assert len(prompts) == 16
     assert {"prose", "dialogue", "code", "list"} <= {p["kind"] for p in prompts}
     assert len({p["kind"] for p in prompts[:4]}) == 4  # --prompts 4 already mixes the kinds

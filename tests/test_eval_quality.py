@@ -14,7 +14,8 @@ from twotower.cli import main
 from twotower.eval import humaneval, metrics
 from twotower.eval.block_nll import block_nll
 from twotower.eval.judge import Judge
-from twotower.eval.quality import aggregate, load_prompts, retention
+from twotower.eval.quality import aggregate, retention
+from twotower.generate.prompts import load_prompt_set
 from twotower.model.twotower import DenoiserConfig, TwoTower
 
 
@@ -117,13 +118,19 @@ def test_block_nll_bound_and_ar_reference():
     assert 0 < half.tokens < full.tokens and math.isfinite(half.diffusion_nll)
 
 
-def test_load_prompts_shipped_and_rejects_bad(tmp_path):
-    rows = load_prompts()
+def test_prompt_set_shipped_and_rejects_bad(tmp_path):
+    rows = load_prompt_set()
     assert len(rows) >= 8 and all(r["text"] and r["kind"] for r in rows)
+    assert load_prompt_set(count=3) == rows[:3]
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"kind": "prose"}\n')
-    with pytest.raises(ValueError, match="no \"text\""):
-        load_prompts(bad)
+    for text, message in [('{"kind": "prose"}\n', "line 1 has no \"text\""), ('{"text": "a"}\n{oops\n', "line 2 is not JSON"),
+                          ('["text"]\n', "line 1 has no"), ('{"text": "  "}\n', "line 1 has no")]:
+        bad.write_text(text)
+        with pytest.raises(ValueError, match=message):
+            load_prompt_set(bad)
+    for count in (0, len(rows) + 1):
+        with pytest.raises(ValueError, match=f"between 1 and {len(rows)}"):
+            load_prompt_set(count=count)
 
 
 def test_eval_quality_end_to_end(tiny_dirs, tmp_path, capsys):

@@ -45,7 +45,7 @@ from ..eval.metrics import exact_match, token_agreement
 from ..generate import generate_ar
 from ..generate.ar import eos_set
 from ..generate.diffusion import generate_mask_diffusion, generate_mock_ar
-from ..generate.prompts import encode_prompt
+from ..generate.prompts import PROMPT_SET, encode_prompt, load_prompt_set
 from ..model.devices import torch_dtype
 from ..model.twotower import TwoTower
 from .box import describe_box
@@ -54,20 +54,10 @@ from .memory import PeakMemory
 from .report import markdown, plot
 from .timing import Timings, interleaved
 
-PROMPTS_FILE = Path(__file__).with_name("prompts.jsonl")
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 BLOCK_SIZES = (4, 8, 16, 32)
 BATCH_SIZES = (1, 4, 16)
 MODES = ("ar", "mock_ar", "mask_diffusion", "transformers", "prompt_lookup", "llama_cpp")
-
-
-def load_prompts(count: int | None = None, path: Path = PROMPTS_FILE) -> list[dict]:
-    prompts = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    if count is not None:
-        if not 1 <= count <= len(prompts):
-            raise ValueError(f"--prompts must be between 1 and {len(prompts)}, got {count}")
-        prompts = prompts[:count]
-    return prompts
 
 
 def encode_prompts(tokenizer, prompts: list[dict]) -> tuple[list[list[int]], bool]:
@@ -240,7 +230,7 @@ def run_speed_bench(
     tt, context = loaded.model, loaded.model.context
     if loaded.note is None:
         tt.merge_adapters()  # what `twotower generate` runs (a no-op for the full flavour)
-    texts = load_prompts(prompts)
+    texts = load_prompt_set(count=prompts)
     encoded, chat = encode_prompts(loaded.tokenizer, texts)
     eos = eos_set(context, None)
     pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
@@ -337,7 +327,7 @@ def run_speed_bench(
         "steps_per_block": steps_per_block,
         "repeats": repeats,
         "warmup": warmup,
-        "prompts": {"file": PROMPTS_FILE.name, "count": len(texts), "kinds": [p["kind"] for p in texts],
+        "prompts": {"file": PROMPT_SET.name, "count": len(texts), "kinds": [p["kind"] for p in texts],
                     "chat_template": chat},
         "memory_method": PeakMemory.method,
         "box": box,

@@ -28,13 +28,12 @@ from ..checkpoints import DEFAULT_MODEL
 from ..checkpoints.two_tower import load_two_tower, warn_untrained
 from ..generate import generate_ar
 from ..generate.diffusion import generate_mask_diffusion
-from ..generate.prompts import encode_prompt
+from ..generate.prompts import PROMPT_SET, encode_prompt, load_prompt_set
 from ..model.devices import torch_dtype
 from ..model.twotower import TwoTower
 from . import block_nll, humaneval, metrics
 from .judge import DEFAULT_JUDGE, Judge
 
-PROMPTS = Path(__file__).parents[1] / "bench" / "prompts.jsonl"
 # The retentions that measure the decoded text itself. Agreement with AR is reported but not
 # folded in, since a different continuation can be just as good. Nor is the block NLL: it scores
 # the denoiser's one-step prediction of a whole block, is the same at every setting of the dial,
@@ -48,7 +47,7 @@ class QualitySettings:
     dtype: str = "float32"
     device: str = "cpu"  # where the model runs (the judge stays on the CPU)
     untrained: bool = False  # a registry model without its shipped denoiser
-    prompts_file: str = str(PROMPTS)
+    prompts_file: str = str(PROMPT_SET)
     prompts: int | None = None  # the first N prompts; None: all
     chat: bool = True  # wrap prompts in the chat template when the tokenizer has one
     thresholds: list[float] = field(default_factory=lambda: [0.8, 0.9])
@@ -65,15 +64,6 @@ class QualitySettings:
     humaneval_problems: int | None = None  # None: all 164; 0: skip
     humaneval_max_new_tokens: int = 256
     output_dir: str = "bench_results/quality"
-
-
-def load_prompts(path: str | Path = PROMPTS) -> list[dict]:
-    """The prompt set: one JSON object a line with "kind" and "text"."""
-    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    for i, row in enumerate(rows):
-        if not isinstance(row.get("text"), str) or not row["text"].strip():
-            raise ValueError(f"{path}: line {i + 1} has no \"text\"")
-    return rows
 
 
 def _batches(items: list, size: int) -> list[list]:
@@ -153,7 +143,7 @@ def run_quality(settings: QualitySettings) -> dict:
     warn_untrained(loaded)
     settings = replace(settings, commit_rule=loaded.commit_rule(settings.commit_rule))
     model, tokenizer, note = loaded.model, loaded.tokenizer, loaded.note
-    rows = load_prompts(settings.prompts_file)[: settings.prompts]
+    rows = load_prompt_set(settings.prompts_file, settings.prompts)
     texts = [r["text"] for r in rows]
     chat = settings.chat and bool(getattr(tokenizer, "chat_template", None))  # a base model may have none: plain text
     prompt_ids = [encode_prompt(tokenizer, t, chat) for t in texts]

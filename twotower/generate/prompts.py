@@ -1,7 +1,34 @@
 """Text prompts to token ids: one user turn through the tokenizer's chat template (with the
-assistant's header, so the model answers), or the plain text."""
+assistant's header, so the model answers), or the plain text. Also the prompt-set file that
+`bench speed` and `eval quality` share."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
+
+PROMPT_SET = Path(__file__).parents[1] / "bench" / "prompts.jsonl"
+
+
+def load_prompt_set(path: str | Path = PROMPT_SET, count: int | None = None) -> list[dict]:
+    """A prompt set: one JSON object a line with "kind" and "text"; the first ``count`` rows
+    (None: all)."""
+    rows = []
+    for i, line in enumerate(Path(path).read_text().splitlines()):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: line {i + 1} is not JSON ({e.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str) or not row["text"].strip():
+            raise ValueError(f"{path}: line {i + 1} has no \"text\"")
+        rows.append(row)
+    if count is not None:
+        if not 1 <= count <= len(rows):
+            raise ValueError(f"the prompt count must be between 1 and {len(rows)} for {path}, got {count}")
+        rows = rows[:count]
+    return rows
 
 
 def encode_prompt(tokenizer, text: str, chat: bool, add_special_tokens: bool = True) -> list[int]:
