@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 from ..model.backbone import Backbone
 from ..model.config import BackboneConfig
-from ..model.devices import resolve_device
+from ..model.devices import resolve_device, warn_if_slow
 from .convert import config_from_hf, state_dict_from_hf
 
 log = logging.getLogger(__name__)
@@ -171,6 +171,7 @@ def load_backbone(
     from transformers import AutoConfig, AutoTokenizer
 
     device = resolve_device(device)
+    warn_if_slow(dtype, device.type)
     directory = checkpoint_dir(name_or_path)
     try:
         weights = _read_safetensors(directory)

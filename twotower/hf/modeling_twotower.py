@@ -23,7 +23,7 @@ from ..checkpoints.released import load_released
 from ..generate import ar as ar_generate
 from ..generate import diffusion
 from ..model.backbone import Backbone
-from ..model.devices import resolve_device
+from ..model.devices import resolve_device, warn_if_slow
 from ..model.twotower import DenoiserConfig, TwoTower
 from .configuration_twotower import TwoTowerConfig
 
@@ -279,6 +279,7 @@ class TwoTowerForCausalLM(PreTrainedModel, GenerationMixin):
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
         device = resolve_device(device)
+        warn_if_slow(dtype, device.type)  # the full flavour loads no backbone, which would say it
         weights = _read_safetensors(directory)
         denoiser = config.denoiser_settings
         tokenizer = None
