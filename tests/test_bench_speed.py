@@ -11,7 +11,6 @@ import time
 from functools import partial
 
 import pytest
-import torch
 from tiny_models import attention_config, backbone_from_hf, hf_model, tiny_backbone
 
 from twotower.bench.decoders import Decoded, ForwardCounter, counted, ours, transformers_decoder

@@ -3,7 +3,6 @@ processes follow the same trajectory as one process with the same global batch."
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path

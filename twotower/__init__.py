@@ -1,1 +1,3 @@
 from .checkpoints import load_backbone
+
+__all__ = ["load_backbone"]

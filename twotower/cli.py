@@ -167,7 +167,8 @@ def cmd_eval_quality(args: argparse.Namespace) -> None:
     from .eval.quality import QualitySettings, run_quality
 
     run_quality(QualitySettings(
-        model=args.model, dtype=args.dtype, device=args.device, untrained=args.untrained_denoiser, prompts_file=args.prompts_file, prompts=args.prompts, chat=not args.no_chat,
+        model=args.model, dtype=args.dtype, device=args.device, untrained=args.untrained_denoiser,
+        prompts_file=args.prompts_file, prompts=args.prompts, chat=not args.no_chat,
         thresholds=args.thresholds, block_sizes=args.block_sizes, steps_per_block=args.steps_per_block,
         commit_rule=args.commit_rule, verify=args.verify, max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size, judge=None if args.judge == "none" else args.judge, nll_t=args.nll_t,

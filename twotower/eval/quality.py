@@ -21,7 +21,6 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from statistics import mean
 
-import torch
 from tqdm import tqdm
 
 from ..checkpoints import DEFAULT_MODEL
@@ -217,7 +216,8 @@ def markdown(report: dict) -> str:
         f"Model `{report['settings']['model']}` ({report['settings']['dtype']}); denoiser: {report['denoiser']}; "
         f"judge `{report['judge']}`; {len(ar['continuations'])} prompts, {report['settings']['max_new_tokens']} "
         f"new tokens max, commit rule {report['settings']['commit_rule']}"
-        + (", verified" if report["settings"]["verify"] else "") + ".",
+        + (", verified" if report["settings"]["verify"] else "")
+        + ".",
         "",
         "| S | threshold | tokens/NFE | mean tokens (AR) | token agr. | exact | judge ppl (AR) | distinct-2 (AR) | rep. (AR) "
         "| block NLL t=1 (AR) | pass@1 (AR) | retention |",

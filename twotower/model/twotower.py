@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .backbone import Backbone
-from .cache import ForwardContext, KVCache, MambaState, ModelCache
+from .cache import ForwardContext, MambaState, ModelCache
 from .timecond import TimeConditioning
 
 LORA_TARGETS = ["qkv_proj", "o_proj", "up_proj", "down_proj", "in_proj", "out_proj"]
@@ -296,7 +296,9 @@ class TwoTower(nn.Module):
         shift = 1 if self.config.token_shift else 0
         return unknown & trained[:, shift : shift + n * s].reshape(b, n, s).to(unknown.device)
 
-    def loss_targets(self, input_ids: torch.Tensor, masked: torch.Tensor, trained: torch.Tensor | None = None) -> torch.Tensor:
+    def loss_targets(
+        self, input_ids: torch.Tensor, masked: torch.Tensor, trained: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """(B, n, S) bool: the targets ``diffusion_loss`` averages over (a trainer counts them
         over its whole global batch to normalise)."""
         return self._counted(self.noisy_blocks(input_ids, masked)[2], trained)
