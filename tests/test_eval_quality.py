@@ -123,8 +123,8 @@ def test_prompt_set_shipped_and_rejects_bad(tmp_path):
     assert len(rows) >= 8 and all(r["text"] and r["kind"] for r in rows)
     assert load_prompt_set(count=3) == rows[:3]
     bad = tmp_path / "bad.jsonl"
-    for text, message in [('{"kind": "prose"}\n', "line 1 has no \"text\""), ('{"text": "a"}\n{oops\n', "line 2 is not JSON"),
-                          ('["text"]\n', "line 1 has no"), ('{"text": "  "}\n', "line 1 has no")]:
+    for text, message in [('{"kind": "prose"}\n', ":1: no \"text\""), ('{"text": "a"}\n{oops\n', ":2: invalid JSON"),
+                          ('["text"]\n', ":1: no"), ('{"text": "  "}\n', ":1: no")]:
         bad.write_text(text)
         with pytest.raises(ValueError, match=message):
             load_prompt_set(bad)

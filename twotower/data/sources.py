@@ -124,16 +124,20 @@ def assistant_spans(messages: list[dict], tokenizer, rendered: str, where: str) 
     return tuple(spans)
 
 
-def _jsonl_documents(path: Path, spec: SourceSpec, tokenizer) -> Iterator[Document]:
-    field = spec.field
-    text = _read_text(path)
-    for number, line in enumerate(text.splitlines(), 1):
+def jsonl_records(path: Path) -> Iterator[tuple[int, object]]:
+    """(line number, parsed value) for every non-blank line of a UTF-8 JSONL file."""
+    for number, line in enumerate(_read_text(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            yield number, json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{number}: invalid JSON ({e.msg})") from e
+
+
+def _jsonl_documents(path: Path, spec: SourceSpec, tokenizer) -> Iterator[Document]:
+    field = spec.field
+    for number, record in jsonl_records(path):
         if not isinstance(record, dict) or field not in record:
             keys = sorted(record) if isinstance(record, dict) else type(record).__name__
             raise DataError(f"{path}:{number}: no field {field!r} (found {keys})")

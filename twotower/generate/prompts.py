@@ -4,8 +4,9 @@ assistant's header, so the model answers), or the plain text. Also the prompt-se
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from ..data.sources import jsonl_records
 
 PROMPT_SET = Path(__file__).parents[1] / "bench" / "prompts.jsonl"
 
@@ -13,16 +14,11 @@ PROMPT_SET = Path(__file__).parents[1] / "bench" / "prompts.jsonl"
 def load_prompt_set(path: str | Path = PROMPT_SET, count: int | None = None) -> list[dict]:
     """A prompt set: one JSON object a line with "kind" and "text"; the first ``count`` rows
     (None: all)."""
+    path = Path(path)
     rows = []
-    for i, line in enumerate(Path(path).read_text().splitlines()):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: line {i + 1} is not JSON ({e.msg})") from None
+    for number, row in jsonl_records(path):
         if not isinstance(row, dict) or not isinstance(row.get("text"), str) or not row["text"].strip():
-            raise ValueError(f"{path}: line {i + 1} has no \"text\"")
+            raise ValueError(f"{path}:{number}: no \"text\"")
         rows.append(row)
     if count is not None:
         if not 1 <= count <= len(rows):
