@@ -4,11 +4,11 @@ weigh in git or coming back from a lent GPU machine).
 
     python scripts/export_denoiser.py runs/gpu/train/final twotower/weights/smollm2-135m
 
-Writes DEST/model.safetensors and DEST/config.json and leaves any other file in DEST alone: the
-shipped directory's generation_config.json and README.md stay. twotower's loaders need nothing
-more; transformers' Auto classes also want the remote-code shims that ``save_pretrained`` writes.
-The config's ``dtype`` stays what training saved, so the model still loads in float32 unless
-asked otherwise; only the stored weights are rounded.
+Writes DEST/model.safetensors, DEST/config.json and what transformers' Auto classes need to load
+DEST offline (the remote-code shim and the tokenizer), and leaves any other file in DEST alone:
+the shipped directory's generation_config.json and README.md stay. The config's ``dtype`` stays
+what training saved, so the model still loads in float32 unless asked otherwise; only the stored
+weights are rounded.
 """
 
 from __future__ import annotations
@@ -20,24 +20,21 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-from twotower.checkpoints.two_tower import is_two_tower_dir
-from twotower.hf.modeling_twotower import WEIGHTS_NAME
+from twotower.checkpoints.saved import WEIGHTS_NAME, is_two_tower_dir, load_tokenizer, write_support_files, write_weights
 
 
 def export(source: Path, dest: Path, dtype: torch.dtype) -> int:
     if not is_two_tower_dir(source):
         raise SystemExit(f"export_denoiser: {source} is not a saved two-tower directory")
     with safe_open(source / WEIGHTS_NAME, framework="pt") as f:
-        metadata = f.metadata()
+        flavour = (f.metadata() or {}).get("flavour", "lora")
         state = {k: f.get_tensor(k) for k in f.keys()}
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     dest.mkdir(parents=True, exist_ok=True)
-    tmp = dest / f".{WEIGHTS_NAME}.tmp"
-    save_file(state, tmp, metadata=metadata)
-    tmp.replace(dest / WEIGHTS_NAME)  # a stopped export leaves the old weights, not half of new ones
+    write_weights(state, dest / WEIGHTS_NAME, flavour)
     shutil.copyfile(source / "config.json", dest / "config.json")
+    write_support_files(dest, load_tokenizer(source))
     return (dest / WEIGHTS_NAME).stat().st_size
 
 

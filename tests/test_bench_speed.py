@@ -8,7 +8,6 @@ import shutil
 import subprocess
 import sys
 import time
-from functools import partial
 
 import pytest
 from tiny_models import attention_config, backbone_from_hf, hf_model, tiny_backbone
@@ -20,7 +19,7 @@ from twotower.generate.prompts import load_prompt_set
 from twotower.bench.timing import interleaved
 from twotower.cli import main
 from twotower.generate import generate_ar
-from twotower.generate.diffusion import generate_mask_diffusion
+from twotower.generate import DecodingSettings
 from twotower.model.twotower import DenoiserConfig, TwoTower
 
 PROMPTS = [[5, 9, 17, 33, 4], [8, 3, 21]]
@@ -51,7 +50,7 @@ def test_prompt_and_post_eos_tokens_never_count(backbone):
     stop = known[0][4]
     cut = known[0].index(stop) + 1
     expected = [known[0][:cut], counted(known[1], {stop})]
-    decode = ours(partial(generate_ar, backbone), {stop}, max_new_tokens=12, eos_token_id=[stop])
+    decode = ours(backbone, DecodingSettings(mode="ar", max_new_tokens=12, stop_token_ids=[stop]), {stop})
     c = one_pass(decode, [PROMPTS])
     assert c.kept[0].tokens == expected
     row = summarise(c, 1.0, expected)
@@ -77,8 +76,8 @@ def test_nfe_counts_each_denoiser_forward_once(backbone):
     calls = []
     forward = model.denoise_block
     model.denoise_block = lambda *a, **k: calls.append(1) or forward(*a, **k)
-    decode = ours(partial(generate_mask_diffusion, model), set(), max_new_tokens=10, block_size=4,
-                  confidence_threshold=0.5, eos_token_id=[])
+    settings = DecodingSettings(max_new_tokens=10, block_size=4, confidence_threshold=0.5, stop_token_ids=[])
+    decode = ours(model, settings, set())
     c = one_pass(decode, batches_of(PROMPTS, 1))
     p = c.kept[0]
     assert p.nfe == len(calls) > 0
@@ -227,7 +226,8 @@ def test_bench_speed_verified_drafting_reproduces_ar(tiny_dir, tmp_path):
     assert code == 0
     data = json.loads((out / "speed.json").read_text())
     (diffusion,) = [r for r in data["runs"] if r["mode"] == "mask_diffusion"]
-    assert diffusion["label"] == "mask_diffusion S=4 t=0.9 verified" and diffusion["steps_per_block"] == 1
+    # the threshold plays no part with one step per block: it is not in the label
+    assert diffusion["label"] == "mask_diffusion S=4 verified" and diffusion["steps_per_block"] == 1
     assert diffusion["exact_match"] == 1.0 and diffusion["verify"] is True
     table = (out / "speed.md").read_text()
     assert "verified against the context tower, 1 denoiser step(s) per block" in table

@@ -9,6 +9,7 @@ from safetensors import safe_open
 
 from tiny_models import hf_model
 from twotower.checkpoints.load import CheckpointError
+from twotower.checkpoints.saved import saved_state
 from twotower.hf import TwoTowerConfig, TwoTowerForCausalLM
 
 PROMPT = [[5, 9, 17, 33, 65, 129]]
@@ -43,9 +44,9 @@ def build(bases, flavour: str, base: str = "llama", **kwargs) -> TwoTowerForCaus
 
 def outputs(model: TwoTowerForCausalLM) -> dict:
     return {
-        "diffusion": model.generate_mask_diffusion(PROMPT, max_new_tokens=12, eos_token_id=[]).tokens,
-        "mock_ar": model.generate_mock_ar(PROMPT, max_new_tokens=6, eos_token_id=[]).tokens,
-        "ar": model.generate_ar(PROMPT, max_new_tokens=8, eos_token_id=[]).tokens,
+        "diffusion": model.generate_mask_diffusion(PROMPT, max_new_tokens=12, eos_token_id=[]).tolist(),
+        "mock_ar": model.generate_mock_ar(PROMPT, max_new_tokens=6, eos_token_id=[]).tolist(),
+        "ar": model.generate_ar(PROMPT, max_new_tokens=8, eos_token_id=[]).tolist(),
     }
 
 
@@ -63,7 +64,7 @@ def test_round_trip_identical_outputs(bases, tmp_path, flavour, loader):
     again = loader(tmp_path)
     assert isinstance(again, TwoTowerForCausalLM)
     assert again.twotower.config == model.twotower.config
-    saved, loaded = model.twotower.state_dict(), again.twotower.state_dict()
+    saved, loaded = saved_state(model.twotower), saved_state(again.twotower)
     assert saved.keys() == loaded.keys()
     for key in saved:
         torch.testing.assert_close(loaded[key], saved[key], rtol=0, atol=0, msg=key)
@@ -87,11 +88,13 @@ def test_saved_directory_is_safetensors_and_shims(bases, tmp_path):
     assert "model.safetensors" in names and "config.json" in names
     assert not [n for n in names if n.endswith((".bin", ".pt", ".pth", ".pkl"))]
     config = json.loads((tmp_path / "config.json").read_text())
-    assert config["model_type"] == "twotower"
-    for module_name in ("configuration_twotower", "modeling_twotower"):
-        shim = (tmp_path / f"{module_name}.py").read_text()
-        assert f"from twotower.hf.{module_name} import" in shim
-        assert any(ref.startswith(module_name) for ref in config["auto_map"].values())
+    # as the released checkpoint does, config.json names a backbone type transformers knows (so
+    # AutoTokenizer/AutoConfig read it without asking about remote code); only
+    # AutoModelForCausalLM goes to our class, with trust_remote_code=True
+    assert config["model_type"] == "llama" and config["architectures"] == ["TwoTowerForCausalLM"]
+    assert config["auto_map"] == {"AutoModelForCausalLM": "modeling_twotower.TwoTowerForCausalLM"}
+    shim = (tmp_path / "modeling_twotower.py").read_text()
+    assert "from twotower.hf.modeling_twotower import TwoTowerForCausalLM" in shim
 
 
 def test_lora_directory_holds_no_base_weights(bases, tmp_path):
@@ -136,7 +139,7 @@ def test_hf_generate_equals_generate_ar(bases, base):
     ids = torch.tensor(PROMPT)
     hf = model.generate(ids, max_new_tokens=10, do_sample=False)
     ours = model.generate_ar(ids, max_new_tokens=10)
-    assert hf[0, ids.shape[1] :].tolist() == ours.tokens[0]
+    assert hf.tolist() == ours.tolist()
 
 
 def test_from_config_builds_a_random_model(bases):
@@ -179,7 +182,7 @@ def test_towers_on_two_devices(bases):
     assert split.device.type == "cpu"
     torch.testing.assert_close(split, reference, rtol=1e-3, atol=1e-3)
     out = model.generate_mask_diffusion(PROMPT, max_new_tokens=8, eos_token_id=[])
-    assert len(out.tokens[0]) == 8
+    assert out.shape == (1, len(PROMPT[0]) + 8)
     with pytest.raises(ValueError, match="lora"):
         build(bases, "lora").place_towers_on_devices("cpu", "cuda")
 
@@ -217,4 +220,4 @@ def test_default_model_lora_saves_small_and_reloads_by_name(tmp_path):
     assert again.tokenizer is not None
     ids = again.tokenizer("The capital of France is")["input_ids"]
     kwargs = dict(max_new_tokens=8, eos_token_id=[])
-    assert again.generate_mask_diffusion(ids, **kwargs).tokens == model.generate_mask_diffusion(ids, **kwargs).tokens
+    assert again.generate_mask_diffusion(ids, **kwargs).tolist() == model.generate_mask_diffusion(ids, **kwargs).tolist()

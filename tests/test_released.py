@@ -87,9 +87,11 @@ def test_every_tensor_lands_in_place(tmp_path):
 def test_no_shift_mask_diffusion_runs(tmp_path):
     write_released(tmp_path)
     model = TwoTowerForCausalLM.from_released(tmp_path)
-    out = model.generate_mask_diffusion([[5, 9, 17, 33, 65]], max_new_tokens=20, eos_token_id=[])
-    assert len(out.tokens[0]) == 20
-    assert all(0 <= tok < model.config.vocab_size for tok in out.tokens[0])
+    out = model.generate_mask_diffusion([[5, 9, 17, 33, 65]], max_new_tokens=20, eos_token_id=[],
+                                        return_dict_in_generate=True)
+    new = out.sequences[0, 5:].tolist()
+    assert len(new) == 20 and model._last_nfe == out.stats.nfe
+    assert all(0 <= tok < model.config.vocab_size for tok in new)
     assert len(out.stats.block_steps[0]) == 2  # two blocks of 16 targets
     assert 0 not in out.stats.block_steps[0] and max(out.stats.block_steps[0]) <= 16
 
@@ -102,7 +104,7 @@ def test_released_model_saves_and_reloads(tmp_path):
     assert again.twotower.config == model.twotower.config
     prompt = [[5, 9, 17, 33, 65]]
     kwargs = dict(max_new_tokens=20, eos_token_id=[])
-    assert again.generate_mask_diffusion(prompt, **kwargs).tokens == model.generate_mask_diffusion(prompt, **kwargs).tokens
+    assert again.generate_mask_diffusion(prompt, **kwargs).tolist() == model.generate_mask_diffusion(prompt, **kwargs).tolist()
 
 
 def test_unexpected_tensor_is_an_error(tmp_path):

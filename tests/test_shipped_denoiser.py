@@ -12,8 +12,9 @@ of 16: 2.13 and 1.71), verified drafts of the run above threshold 0.9 1.86 (untr
 import pytest
 import torch
 
-from twotower.checkpoints.two_tower import SHIPPED_DIR, LoadedTwoTower, load_two_tower, shipped_denoiser
+from twotower.checkpoints.two_tower import SHIPPED_DIR, load_model, shipped_denoiser
 from twotower.eval import block_nll
+from twotower.generate import resolve_settings
 from twotower.generate.diffusion import generate_mask_diffusion
 
 PROMPTS = ["Write a short poem about the sea.", "List three uses of copper.", "What is photosynthesis?",
@@ -28,7 +29,7 @@ BLOCK_NLL_CEILING = 7.5  # nats per hidden target at t = 1; measured 6.54, untra
 
 @pytest.fixture(scope="module")
 def shipped():
-    return load_two_tower("smollm2-135m")
+    return load_model("smollm2-135m")
 
 
 def test_artefact_is_small_and_safetensors_only():
@@ -37,19 +38,22 @@ def test_artefact_is_small_and_safetensors_only():
     files = [p for p in directory.iterdir() if p.is_file()]
     assert sum(p.stat().st_size for p in files) < 20e6
     assert all(p.stat().st_size < 16 * 2**20 for p in files)
-    assert {p.suffix for p in files} <= {".json", ".safetensors", ".md"}
+    # weights, configs, the tokenizer (with its chat template) and the remote-code shim
+    assert {p.suffix for p in files} <= {".json", ".safetensors", ".md", ".jinja", ".py"}
+    assert (directory / "tokenizer.json").is_file() and (directory / "modeling_twotower.py").is_file()
     # without a recommendation (an untrained denoiser, a directory without generation_config.json)
     # mask diffusion uses the released threshold rule
-    assert LoadedTwoTower(None, None, None, "untrained").commit_rule(None) == "threshold"
+    assert resolve_settings({}).commit_rule == "threshold"
 
 
 def test_shipped_denoiser_loads_as_trained_lora(shipped):
     assert shipped.note is None  # not the untrained fallback
     # it recommends the left_prefix rule and, for generate, verified whole-block drafts
     # (generation_config.json); an explicit choice wins
-    assert shipped.decoding == {"commit_rule": "left_prefix", "verify": True, "steps_per_block": 1, "block_size": 4}
-    assert shipped.preset() == {"verify": True, "steps_per_block": 1, "block_size": 4}
-    assert shipped.commit_rule(None) == "left_prefix" and shipped.commit_rule("threshold") == "threshold"
+    assert shipped.recommended == {"commit_rule": "left_prefix", "verify": True, "steps_per_block": 1, "block_size": 4}
+    preset = resolve_settings(shipped.recommended)
+    assert (preset.verify, preset.steps_per_block, preset.block_size, preset.commit_rule) == (True, 1, 4, "left_prefix")
+    assert resolve_settings(shipped.recommended, commit_rule="threshold").commit_rule == "threshold"
     model = shipped.model
     assert model.config.flavour == "lora" and model.block_size == 16
     # training moved the time conditioning away from its identity initialisation
@@ -77,7 +81,8 @@ def test_verified_drafting_keeps_ar_output_and_accepts_several_tokens(shipped):
                                    return_dict=True)["input_ids"] for p in PROMPTS]
     ar = generate_ar(shipped.model.context, ids, max_new_tokens=48, eos_token_id=[]).tokens
     dial = dict(block_size=16, confidence_threshold=0.9, verify=True)
-    for settings, floor in ((shipped.preset(), VERIFIED_DRAFT_FLOOR), (dial, VERIFIED_DIAL_FLOOR)):
+    preset = dict(verify=True, steps_per_block=1, block_size=4)
+    for settings, floor in ((preset, VERIFIED_DRAFT_FLOOR), (dial, VERIFIED_DIAL_FLOOR)):
         out = generate_mask_diffusion(shipped.model, ids, max_new_tokens=48, commit_rule="left_prefix", eos_token_id=[],
                                       **settings)
         assert out.tokens == ar

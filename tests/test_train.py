@@ -99,14 +99,14 @@ def test_resume_is_exact(setup):
 def test_a_checkpoint_loads_as_the_model_it_holds(setup):
     """``OUT/checkpoints/step-N`` is a model to evaluate (eval quality --model ...) before the run
     ends: at the last step it decodes exactly as ``OUT/final`` does."""
-    from twotower.checkpoints.two_tower import load_two_tower
+    from twotower.checkpoints.two_tower import load_model
     from twotower.generate.diffusion import generate_mask_diffusion
 
     out = setup[0] / "straight"
     if not (out / "final").is_dir():
         train(config(setup, "straight"), progress=False)
     last = out / "checkpoints" / "step-00000006"
-    from_checkpoint, from_final = load_two_tower(str(last)), load_two_tower(str(out / "final"))
+    from_checkpoint, from_final = load_model(str(last)), load_model(str(out / "final"))
     assert from_checkpoint.note is None and from_checkpoint.backbone == str(setup[1])
     a, b = from_checkpoint.model.state_dict(), from_final.model.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -114,7 +114,7 @@ def test_a_checkpoint_loads_as_the_model_it_holds(setup):
     assert (generate_mask_diffusion(from_checkpoint.model, prompt, max_new_tokens=8, block_size=8).tokens
             == generate_mask_diffusion(from_final.model, prompt, max_new_tokens=8, block_size=8).tokens)
     with pytest.raises(ValueError, match="untrained"):
-        load_two_tower(str(last), untrained=True)
+        load_model(str(last), untrained=True)
     from twotower.cli import main
 
     for mode in ("ar", "mask_diffusion"):
@@ -341,10 +341,10 @@ def test_the_gpu_recipe_runs_shrunk_on_a_tiny_model(setup, tmp_path):
     trained, exported = load_file(final / "model.safetensors"), load_file(shipped / "model.safetensors")
     assert trained.keys() == exported.keys()
     assert all(torch.equal(exported[k], v.to(torch.bfloat16)) for k, v in trained.items())
-    from twotower.checkpoints.two_tower import load_two_tower
+    from twotower.checkpoints.two_tower import load_model
 
-    loaded = load_two_tower(str(shipped))
-    assert loaded.decoding == {"commit_rule": "left_prefix"}
+    loaded = load_model(str(shipped), merge_adapters=False)
+    assert loaded.recommended == {"commit_rule": "left_prefix"}
     lora = {k: v for k, v in loaded.model.state_dict().items() if k in exported}
     assert lora.keys() == exported.keys() and all(v.dtype == torch.float32 for v in lora.values())
     assert all(torch.equal(v, exported[k].float()) for k, v in lora.items())

@@ -8,6 +8,7 @@ import pytest
 import torch
 from tiny_models import attention_config, hybrid_config, tiny_backbone
 
+from twotower.errors import UsageError
 from twotower.model import Backbone
 from twotower.model.timecond import TimeConditioning
 from twotower.model.twotower import DenoiserConfig, TwoTower
@@ -334,7 +335,7 @@ def test_merged_adapters_match_and_stay_inference_only():
         assert torch.allclose(merged, plain, atol=1e-4) and not torch.equal(merged, context[:, :12].view_as(merged))
         assert torch.equal(model.context_forward(x), context)  # the context tower is untouched
     model.train()
-    with pytest.raises(RuntimeError, match="unmerge"):
+    with pytest.raises(UsageError, match="unmerge"):
         model.diffusion_loss(x, masked)
     model.unmerge_adapters()
     assert not model.merged

@@ -14,6 +14,7 @@ from ..generate import generate_ar
 from ..model.devices import torch_dtype
 from .box import describe_box
 from .timing import interleaved
+from ..errors import UsageError
 
 PROMPT = "The history of the printing press begins"
 
@@ -24,7 +25,7 @@ def run_ar_bench(
     from transformers import AutoModelForCausalLM
 
     if repeats < 1 or max_new_tokens < 1:
-        raise ValueError("--repeats and --max-new-tokens must be >= 1")
+        raise UsageError("--repeats and --max-new-tokens must be >= 1")
     results = {"model": model, "max_new_tokens": max_new_tokens, "batch": 1, "repeats": repeats,
                "prompt": PROMPT, "box": describe_box(), "runs": []}
     for name in dtypes:

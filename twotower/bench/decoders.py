@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ..generate import prepare_prompts
+from ..generate import DecodingSettings, decode, prepare_prompts
 
 
 @dataclass
@@ -33,14 +33,14 @@ def counted(tokens: Sequence[int], eos: set[int]) -> list[int]:
     return out
 
 
-def ours(fn: Callable, eos: set[int], **kwargs) -> Decoder:
-    """One of our generators, ``fn(batch, **kwargs)``, with its own NFE count."""
+def ours(model, settings: DecodingSettings, eos: set[int]) -> Decoder:
+    """Our decoding with ``settings`` through the one entry point, with its own NFE count."""
 
-    def decode(batch: list[list[int]]) -> Decoded:
-        out = fn(batch, **kwargs)
+    def run(batch: list[list[int]]) -> Decoded:
+        out = decode(model, batch, settings)
         return Decoded([counted(row, eos) for row in out.tokens], out.stats.nfe)
 
-    return decode
+    return run
 
 
 class ForwardCounter:

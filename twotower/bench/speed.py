@@ -30,32 +30,30 @@ from __future__ import annotations
 import json
 import math
 import statistics
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..checkpoints import checkpoint_dir
+from ..checkpoints.two_tower import load_model, warn_untrained
+from ..errors import UsageError
 from ..eval.metrics import exact_match, token_agreement
-from ..generate import generate_ar
 from ..generate.ar import eos_set
-from ..generate.diffusion import generate_mask_diffusion, generate_mock_ar
 from ..generate.prompts import PROMPT_SET, encode_prompt, load_prompt_set
+from ..generate.settings import resolve_settings, settings_grid
 from ..model.devices import torch_dtype
-from ..model.twotower import TwoTower
 from .box import describe_box
 from .decoders import Decoder, ForwardCounter, llama_cpp_decoder, ours, transformers_decoder
 from .memory import PeakMemory
+from ..files import prepare_output_dir
 from .report import markdown, plot
 from .timing import Timings, interleaved
 
-THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
-BLOCK_SIZES = (4, 8, 16, 32)
 BATCH_SIZES = (1, 4, 16)
 MODES = ("ar", "mock_ar", "mask_diffusion", "transformers", "prompt_lookup", "llama_cpp")
 
@@ -146,6 +144,7 @@ def summarise(c: Contender, time_ratio: float, reference: list[list[int]]) -> di
         "peak_gpu_mb": max(p.gpu_peak_mb for p in c.kept) if c.kept[-1].gpu_peak_mb is not None else None,
         "token_agreement": statistics.mean(token_agreement(a, b) for a, b in zip(last.tokens, reference)),
         "exact_match": statistics.mean(float(exact_match(a, b)) for a, b in zip(last.tokens, reference)),
+        "tokens": last.tokens,  # per request, the last pass: what each setting generated
         "seconds": c.seconds,
     }
 
@@ -153,37 +152,17 @@ def summarise(c: Contender, time_ratio: float, reference: list[list[int]]) -> di
 # -- model ------------------------------------------------------------------------------------
 
 
-@dataclass
-class Loaded:
-    model: TwoTower
-    tokenizer: object
-    hf_dir: Path | None  # transformers-format weights of the context tower, for the baselines
-    gguf: Path | None  # the GGUF those weights came from, for llama.cpp
-    note: str | None  # set when the denoiser is untrained
-    commit_rule: str  # what --commit-rule resolved to for this model
-
-
-def _gguf_of(name_or_path: str) -> Path | None:
+def gguf_of(backbone: str | None) -> Path | None:
+    """The GGUF file a backbone came from (for llama.cpp on the same weights), if any."""
     from ..checkpoints.load import resolve
 
-    path = resolve(name_or_path)
+    if backbone is None:
+        return None
+    path = resolve(backbone)
     if path.suffix == ".gguf":
         return path
     source = path / "twotower_source.json"
     return Path(json.loads(source.read_text())["gguf"]) if source.is_file() else None
-
-
-def load_model(
-    name_or_path: str, dtype: torch.dtype, untrained: bool = False, device: str = "cpu", commit_rule: str | None = None
-) -> Loaded:
-    """A two-tower model (see ``load_two_tower``); the baselines load the backbone it sits on."""
-    from ..checkpoints import checkpoint_dir
-    from ..checkpoints.two_tower import load_two_tower
-
-    loaded = load_two_tower(name_or_path, dtype, device, untrained=untrained)
-    ref = loaded.backbone
-    return Loaded(loaded.model, loaded.tokenizer, checkpoint_dir(ref) if ref else None,
-                  _gguf_of(ref) if ref else None, loaded.note, loaded.commit_rule(commit_rule))
 
 
 # -- the run ----------------------------------------------------------------------------------
@@ -191,19 +170,19 @@ def load_model(
 
 def _check(thresholds, block_sizes, batch_sizes, max_new_tokens: int, repeats: int, warmup: int) -> None:
     if not all(0.0 <= t <= 1.0 for t in thresholds):
-        raise ValueError(f"--thresholds must be in [0, 1], got {thresholds}")
-    if min(block_sizes) < 1 or min(batch_sizes) < 1:
-        raise ValueError("--block-sizes and --batch-sizes must be >= 1")
+        raise UsageError(f"--thresholds must be in [0, 1], got {thresholds}")
+    if min(block_sizes, default=1) < 1 or min(batch_sizes, default=0) < 1:
+        raise UsageError("--block-sizes and --batch-sizes must be >= 1")
     if max_new_tokens < 1 or repeats < 1 or warmup < 0:
-        raise ValueError("--max-new-tokens and --repeats must be >= 1, --warmup >= 0")
+        raise UsageError("--max-new-tokens and --repeats must be >= 1, --warmup >= 0")
 
 
 def run_speed_bench(
     model: str,
     dtype: str = "float32",
     modes: Sequence[str] = MODES,
-    thresholds: Sequence[float] = THRESHOLDS,
-    block_sizes: Sequence[int] = BLOCK_SIZES,
+    thresholds: Sequence[float] | None = None,
+    block_sizes: Sequence[int] | None = None,
     batch_sizes: Sequence[int] = BATCH_SIZES,
     prompts: int | None = None,
     max_new_tokens: int = 128,
@@ -214,22 +193,24 @@ def run_speed_bench(
     untrained: bool = False,
     device: str = "cpu",
     commit_rule: str | None = None,
-    verify: bool = False,
+    verify: bool | None = None,
     steps_per_block: int | None = None,
 ) -> dict:
-    """``verify``: every denoiser forward drafts the confident run of targets from the left and
-    the context tower checks it (output = AR greedy); with ``steps_per_block=1`` the drafts are
-    whole blocks (self-speculative decoding)."""
-    _check(thresholds, block_sizes, batch_sizes, max_new_tokens, repeats, warmup)
-    loaded = load_model(model, torch_dtype(dtype), untrained, device, commit_rule)
-    commit_rule = loaded.commit_rule
+    """Mask diffusion runs the model's recommended preset unless a dial option is given
+    (``thresholds``, ``verify``, ``steps_per_block``): then the plain dial at every (block
+    size, threshold). ``verify``: every denoiser forward drafts the confident run of targets
+    from the left and the context tower checks it (output = AR greedy); with
+    ``steps_per_block=1`` the drafts are whole blocks (self-speculative decoding)."""
+    _check(thresholds or [], block_sizes or [], batch_sizes, max_new_tokens, repeats, warmup)
+    out = prepare_output_dir(output_dir)
+    loaded = load_model(model, dtype, device, untrained=untrained)
     if loaded.tokenizer is None:
-        raise ValueError(f"{model} has no tokenizer: the benchmark prompts are text")
-    if loaded.note:
-        print(f"twotower: note: {loaded.note}", file=sys.stderr)
-    tt, context = loaded.model, loaded.model.context
-    if loaded.note is None:
-        tt.merge_adapters()  # what `twotower generate` runs (a no-op for the full flavour)
+        raise UsageError(f"{model} has no tokenizer: the benchmark prompts are text")
+    warn_untrained(loaded)
+    tt, context = loaded.model, loaded.context
+    dials = settings_grid(loaded.recommended, thresholds, block_sizes, verify=verify, steps_per_block=steps_per_block,
+                          commit_rule=commit_rule, max_new_tokens=max_new_tokens)
+    hf_dir = checkpoint_dir(loaded.backbone) if loaded.backbone else None
     texts = load_prompt_set(count=prompts)
     encoded, chat = encode_prompts(loaded.tokenizer, texts)
     eos = eos_set(context, None)
@@ -238,12 +219,12 @@ def run_speed_bench(
 
     hf = forwards = None
     if {"transformers", "prompt_lookup"} & set(modes):
-        if loaded.hf_dir is None:
+        if hf_dir is None:
             skipped.append("transformers baselines: this model names no transformers-format backbone")
         else:
             from transformers import AutoModelForCausalLM
 
-            hf = AutoModelForCausalLM.from_pretrained(loaded.hf_dir, dtype=torch_dtype(dtype)).to(device).eval()
+            hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch_dtype(dtype)).to(device).eval()
             forwards = ForwardCounter(hf)
     llama = None
     if "llama_cpp" in modes and torch.device(device).type != "cpu":
@@ -254,11 +235,12 @@ def run_speed_bench(
         except ImportError:
             skipped.append("llama_cpp: llama-cpp-python is not installed (optional)")
         else:
-            if loaded.gguf is None:
+            gguf = gguf_of(loaded.backbone)
+            if gguf is None:
                 skipped.append("llama_cpp: this model has no GGUF file")
             else:
                 n_ctx = max(map(len, encoded)) + max_new_tokens + 8
-                llama = llama_cpp_decoder(loaded.gguf, eos, max_new_tokens, n_ctx)
+                llama = llama_cpp_decoder(gguf, eos, max_new_tokens, n_ctx)
 
     def contenders(batches) -> list[Contender]:
         batch_size = len(batches[0])
@@ -268,16 +250,13 @@ def run_speed_bench(
             out.append(Contender(name, {"batch_size": batch_size, "mode": mode, "label": name, **dial}, decode, batches))
 
         if "mock_ar" in modes:
-            add("mock_ar", "mock_ar", ours(partial(generate_mock_ar, tt), eos, max_new_tokens=max_new_tokens))
+            add("mock_ar", "mock_ar", ours(tt, mock_ar, eos))
         if "mask_diffusion" in modes:
-            for s in block_sizes:
-                for t in thresholds if steps_per_block != 1 else thresholds[:1]:  # one step commits it all
-                    add(f"mask_diffusion S={s} t={t}" + (" verified" if verify else ""), "mask_diffusion",
-                        ours(partial(generate_mask_diffusion, tt), eos, max_new_tokens=max_new_tokens, block_size=s,
-                             confidence_threshold=t, commit_rule=commit_rule, verify=verify,
-                             steps_per_block=steps_per_block),
-                        block_size=s, threshold=t, commit_rule=commit_rule, verify=verify,
-                        steps_per_block=steps_per_block or s)
+            for settings in dials:
+                size = settings.block_size or tt.block_size
+                add(settings.label(tt.block_size), "mask_diffusion", ours(tt, settings, eos), block_size=size,
+                    threshold=settings.confidence_threshold, commit_rule=settings.commit_rule, verify=settings.verify,
+                    steps_per_block=settings.steps_per_block or size)
         if hf is not None and "transformers" in modes:
             add("transformers", "transformers", transformers_decoder(hf, forwards, eos, pad, max_new_tokens))
         if hf is not None and "prompt_lookup" in modes:
@@ -294,14 +273,16 @@ def run_speed_bench(
                 skipped.append(f"llama_cpp at batch {batch_size}: its Python API decodes one sequence at a time")
         return out
 
+    ar_settings = resolve_settings(mode="ar", max_new_tokens=max_new_tokens)
+    mock_ar = resolve_settings(loaded.recommended, mode="mock_ar", commit_rule=commit_rule, max_new_tokens=max_new_tokens)
     plan = [(b, contenders(batches_of(encoded, b))) for b in batch_sizes]
     rounds = sum(max(len(cs), 1) for _, cs in plan) * (warmup + repeats)
     bar = tqdm(total=rounds, desc="bench speed", unit="round")
     runs = []
     for batch_size, others in plan:
         batches = others[0].batches if others else batches_of(encoded, batch_size)
-        ar = Contender("ar", {"batch_size": batch_size, "mode": "ar", "label": "ar"},
-                       ours(partial(generate_ar, context), eos, max_new_tokens=max_new_tokens), batches)
+        ar = Contender("ar", {"batch_size": batch_size, "mode": "ar", "label": "ar"}, ours(context, ar_settings, eos),
+                       batches)
         ratios = {}
         for c in others or [None]:
             pair = {"ar": ar} if c is None else {"ar": ar, c.name: c}
@@ -317,14 +298,17 @@ def run_speed_bench(
     bar.close()
 
     box = describe_box() | {"dtype": dtype, "device": device}
+    dial = dials[0]  # the commit rule, verification and steps are given once for every block size
     results = {
         "model": model,
-        "denoiser": loaded.note or "trained (saved two-tower directory)",
+        "denoiser": loaded.note or f"trained ({loaded.source})",
         "dtype": dtype,
         "max_new_tokens": max_new_tokens,
-        "commit_rule": commit_rule,
-        "verify": verify,
-        "steps_per_block": steps_per_block,
+        "commit_rule": dial.commit_rule,
+        "verify": dial.verify,
+        "steps_per_block": dial.steps_per_block,
+        "recommended": loaded.recommended,
+        "settings": {c.name: c.settings for _, cs in plan for c in cs},
         "repeats": repeats,
         "warmup": warmup,
         "prompts": {"file": PROMPT_SET.name, "count": len(texts), "kinds": [p["kind"] for p in texts],
@@ -334,8 +318,6 @@ def run_speed_bench(
         "skipped": sorted(set(skipped)),
         "runs": runs,
     }
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     (out / "speed.json").write_text(json.dumps(results, indent=2))
     table = markdown(results)
     (out / "speed.md").write_text(table)

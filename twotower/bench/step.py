@@ -21,6 +21,7 @@ from ..model.devices import torch_dtype
 from ..model.twotower import DenoiserConfig, TwoTower
 from .box import describe_box
 from .timing import interleaved
+from ..errors import UsageError
 
 
 def run_step_bench(
@@ -28,7 +29,7 @@ def run_step_bench(
     output: str | None = None,
 ) -> dict:
     if context_tokens < 2 or block_size < 1 or repeats < 1:
-        raise ValueError("--context-tokens must be >= 2, --block-size and --repeats >= 1")
+        raise UsageError("--context-tokens must be >= 2, --block-size and --repeats >= 1")
     results = {"model": model, "context_tokens": context_tokens, "block_size": block_size, "repeats": repeats,
                "box": describe_box(), "runs": []}
     for name in dtypes:

@@ -7,6 +7,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from ..errors import UsageError
 
 
 @dataclass
@@ -29,7 +30,7 @@ def interleaved(
     on_round: Callable[[int], None] | None = None,
 ) -> Timings:
     if repeats < 1 or warmup < 0:
-        raise ValueError("repeats must be >= 1 and warmup >= 0")
+        raise UsageError("repeats must be >= 1 and warmup >= 0")
     timings = Timings({name: [] for name in contenders})
     for r in range(warmup + repeats):
         for name, fn in contenders.items():

@@ -6,6 +6,7 @@ import re
 
 import torch
 
+from ..errors import CheckpointError
 from ..model.config import BackboneConfig, MambaConfig, MoEConfig, RopeConfig
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
@@ -25,7 +26,7 @@ def _rope(hf) -> RopeConfig:
     if kind == "default":
         return RopeConfig(theta=float(theta))
     if kind != "llama3":
-        raise ValueError(f"RoPE scaling {kind!r} is not supported (supported: default, llama3)")
+        raise CheckpointError(f"RoPE scaling {kind!r} is not supported (supported: default, llama3)")
     return RopeConfig(
         theta=float(theta),
         kind="llama3",
@@ -40,7 +41,7 @@ def config_from_hf(hf) -> BackboneConfig:
     """Our config from a transformers ``PretrainedConfig``."""
     model_type = hf.model_type
     if model_type not in SUPPORTED:
-        raise ValueError(f"model type {model_type!r} is not supported (supported: {', '.join(SUPPORTED)})")
+        raise CheckpointError(f"model type {model_type!r} is not supported (supported: {', '.join(SUPPORTED)})")
     common = dict(
         vocab_size=hf.vocab_size,
         hidden_size=hf.hidden_size,
@@ -56,7 +57,7 @@ def config_from_hf(hf) -> BackboneConfig:
     if model_type in LLAMA_FAMILY:
         act = getattr(hf, "hidden_act", "silu")
         if act != "silu":
-            raise ValueError(f"{model_type} with hidden_act={act!r} is not supported (expected silu)")
+            raise CheckpointError(f"{model_type} with hidden_act={act!r} is not supported (expected silu)")
         window = getattr(hf, "sliding_window", None)
         if window and getattr(hf, "use_sliding_window", model_type == "mistral"):
             # Exact only while the context fits the window: cap the context there.
@@ -81,12 +82,12 @@ def config_from_hf(hf) -> BackboneConfig:
              "mamba": "mamba", "attention": "attention"}
     layer_types = [kinds[k] for k in hf.layers_block_type]
     if getattr(hf, "moe_latent_size", None):
-        raise ValueError("NemotronH with moe_latent_size is not supported yet")
+        raise CheckpointError("NemotronH with moe_latent_size is not supported yet")
     # transformers' NemotronH MLPs and experts are never gated: down(act(up(x)))
     if hf.mlp_hidden_act != "relu2":
-        raise ValueError(f"NemotronH with mlp_hidden_act={hf.mlp_hidden_act!r} is not supported (expected relu2)")
+        raise CheckpointError(f"NemotronH with mlp_hidden_act={hf.mlp_hidden_act!r} is not supported (expected relu2)")
     if hf.mamba_hidden_act != "silu":
-        raise ValueError(f"NemotronH with mamba_hidden_act={hf.mamba_hidden_act!r} is not supported (expected silu)")
+        raise CheckpointError(f"NemotronH with mamba_hidden_act={hf.mamba_hidden_act!r} is not supported (expected silu)")
     low, high = hf.time_step_min, float("inf")  # transformers' mixer clamps dt to (time_step_min, inf)
     return BackboneConfig(
         layer_types=layer_types,
@@ -163,7 +164,7 @@ def state_dict_from_hf(sd: dict[str, torch.Tensor], config: BackboneConfig, mode
                 continue
             new = _llama_key(key)
             if new is None:
-                raise ValueError(f"unexpected weight {key!r} in a {model_type} checkpoint")
+                raise CheckpointError(f"unexpected weight {key!r} in a {model_type} checkpoint")
             out[new] = value
     else:
         experts: dict[tuple[int, str, int], torch.Tensor] = {}

@@ -21,16 +21,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..errors import CheckpointError
 from ..model.backbone import Backbone
 from ..model.config import BackboneConfig
 from ..model.devices import resolve_device, warn_if_slow
 from .convert import config_from_hf, state_dict_from_hf
 
 log = logging.getLogger(__name__)
-
-
-class CheckpointError(ValueError):
-    """A model name or checkpoint that cannot be resolved or read."""
 
 
 @dataclass(frozen=True)

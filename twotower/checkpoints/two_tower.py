@@ -1,110 +1,104 @@
-"""Two-tower models by name: a saved two-tower directory, a registry backbone with the denoiser
-shipped for it inside this package (``twotower/weights/<name>``), or any other backbone with an
-untrained denoiser (a copy of the AR model, for measuring the untrained baseline)."""
+"""The one loader: every front end (CLI, bench, eval, lm-eval, the transformers wrapper, the
+server) turns "a model" into a model, its tokenizer and its recommended decoding settings here.
+
+What a name or path can be, in the order it is recognised:
+- a training checkpoint (``OUT/checkpoints/step-N``): the run's two towers with its weights;
+- a saved two-tower directory (``save_pretrained``, ``twotower train``'s ``final/``);
+- a registry name with a denoiser shipped inside this package (``twotower/weights/<name>``);
+- any other backbone (registry name, ``.gguf`` file, transformers safetensors directory): with
+  an untrained lora denoiser (a copy of the AR model, for the untrained baseline), or alone
+  when only the AR model is wanted.
+"""
 
 from __future__ import annotations
 
-import json
+import logging
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
-from .load import REGISTRY, load_backbone
+from ..errors import UsageError
+from ..model.backbone import Backbone
+from ..model.devices import torch_dtype
+from ..model.twotower import DenoiserConfig, TwoTower
+from .build import SHIPPED_DIR, build_two_tower, denoiser_dir, shipped_denoiser
+from .load import DEFAULT_MODEL, load_backbone
+from .saved import is_two_tower_dir, load_two_tower_dir, recommended_decoding
+from .training import is_training_checkpoint, model_from_checkpoint
 
-SHIPPED_DIR = Path(__file__).parents[1] / "weights"
+__all__ = ["SHIPPED_DIR", "LoadedModel", "load_model", "shipped_denoiser", "denoiser_dir", "warn_untrained"]
+
+log = logging.getLogger(__name__)
+
 UNTRAINED_NOTE = (
     "untrained denoiser: a lora denoiser initialised as a copy of the AR model (identity time "
     "conditioning), so expect about one committed token per step"
 )
 
 
-def is_two_tower_dir(name_or_path: str | Path) -> bool:
-    config = Path(name_or_path).expanduser() / "config.json"
-    try:
-        return config.is_file() and json.loads(config.read_text()).get("model_type") == "twotower"
-    except (OSError, ValueError):
-        return False
-
-
-def shipped_denoiser(name: str) -> Path | None:
-    """The trained denoiser that ships with the package for registry model ``name``, if any."""
-    path = SHIPPED_DIR / name
-    return path if name in REGISTRY and is_two_tower_dir(path) else None
-
-
-def denoiser_dir(name_or_path: str) -> Path | None:
-    """A saved two-tower directory as given, else the denoiser shipped for registry model
-    ``name_or_path``, else None."""
-    return Path(name_or_path).expanduser() if is_two_tower_dir(name_or_path) else shipped_denoiser(name_or_path)
-
-
-DEFAULT_COMMIT_RULE = "threshold"  # the released rule (DESIGN.md §1)
-PRESET_KEYS = ("verify", "steps_per_block", "block_size")  # generation_config.json keys of a generate preset
-
-
 @dataclass
-class LoadedTwoTower:
-    model: object  # TwoTower
+class LoadedModel:
+    model: TwoTower | Backbone  # a Backbone only when the AR model alone was asked for
     tokenizer: object | None
     backbone: str | None  # the backbone's name or path (for baselines that load it themselves)
-    note: str | None  # set when the denoiser is untrained
-    # mask-diffusion settings the saved model recommends (its generation_config.json)
-    decoding: dict = field(default_factory=dict)
+    source: str  # what the name resolved to, in words
+    note: str | None = None  # set when the denoiser is untrained
+    # decoding settings the model recommends (its generation_config.json), for resolve_settings
+    recommended: dict = field(default_factory=dict)
 
-    def commit_rule(self, requested: str | None) -> str:
-        """The rule asked for, else the one this model recommends, else the released rule."""
-        return requested or self.decoding.get("commit_rule", DEFAULT_COMMIT_RULE)
+    @property
+    def two_tower(self) -> TwoTower | None:
+        return self.model if isinstance(self.model, TwoTower) else None
 
-    def preset(self) -> dict:
-        """The dial settings this model recommends for ``generate`` (say, verified whole-block
-        drafts of 4 tokens: ``verify=True, steps_per_block=1, block_size=4``), meant as one
-        preset: a caller who sets any option of the dial takes the plain dial instead (a block
-        size they give replaces the preset's)."""
-        return {k: self.decoding[k] for k in PRESET_KEYS if k in self.decoding}
+    @property
+    def context(self) -> Backbone:
+        return self.model.context if isinstance(self.model, TwoTower) else self.model
 
 
-def recommended_decoding(directory: str | Path) -> dict:
-    """The decoding settings a saved two-tower directory recommends, kept where transformers
-    models keep their generation defaults: ``generation_config.json`` (``commit_rule``, and a
-    ``generate`` preset of ``verify``, ``steps_per_block`` and ``block_size``)."""
-    if not (Path(directory).expanduser() / "generation_config.json").is_file():
-        return {}
-    from transformers import GenerationConfig
+def load_model(
+    name_or_path: str = DEFAULT_MODEL,
+    dtype: str | torch.dtype | None = torch.float32,
+    device: str | torch.device = "cpu",
+    *,
+    untrained: bool = False,
+    block_size: int = 16,
+    context_only: bool = False,
+    merge_adapters: bool = True,
+) -> LoadedModel:
+    """Load ``name_or_path`` (see the module docstring) for inference, in ``dtype`` (None: the
+    dtype a saved directory was saved in, else float32).
 
-    config = GenerationConfig.from_pretrained(directory)
-    return {k: getattr(config, k) for k in ("commit_rule", *PRESET_KEYS) if hasattr(config, k)}
-
-
-def load_two_tower(
-    name_or_path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-    untrained: bool = False, block_size: int = 16,
-) -> LoadedTwoTower:
-    """A saved two-tower directory or a training checkpoint (``OUT/checkpoints/step-N``); a
-    registry name with its shipped denoiser (unless ``untrained``); else the backbone with an
-    untrained lora denoiser of ``block_size``."""
-    from ..model.twotower import DenoiserConfig, TwoTower
-
-    from ..train.checkpoint import is_training_checkpoint, model_from_checkpoint
-
-    if untrained and (is_two_tower_dir(name_or_path) or is_training_checkpoint(name_or_path)):
-        raise ValueError(f"{name_or_path} is a trained two-tower directory: drop the untrained option")
-    if is_training_checkpoint(name_or_path):  # OUT/checkpoints/step-N of a run, finished or not
+    ``untrained``: a registry model without its shipped denoiser (an untrained one of
+    ``block_size`` instead). ``context_only``: a backbone is returned alone, without a
+    denoiser (two-tower sources still load both towers). ``merge_adapters``: a trained lora
+    denoiser gets a merged copy of the weights (faster steps, one more copy in memory); the
+    same choice for every front end keeps their outputs identical."""
+    if not isinstance(name_or_path, str) or not name_or_path.strip():
+        raise UsageError(f"a model is a registry name or a path, got {name_or_path!r}")
+    saved_dtype = dtype is None
+    dtype = torch.float32 if dtype is None else torch_dtype(dtype)
+    if untrained and (is_training_checkpoint(name_or_path) or is_two_tower_dir(name_or_path)):
+        raise UsageError(f"{name_or_path} is a trained two-tower directory: drop the untrained option")
+    if is_training_checkpoint(name_or_path):
         model, tokenizer, backbone = model_from_checkpoint(name_or_path, dtype, device)
-        return LoadedTwoTower(model, tokenizer, backbone, None)
-    directory = None if untrained else denoiser_dir(name_or_path)
-    if directory is not None:
-        from ..hf import TwoTowerForCausalLM
+        loaded = LoadedModel(model, tokenizer, backbone, "training checkpoint")
+    elif not untrained and (directory := denoiser_dir(name_or_path)) is not None:
+        model, tokenizer, config = load_two_tower_dir(directory, None if saved_dtype else dtype, device)
+        source = "shipped denoiser" if directory == shipped_denoiser(name_or_path) else "saved two-tower directory"
+        loaded = LoadedModel(model, tokenizer, config.get("backbone"), source, recommended=recommended_decoding(directory))
+    elif context_only:
+        backbone, tokenizer = load_backbone(name_or_path, dtype=dtype, device=device)
+        return LoadedModel(backbone, tokenizer, name_or_path, "backbone")
+    else:
+        model, tokenizer = build_two_tower(name_or_path, DenoiserConfig(flavour="lora", block_size=block_size),
+                                           dtype, device)
+        return LoadedModel(model.eval(), tokenizer, name_or_path, "backbone with an untrained denoiser", UNTRAINED_NOTE)
+    if merge_adapters:
+        loaded.model.merge_adapters()  # a no-op for the full flavour
+    return loaded
 
-        wrapped = TwoTowerForCausalLM.from_pretrained(directory, dtype=dtype, device=device)
-        return LoadedTwoTower(wrapped.twotower, wrapped.tokenizer, wrapped.config.backbone, None,
-                              recommended_decoding(directory))
-    backbone, tokenizer = load_backbone(name_or_path, dtype=dtype, device=device)
-    model = TwoTower(backbone, DenoiserConfig(flavour="lora", block_size=block_size)).eval()
-    return LoadedTwoTower(model, tokenizer, name_or_path, UNTRAINED_NOTE)
 
-
-def warn_untrained(loaded: LoadedTwoTower) -> None:
+def warn_untrained(loaded: LoadedModel) -> None:
     if loaded.note:
         print(f"twotower: note: {loaded.note}", file=sys.stderr)

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from ..generate.ar import generate_ar
 from ..generate.prompts import encode_prompt
-from .sources import DataError
+from ..errors import DataError
 
 
 def _resume_point(path: Path) -> int:

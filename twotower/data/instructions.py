@@ -10,6 +10,7 @@ summaries, rewrites) with subjects from many domains. The result is deterministi
 from __future__ import annotations
 
 import random
+from ..errors import UsageError
 
 SUBJECTS = """
 volcanoes|coral reefs|black holes|the water cycle|photosynthesis|earthquakes|glaciers|tides|rainbows|
@@ -194,6 +195,6 @@ def chat_instructions(count: int, seed: int = 0) -> list[tuple[str, str]]:
                 seen.add(text)
                 out.append((kind, text))
     if len(out) < count:
-        raise ValueError(f"only {len(out)} distinct instructions can be made, asked for {count}")
+        raise UsageError(f"only {len(out)} distinct instructions can be made, asked for {count}")
     rng.shuffle(out)
     return out

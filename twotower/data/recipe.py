@@ -7,7 +7,8 @@ import glob
 import importlib.util
 from pathlib import Path
 
-from .sources import DataError, SourceSpec
+from ..errors import DataError
+from .sources import SourceSpec
 
 
 def _package_dir(name: str) -> Path | None:

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .sources import DataError, Document, SourceSpec, read_documents
+from ..errors import DataError
+from .sources import Document, SourceSpec, read_documents
 
 MANIFEST = "manifest.json"
 

@@ -5,18 +5,15 @@ nothing is silently skipped."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
 
+from ..errors import DataError
+from ..files import jsonl_records, read_text
+
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".cor", ".py", ".rs", ".html", ".htm", ".tex", ""}
-
-
-class DataError(ValueError):
-    """Training data that cannot be read as documents."""
-
 
 LOSS_ON = ("all", "assistant")
 
@@ -44,17 +41,6 @@ class Document:
     text: str
     # character spans [start, end) whose tokens carry the loss; None: all of the text
     trained: tuple[tuple[int, int], ...] | None = None
-
-
-def _read_text(path: Path) -> str:
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text (byte {e.start}: {data[e.start:e.start + 4]!r})") from e
-    if not text.strip():
-        raise DataError(f"{path}: the file is empty")
-    return text
 
 
 class _VisibleText(HTMLParser):
@@ -124,17 +110,6 @@ def assistant_spans(messages: list[dict], tokenizer, rendered: str, where: str) 
     return tuple(spans)
 
 
-def jsonl_records(path: Path) -> Iterator[tuple[int, object]]:
-    """(line number, parsed value) for every non-blank line of a UTF-8 JSONL file."""
-    for number, line in enumerate(_read_text(path).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            yield number, json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{number}: invalid JSON ({e.msg})") from e
-
-
 def _jsonl_documents(path: Path, spec: SourceSpec, tokenizer) -> Iterator[Document]:
     field = spec.field
     for number, record in jsonl_records(path):
@@ -173,8 +148,8 @@ def read_documents(spec: SourceSpec, tokenizer=None) -> Iterator[Document]:
         if f.suffix.lower() == ".jsonl":
             yield from _jsonl_documents(f, spec, tokenizer)
         elif f.suffix.lower() in (".html", ".htm"):
-            text = html_to_text(_read_text(f))
+            text = html_to_text(read_text(f))
             if text.strip():
                 yield Document(text)
         else:
-            yield Document(_read_text(f))
+            yield Document(read_text(f))

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..model.twotower import TwoTower
+from ..errors import UsageError
 
 HELDOUT = Path(__file__).with_name("heldout.txt")
 
@@ -45,16 +46,16 @@ def block_nll(
 ) -> BlockNLL:
     """Mean NLL per hidden target under the denoiser and under the AR context tower."""
     if not 0.0 < t <= 1.0:
-        raise ValueError(f"t must be in (0, 1], got {t}")
+        raise UsageError(f"t must be in (0, 1], got {t}")
     if not model.config.token_shift:
-        raise ValueError("block NLL needs the token-shift block layout (targets line up with AR predictions)")
+        raise UsageError("block NLL needs the token-shift block layout (targets line up with AR predictions)")
     gen = torch.Generator().manual_seed(seed)
     den_sum = ar_sum = 0.0
     count = 0
     for window in token_windows:
         n = (len(window) - 1) // block_size  # targets are shifted one token right of the inputs
         if n < 1:
-            raise ValueError(f"a window of {len(window)} tokens holds no block of {block_size} shifted targets")
+            raise UsageError(f"a window of {len(window)} tokens holds no block of {block_size} shifted targets")
         ids = torch.tensor([window[: n * block_size + 1]], device=model.context.device)
         masked = torch.rand(1, n, block_size, generator=gen) < t
         block_inputs, targets, unknown, t_blocks = model.noisy_blocks(ids, masked.to(ids.device))

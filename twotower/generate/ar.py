@@ -3,14 +3,17 @@ baseline for every other mode."""
 
 from __future__ import annotations
 
+import operator
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
+from ..errors import UsageError
 from ..model.backbone import Backbone
 from .sampling import Sampler
+from .stopping import Stopper
 
 TokenCallback = Callable[[int, int], None]  # (row, token), called as each row's tokens are final
 
@@ -47,6 +50,7 @@ class GenerationStats:
 class GenerationOutput:
     tokens: list[list[int]]  # generated tokens per row, up to and including EOS
     stats: GenerationStats
+    finish_reasons: list[str] = field(default_factory=list)  # per row: "stop" or "length"
 
 
 @dataclass
@@ -58,6 +62,19 @@ class Prompts:
     lengths: list[int]
 
 
+def _token_list(row, where: str) -> list[int]:
+    """A prompt as plain ints: Python or NumPy integers, or 0-d integer tensors."""
+    out = []
+    for tok in row:
+        if isinstance(tok, bool) or (isinstance(tok, torch.Tensor) and tok.dtype == torch.bool):
+            raise UsageError(f"{where}: token ids are integers, got a bool")
+        try:
+            out.append(operator.index(tok))
+        except TypeError:
+            raise UsageError(f"{where}: token ids are integers, got {type(tok).__name__} {tok!r}") from None
+    return out
+
+
 def prepare_prompts(
     input_ids: torch.Tensor | Sequence[int] | Sequence[Sequence[int]],
     attention_mask: torch.Tensor | None = None,
@@ -65,23 +82,37 @@ def prepare_prompts(
 ) -> Prompts:
     """Accept one prompt (1-D), a padded batch (2-D + optional left-padding mask) or a list of
     token lists of any lengths, and return a left-padded batch."""
+    if not isinstance(input_ids, torch.Tensor) and hasattr(input_ids, "__array__"):  # NumPy and the like
+        input_ids = torch.as_tensor(input_ids)
     if isinstance(input_ids, torch.Tensor):
+        if input_ids.dtype == torch.bool or input_ids.is_floating_point() or input_ids.is_complex():
+            raise UsageError(f"input_ids must hold integer token ids, got a {input_ids.dtype} tensor")
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
+            attention_mask = None if attention_mask is None else torch.as_tensor(attention_mask).reshape(1, -1)
         if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be 1-D or 2-D, got shape {tuple(input_ids.shape)}")
+            raise UsageError(f"input_ids must be 1-D or 2-D, got shape {tuple(input_ids.shape)}")
+        if attention_mask is not None:
+            attention_mask = torch.as_tensor(attention_mask)
+            if attention_mask.shape != input_ids.shape:
+                raise UsageError(f"attention_mask has shape {tuple(attention_mask.shape)}, input_ids "
+                                 f"{tuple(input_ids.shape)}: they must match")
         rows = [
             row[mask.bool()].tolist() if mask is not None else row.tolist()
             for row, mask in zip(input_ids, attention_mask if attention_mask is not None else [None] * len(input_ids))
         ]
+    elif isinstance(input_ids, (str, bytes)) or not isinstance(input_ids, Sequence):
+        raise UsageError(f"input_ids must be token ids (a tensor or lists of ints), got {type(input_ids).__name__}")
     else:
         seq = list(input_ids)
-        rows = [list(r) for r in seq] if seq and not isinstance(seq[0], int) else [seq]
+        nested = bool(seq) and isinstance(seq[0], Sequence | torch.Tensor) and not (
+            isinstance(seq[0], torch.Tensor) and seq[0].dim() == 0)
+        rows = [_token_list(r, f"prompt {i}") for i, r in enumerate(seq)] if nested else [_token_list(seq, "prompt 0")]
     if not rows:
-        raise ValueError("no prompts given")
+        raise UsageError("no prompts given")
     for i, r in enumerate(rows):
         if not r:
-            raise ValueError(f"prompt {i} is empty: give at least one token")
+            raise UsageError(f"prompt {i} is empty: give at least one token")
     lengths = [len(r) for r in rows]
     width = max(lengths)
     ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
@@ -92,22 +123,44 @@ def prepare_prompts(
     return Prompts(ids, None if bool(mask.all()) else mask, lengths)
 
 
-def check_generation_args(model: Backbone, prompts: Prompts, max_new_tokens: int) -> None:
-    if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
-        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+def check_generation_args(model: Backbone, prompts: Prompts, max_new_tokens: int, reserve: int = 0,
+                          why: str = "") -> None:
+    """``reserve`` positions past max_new_tokens that the decoding needs too (``why``)."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+        raise UsageError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     context = model.config.max_position_embeddings
     longest = max(prompts.lengths)
-    if longest + max_new_tokens > context:
-        raise ValueError(
-            f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds the model's context of {context} tokens"
+    if longest + max_new_tokens + reserve > context:
+        extra = f" + {reserve} ({why})" if reserve else ""
+        raise UsageError(
+            f"the longest prompt ({longest} tokens) + max_new_tokens={max_new_tokens}{extra} exceeds the model's "
+            f"context of {context} tokens"
         )
     model.check_token_ids(prompts.input_ids)
 
 
 def eos_set(model: Backbone, eos_token_id: int | Sequence[int] | None) -> set[int]:
+    """The stop token ids: the model's EOS ids for None, else the id or ids given ([]: none)."""
     if eos_token_id is None:
         return set(model.config.eos_token_ids)
-    return {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
+    ids = [eos_token_id] if isinstance(eos_token_id, int) and not isinstance(eos_token_id, bool) else eos_token_id
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence | set | frozenset):
+        raise UsageError(f"eos_token_id must be a token id, a list of them or None, got {eos_token_id!r}")
+    ids = list(ids)
+    vocab = model.config.vocab_size
+    bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab]
+    if bad:
+        raise UsageError(f"eos_token_id: {bad[0]!r} is not a token id of this model (0 .. {vocab - 1})")
+    return set(ids)
+
+
+def new_stopper(model: Backbone, batch: int, max_new_tokens: int, eos_token_id, stop_strings: Sequence[str] = (),
+                tokenizer=None) -> Stopper:
+    if isinstance(stop_strings, str):
+        stop_strings = [stop_strings]
+    if any(not isinstance(x, str) or not x for x in stop_strings):
+        raise UsageError(f"stop strings must be non-empty strings, got {list(stop_strings)!r}")
+    return Stopper(batch, max_new_tokens, eos_set(model, eos_token_id), stop_strings, tokenizer)
 
 
 @torch.inference_mode()
@@ -122,20 +175,21 @@ def generate_ar(
     attention_mask: torch.Tensor | None = None,
     seed: int | None = None,
     callback: TokenCallback | None = None,
+    stop_strings: Sequence[str] = (),
+    tokenizer=None,
 ) -> GenerationOutput:
     """Decode token by token with the cache; every row stops at its own EOS.
 
-    ``eos_token_id`` defaults to the model's EOS ids; pass ``[]`` to never stop early."""
+    ``eos_token_id`` defaults to the model's EOS ids; pass ``[]`` to never stop early. A row
+    also ends at the token that completes one of ``stop_strings`` (read with ``tokenizer``)."""
     prompts = prepare_prompts(input_ids, attention_mask)
     check_generation_args(model, prompts, max_new_tokens)
     batch = len(prompts.lengths)
     device = model.device
     sampler = Sampler(batch, temperature, top_k, top_p, seed, device)
-    stops = eos_set(model, eos_token_id)
+    stopper = new_stopper(model, batch, max_new_tokens, eos_token_id, stop_strings, tokenizer)
     cache = model.new_cache(batch, prompts.input_ids.shape[1] + max_new_tokens)
     stats = GenerationStats(new_tokens=[0] * batch)
-    out: list[list[int]] = [[] for _ in range(batch)]
-    done = [False] * batch
 
     start = time.perf_counter()
     mask = prompts.attention_mask.to(device) if prompts.attention_mask is not None else None
@@ -143,23 +197,18 @@ def generate_ar(
     stats.nfe = 1
     stats.prefill_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    for step in range(max_new_tokens):
+    while True:
         tokens = sampler(logits[:, -1])
         # one transfer per step, then plain Python: per-row tensor indexing costs milliseconds
         # a step at distillation's batch sizes
         for row, tok in enumerate(tokens.tolist()):
-            if done[row]:
-                continue
-            out[row].append(tok)
-            if callback is not None:
+            if stopper.extend(row, [tok]) and callback is not None:
                 callback(row, tok)
-            if tok in stops:
-                done[row] = True
-        if all(done) or step == max_new_tokens - 1:
+        if stopper.all_finished:
             break
         logits = model(tokens[:, None], cache, last_only=True)
         stats.nfe += 1
     stats.decode_seconds = time.perf_counter() - start
-    stats.new_tokens = [len(r) for r in out]
+    stats.new_tokens = [len(r) for r in stopper.tokens]
     stats.row_nfe = list(stats.new_tokens)  # one pass per token, the prompt pass included
-    return GenerationOutput(out, stats)
+    return GenerationOutput(stopper.tokens, stats, stopper.reasons)

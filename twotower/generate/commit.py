@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Protocol
 
 import torch
+from ..errors import UsageError
 
 
 class CommitRule(Protocol):
@@ -58,6 +59,6 @@ COMMIT_RULES: dict[str, CommitRule] = {"threshold": ThresholdRule(), "left_prefi
 def get_commit_rule(rule: str | CommitRule) -> CommitRule:
     if isinstance(rule, str):
         if rule not in COMMIT_RULES:
-            raise ValueError(f"unknown commit rule {rule!r} (choose from {', '.join(COMMIT_RULES)})")
+            raise UsageError(f"unknown commit rule {rule!r} (choose from {', '.join(COMMIT_RULES)})")
         return COMMIT_RULES[rule]
     return rule

@@ -24,9 +24,11 @@ import torch
 
 from ..model.cache import ModelCache
 from ..model.twotower import TwoTower
-from .ar import GenerationStats, TokenCallback, check_generation_args, eos_set, prepare_prompts
+from ..errors import UsageError
+from .ar import GenerationStats, TokenCallback, check_generation_args, new_stopper, prepare_prompts
 from .commit import CommitRule, get_commit_rule
 from .sampling import Sampler
+from .stopping import Stopper
 
 
 DEFAULT_CONFIDENCE_THRESHOLD = 0.9  # the released model's default
@@ -40,6 +42,8 @@ class StepEvent:
     step: int  # step within the block, from 0 (verified: always 0)
     committed: torch.Tensor  # (B, S) bool: targets committed at this step (verified: drafted)
     tokens: torch.Tensor  # (B, S) the block's targets committed so far, -1 where unknown
+    t: torch.Tensor | None = None  # (B,) the noise level the step's denoiser forward saw
+    logits: torch.Tensor | None = None  # (B, S, V) that forward's logits
 
 
 StepCallback = Callable[[StepEvent], None]
@@ -57,18 +61,19 @@ class DiffusionStats(GenerationStats):
 class DiffusionOutput:
     tokens: list[list[int]]
     stats: DiffusionStats
+    finish_reasons: list[str] = field(default_factory=list)  # per row: "stop" or "length"
     # the context tower's final state (with return_cache=True): prompt + tokens[:-1] per row;
     # made of inference tensors, so extend it under torch.inference_mode()
     cache: ModelCache | None = None
 
 
 def _check(block_size: int, steps: int, threshold: float) -> None:
-    if not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be an integer >= 1, got {block_size!r}")
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps_per_block must be an integer >= 1, got {steps!r}")
-    if not 0.0 <= threshold <= 1.0:  # also rejects NaN
-        raise ValueError(f"confidence_threshold must be in [0, 1], got {threshold}")
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise UsageError(f"block_size must be an integer >= 1, got {block_size!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise UsageError(f"steps_per_block must be an integer >= 1, got {steps!r}")
+    if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not 0.0 <= threshold <= 1.0:
+        raise UsageError(f"confidence_threshold must be a number in [0, 1], got {threshold!r}")  # NaN too
 
 
 @dataclass
@@ -82,21 +87,22 @@ class _Decoding:
     block_size: int
     steps: int
     threshold: float
-    max_new_tokens: int
-    stops: set[int]
+    stopper: Stopper
     anchor: torch.Tensor  # (B,) each row's last committed token: the next block's first input
     stats: DiffusionStats
     callback: TokenCallback | None
     step_callback: StepCallback | None
-    out: list[list[int]] = field(default_factory=list)
-    done: list[bool] = field(default_factory=list)
+
+    @property
+    def batch(self) -> int:
+        return len(self.anchor)
 
     def active(self) -> torch.Tensor:
-        return torch.tensor([not d for d in self.done], device=self.anchor.device)
+        return torch.tensor([not d for d in self.stopper.finished], device=self.anchor.device)
 
     def fresh_block(self) -> torch.Tensor:
         """(B, S) inputs of a block with every target masked."""
-        batch = len(self.out)
+        batch = self.batch
         block_in = torch.full((batch, self.block_size), self.model.mask_token_id, dtype=torch.long,
                               device=self.anchor.device)
         if self.model.config.token_shift:
@@ -104,20 +110,15 @@ class _Decoding:
         return block_in
 
     def emit(self, row: int, new: list[int]) -> int:
-        """Append a row's newly final tokens (cut at max_new_tokens and after a stop token);
-        return how many were kept."""
-        new = new[: self.max_new_tokens - len(self.out[row])]
-        for i, tok in enumerate(new):
-            if tok in self.stops:
-                new = new[: i + 1]
-                break
-        self.out[row].extend(new)
+        """Append a row's newly final tokens (cut where the row ends: see Stopper); return how
+        many were kept."""
+        kept = self.stopper.extend(row, new)
         if self.callback is not None:
-            for tok in new:
+            for tok in kept:
                 self.callback(row, tok)
-        self.anchor[row] = new[-1]
-        self.done[row] = len(self.out[row]) >= self.max_new_tokens or new[-1] in self.stops
-        return len(new)
+        if kept:
+            self.anchor[row] = kept[-1]
+        return len(kept)
 
     def settle_context(self, before: torch.Tensor, appended: torch.Tensor) -> None:
         """After a recorded context pass: keep every committed token but each row's anchor."""
@@ -146,6 +147,8 @@ def generate_mask_diffusion(
     step_callback: StepCallback | None = None,
     callback: TokenCallback | None = None,
     return_cache: bool = False,
+    stop_strings: Sequence[str] = (),
+    tokenizer=None,
 ) -> DiffusionOutput:
     """Fill blocks of ``block_size`` targets (default: the model's), at most ``steps_per_block``
     denoiser forwards each (default: block_size). ``confidence_threshold`` is the dial: lower
@@ -156,31 +159,35 @@ def generate_mask_diffusion(
     follows speculative-sampling acceptance (exactly the AR distribution). The draft is the run
     of targets the commit rule commits from the left at a block's first step: at least
     ceil(block_size / steps_per_block) of them (``steps_per_block=1`` drafts whole blocks), then
-    further targets while their confidence (the top probability) exceeds the threshold."""
+    further targets while their confidence (the top probability) exceeds the threshold.
+
+    A row ends at a stop token (``eos_token_id``, default the model's), at the token that
+    completes one of ``stop_strings`` (read with ``tokenizer``) or at ``max_new_tokens``."""
     s = model.block_size if block_size is None else block_size
     steps = s if steps_per_block is None else steps_per_block
     _check(s, steps, confidence_threshold)
     if mask_token_id is not None and mask_token_id != model.mask_token_id:
-        raise ValueError(f"mask_token_id {mask_token_id} differs from this model's mask token {model.mask_token_id}")
+        raise UsageError(f"mask_token_id={mask_token_id!r} is not this model's mask token: it is {model.mask_token_id} "
+                         f"(pass mask_token_id=model.mask_token_id, or leave it out)")
     rule = get_commit_rule(commit_rule)
     shift = 1 if model.config.token_shift else 0
     if verify and not shift:
-        raise ValueError("verify=True needs the token-shift block layout")
+        raise UsageError("verify=True needs the token-shift block layout")
 
     context = model.context
     prompts = prepare_prompts(input_ids, attention_mask)
-    check_generation_args(context, prompts, max_new_tokens)
     # a context pass appends s tokens (a block's inputs) or, verified, up to s + 1 (the anchor
     # and a whole-block draft) to every row before rolling back, finished rows too: the last
     # block may overrun max_new_tokens by that much less the anchor
     overrun = s if verify else s - 1
-    check_generation_args(context, prompts, max_new_tokens + overrun)
+    check_generation_args(context, prompts, max_new_tokens, reserve=overrun,
+                          why=f"the last {'draft' if verify else 'block'} of {s} may run past max_new_tokens")
     if prompts.attention_mask is None:
         in_prompt = prompts.input_ids == model.mask_token_id
     else:
         in_prompt = (prompts.input_ids == model.mask_token_id) & prompts.attention_mask
     if bool(in_prompt.any()):
-        raise ValueError(f"the prompt contains the mask token id {model.mask_token_id}")
+        raise UsageError(f"the prompt contains the mask token id {model.mask_token_id}")
     device = context.device
     batch, width = prompts.input_ids.shape
     ids = prompts.input_ids.to(device)
@@ -191,42 +198,42 @@ def generate_mask_diffusion(
     if width > shift:  # with token shift the last prompt token is the first block's input
         prefix_mask = None if mask is None else mask[:, : width - shift]
         model.context_forward(ids[:, : width - shift], cache, attention_mask=prefix_mask)
-    empty = [[] for _ in range(batch)]
-    stats = DiffusionStats(block_steps=[[] for _ in empty], drafted=[[] for _ in empty], accepted=[[] for _ in empty])
+    stopper = new_stopper(context, batch, max_new_tokens, eos_token_id, stop_strings, tokenizer)
+    stats = DiffusionStats(block_steps=[[] for _ in range(batch)], drafted=[[] for _ in range(batch)],
+                           accepted=[[] for _ in range(batch)])
     stats.prefill_seconds = time.perf_counter() - start
     start = time.perf_counter()
 
     run = _Decoding(
         model, cache, Sampler(batch, temperature, top_k, top_p, seed, device), rule, s, steps, confidence_threshold,
-        max_new_tokens, eos_set(context, eos_token_id), ids[:, -1].clone(), stats, callback, step_callback,
-        out=empty, done=[False] * batch,
+        stopper, ids[:, -1].clone(), stats, callback, step_callback,
     )
     (_verified_drafts if verify else _blocks)(run)
     stats.decode_seconds = time.perf_counter() - start
-    stats.new_tokens = [len(r) for r in run.out]
+    stats.new_tokens = [len(r) for r in stopper.tokens]
     stats.row_nfe = [sum(steps) for steps in stats.block_steps]  # a row takes part while it has unknown targets
-    return DiffusionOutput(run.out, stats, cache if return_cache else None)
+    return DiffusionOutput(stopper.tokens, stats, stopper.reasons, cache if return_cache else None)
 
 
-def _propose(run: _Decoding, block_in: torch.Tensor, unknown: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One denoiser forward (1 NFE): the logits and a proposal for every target of the rows
-    with unknown targets (the others draw nothing: a row's random stream must not depend on
-    how many steps its batch mates need)."""
+def _propose(run: _Decoding, block_in: torch.Tensor, unknown: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """One denoiser forward (1 NFE): its noise levels t, the logits and a proposal for every
+    target of the rows with unknown targets (the others draw nothing: a row's random stream
+    must not depend on how many steps its batch mates need)."""
     t = unknown.sum(1).float() / run.block_size
     logits = run.model.denoise_block(block_in, t, run.cache)
     run.stats.nfe += 1
     live = unknown.any(1).nonzero()[:, 0]
     proposal = torch.zeros(unknown.shape, dtype=torch.long, device=unknown.device)
     proposal[live] = run.sampler(logits[live], live)
-    return logits, proposal
+    return t, logits, proposal
 
 
 def _blocks(run: _Decoding) -> None:
     """Mask diffusion: fill each block over denoiser steps, then extend the context over it."""
     s, shift = run.block_size, 1 if run.model.config.token_shift else 0
-    batch = len(run.out)
+    batch = run.batch
     block = 0
-    while not all(run.done):
+    while not run.stopper.all_finished:
         active = run.active()
         tokens = torch.full((batch, s), -1, dtype=torch.long, device=active.device)
         unknown = active[:, None].expand(batch, s).clone()
@@ -234,7 +241,7 @@ def _blocks(run: _Decoding) -> None:
         steps_used = torch.zeros(batch, dtype=torch.long)
         step = 0
         while bool(unknown.any()):
-            logits, proposal = _propose(run, block_in, unknown)
+            t, logits, proposal = _propose(run, block_in, unknown)
             confidence = logits.float().softmax(-1).gather(-1, proposal[..., None])[..., 0]
             commit = run.rule(confidence, unknown, max(run.steps - step, 1), run.threshold)
             tokens = torch.where(commit, proposal, tokens)
@@ -244,7 +251,7 @@ def _blocks(run: _Decoding) -> None:
             written = tokens[:, : s - shift] if shift else tokens
             block_in[:, shift:] = torch.where(written >= 0, written, block_in[:, shift:])
             if run.step_callback is not None:
-                run.step_callback(StepEvent(block, step, commit.clone(), tokens.clone()))
+                run.step_callback(StepEvent(block, step, commit.clone(), tokens.clone(), t, logits))
             step += 1
 
         # the context tower advances over the block's inputs (recorded: a row may finish early)
@@ -264,12 +271,12 @@ def _blocks(run: _Decoding) -> None:
 def _verified_drafts(run: _Decoding) -> None:
     """Verified decoding: one denoiser forward drafts, one context pass checks the draft."""
     s = run.block_size
-    batch = len(run.out)
+    batch = run.batch
     draft_index = 0
-    while not all(run.done):
+    while not run.stopper.all_finished:
         active = run.active()
         unknown = active[:, None].expand(batch, s)
-        logits, proposal = _propose(run, run.fresh_block(), unknown)
+        t, logits, proposal = _propose(run, run.fresh_block(), unknown)
         # the draft's length must not depend on which tokens were drawn, or acceptance would
         # no longer give the AR distribution: it reads the top probability (greedy: the same)
         confidence = logits.float().softmax(-1).max(-1).values
@@ -277,7 +284,7 @@ def _verified_drafts(run: _Decoding) -> None:
         drafted = commit.long().cumprod(1).sum(1)  # targets after a gap cannot be checked yet
         in_draft = torch.arange(s, device=active.device)[None, :] < drafted[:, None]
         if run.step_callback is not None:
-            run.step_callback(StepEvent(draft_index, 0, in_draft, torch.where(in_draft, proposal, -1)))
+            run.step_callback(StepEvent(draft_index, 0, in_draft, torch.where(in_draft, proposal, -1), t, logits))
 
         # the context pass over the anchor and the draft: AR's token for every drafted target
         # and for the one after the draft
@@ -333,6 +340,6 @@ def generate_mock_ar(model: TwoTower, input_ids, max_new_tokens: int = 128, **kw
     same model. With an untrained (identity) denoiser it reproduces the AR model exactly."""
     for name in ("block_size", "steps_per_block", "verify"):
         if name in kwargs:
-            raise ValueError(f"generate_mock_ar fixes {name}")
+            raise UsageError(f"generate_mock_ar fixes {name}")
     kwargs.setdefault("confidence_threshold", 0.0)
     return generate_mask_diffusion(model, input_ids, max_new_tokens, block_size=1, steps_per_block=1, **kwargs)

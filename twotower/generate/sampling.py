@@ -3,17 +3,21 @@ generator per row, so that a row's samples never depend on its batch mates."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 from transformers.generation.logits_process import LogitsProcessorList, TopKLogitsWarper, TopPLogitsWarper
 
+from ..errors import UsageError
+
 
 def check_sampling_args(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    if not temperature >= 0:  # also rejects NaN
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if isinstance(temperature, bool) or not isinstance(temperature, int | float) or not 0 <= temperature < math.inf:
+        raise UsageError(f"temperature must be a finite number >= 0, got {temperature!r}")  # NaN too
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise UsageError(f"top_k must be an integer >= 1, got {top_k!r}")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, int | float) or not 0 < top_p <= 1):
+        raise UsageError(f"top_p must be a number in (0, 1], got {top_p!r}")
 
 
 class Sampler:

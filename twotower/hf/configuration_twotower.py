@@ -10,12 +10,13 @@ import dataclasses
 
 from transformers import PreTrainedConfig
 
+from ..checkpoints.saved import mirrored_fields
 from ..model.config import BackboneConfig
 from ..model.twotower import DenoiserConfig
 
 
 class TwoTowerConfig(PreTrainedConfig):
-    model_type = "twotower"
+    model_type = "twotower"  # in memory: saved config.json files name a backbone type (checkpoints.saved)
 
     backbone_config: dict | None = None  # BackboneConfig.to_dict()
     denoiser_config: dict | None = None  # dataclasses.asdict(DenoiserConfig)
@@ -35,14 +36,8 @@ class TwoTowerConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs) -> None:
         if self.backbone_config is not None:
-            bcfg = self.backbone_settings
-            self.vocab_size = bcfg.vocab_size
-            self.hidden_size = bcfg.hidden_size
-            self.num_hidden_layers = bcfg.num_layers
-            self.bos_token_id = bcfg.bos_token_id
-            self.pad_token_id = bcfg.pad_token_id
-            eos = bcfg.eos_token_ids
-            self.eos_token_id = (eos[0] if len(eos) == 1 else list(eos)) if eos else None
+            for key, value in mirrored_fields(self.backbone_settings).items():
+                setattr(self, key, value)
         super().__post_init__(**kwargs)
 
     @classmethod

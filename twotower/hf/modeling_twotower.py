@@ -1,109 +1,61 @@
-"""A transformers ``PreTrainedModel`` around a TwoTower.
+"""A transformers ``PreTrainedModel`` around a TwoTower, a drop-in for the released model's
+remote-code class (DESIGN.md §1, §3).
 
 ``forward`` is the context tower (the AR model), so perplexity scripts and transformers'
-``generate()`` keep working; the two-tower decoders are explicit methods. Saved directories
-hold safetensors only and open with ``AutoModelForCausalLM.from_pretrained(dir,
-trust_remote_code=True)`` through two small shims that import this installed package.
+``generate()`` keep working. The two-tower decoders are the released methods
+``generate_mask_diffusion``, ``generate_mock_ar`` and ``generate_ar``: they take the released
+arguments, apply the model's recommended decoding settings by the same rule as every other
+front end (``twotower.generate.settings``), and return a LongTensor (B, prompt + new) padded on
+the right with the pad (or EOS) id; ``return_dict_in_generate=True`` returns an output object
+with the statistics, and the last call's NFE stays on the model as ``_last_nfe``.
+
+Saved directories open with ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)``
+through two small shims that import this installed package (``twotower.checkpoints.saved``).
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutput
+from transformers.utils import ModelOutput
 
-from ..checkpoints.load import REGISTRY, CheckpointError, _read_safetensors, backbone_from_state_dict, load_backbone
+from ..checkpoints.build import build_two_tower
+from ..checkpoints.load import REGISTRY
 from ..checkpoints.released import load_released
-from ..generate import ar as ar_generate
-from ..generate import diffusion
+from ..checkpoints.saved import save_two_tower
+from ..checkpoints.two_tower import load_model
+from ..errors import UsageError
+from ..generate import DecodeCallbacks, DecodingSettings, StepEvent, decode, prepare_prompts, resolve_settings
 from ..model.backbone import Backbone
-from ..model.devices import resolve_device, warn_if_slow
+from ..model.devices import resolve_device
 from ..model.twotower import DenoiserConfig, TwoTower
 from .configuration_twotower import TwoTowerConfig
 
 log = logging.getLogger(__name__)
 
-WEIGHTS_NAME = "model.safetensors"
-AUTO_MAP = {
-    "AutoConfig": "configuration_twotower.TwoTowerConfig",
-    "AutoModelForCausalLM": "modeling_twotower.TwoTowerForCausalLM",
-}
-# Written next to the weights: transformers' remote-code loader imports these files, which
-# only re-export the classes of the installed package (no model code travels with weights).
-SHIMS = {
-    "configuration_twotower.py": "from twotower.hf.configuration_twotower import TwoTowerConfig  # noqa: F401\n",
-    "modeling_twotower.py": "from twotower.hf.modeling_twotower import TwoTowerForCausalLM  # noqa: F401\n",
-}
 # Arguments transformers' Auto classes pass along that mean nothing for a local directory.
 _HUB_KWARGS = {
     "cache_dir", "force_download", "local_files_only", "proxies", "revision", "token", "subfolder",
     "_commit_hash", "_from_auto", "_from_pipeline", "trust_remote_code", "adapter_kwargs", "code_revision",
-    "use_safetensors", "resume_download", "user_agent",
+    "use_safetensors", "resume_download", "user_agent", "low_cpu_mem_usage", "attn_implementation",
 }
 
 
-def saved_state(model: TwoTower) -> dict[str, torch.Tensor]:
-    """What a saved directory holds. Full flavour: every weight (a tied LM head once, as the
-    embedding). LoRA flavour: only what training changed — adapters, time conditioning, mask
-    embedding — since the base weights are the unchanged AR model, loaded by reference."""
-    state = model.state_dict()
-    if model.config.flavour == "lora":
-        trained = ("time.", "mask_embedding")
-        return {k: v for k, v in state.items() if "lora_" in k or k.startswith(trained)}
-    for prefix, tower in (("context.", model.context), ("denoiser_tower.", model.denoiser_tower)):
-        if tower.config.tie_embeddings:
-            del state[f"{prefix}lm_head.weight"]  # safetensors refuses shared storage
-    return state
+@dataclass
+class TwoTowerGenerateOutput(ModelOutput):
+    """What ``generate_*(..., return_dict_in_generate=True)`` returns."""
 
-
-def load_saved_state(model: TwoTower, weights: dict[str, torch.Tensor], directory: Path) -> None:
-    """Load what ``saved_state`` wrote (read from ``directory``) into ``model``: exactly those
-    names and shapes, else a clear error."""
-    expected = set(saved_state(model))
-    missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{directory / WEIGHTS_NAME} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
-    try:
-        model.load_state_dict(weights, strict=False)
-    except RuntimeError as e:  # same names, other shapes (e.g. another LoRA rank)
-        raise CheckpointError(f"{directory / WEIGHTS_NAME} does not match the model: {e}") from e
-
-
-def load_denoiser(model: TwoTower, name_or_path: str) -> None:
-    """Start ``model``'s denoiser from a saved one: a two-tower directory, or the denoiser
-    shipped for a registry model. Both must be the same kind of denoiser (flavour, LoRA rank
-    and scaling, block layout, mask token) over the same backbone architecture."""
-    from ..checkpoints.two_tower import denoiser_dir
-
-    directory = denoiser_dir(name_or_path)
-    if directory is None:
-        raise CheckpointError(
-            f"{name_or_path!r} is neither a saved two-tower directory nor a registry model with a shipped denoiser"
-        )
-    config = TwoTowerConfig.from_pretrained(directory)
-    saved, ours = config.denoiser_settings, model.config
-    fields = ("flavour", "lora_rank", "lora_alpha", "lora_targets", "token_shift", "modulation_order", "mask_token_id",
-              "time_freq_dim")
-    differ = [f"{f} {getattr(saved, f)!r} (ours {getattr(ours, f)!r})" for f in fields
-              if getattr(saved, f) != getattr(ours, f)]
-    if differ:
-        raise CheckpointError(f"the denoiser in {directory} differs from this run's: {', '.join(differ)}")
-    if _architecture(model.context.config.to_dict()) != _architecture(config.backbone_config):
-        raise CheckpointError(f"the denoiser in {directory} was trained on another backbone architecture")
-    with torch.no_grad():
-        load_saved_state(model, _read_safetensors(directory), directory)
-
-
-def _strip(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    sequences: torch.LongTensor | None = None  # (B, prompt + new), right-padded
+    finish_reasons: list[str] | None = None  # per row: "stop" or "length"
+    stats: object | None = None  # NFE, tokens per NFE, per-block steps, drafts and acceptance
+    settings: DecodingSettings | None = None  # what was run, the recommendation applied
 
 
 def _right_padded_or_full(mask: torch.Tensor) -> bool:
@@ -111,6 +63,19 @@ def _right_padded_or_full(mask: torch.Tensor) -> bool:
     padding after it, so the mask changes nothing at the real positions."""
     m = mask.bool()
     return not bool((m[:, 1:] & ~m[:, :-1]).any())
+
+
+def _released_step_callback(fn, mask_id: int, steps: int):
+    """Our StepEvent to the released callback signature
+    ``fn(step_idx, total_steps, xt, t=..., logits=..., block_idx=...)``, called after each
+    denoiser step with the block's targets so far (the mask id where still unknown)."""
+
+    def on_step(event: StepEvent) -> None:
+        xt = torch.where(event.tokens >= 0, event.tokens, mask_id)
+        t = None if event.t is None else float(event.t.float().mean())
+        fn(event.step, steps, xt, t=t, logits=event.logits, block_idx=event.block)
+
+    return on_step
 
 
 class TwoTowerForCausalLM(PreTrainedModel, GenerationMixin):
@@ -123,7 +88,10 @@ class TwoTowerForCausalLM(PreTrainedModel, GenerationMixin):
         if twotower is None:  # from_config: a random backbone of the given shape
             twotower = TwoTower(Backbone(config.backbone_settings), config.denoiser_settings)
         self.twotower = twotower
-        self.tokenizer = None  # set by from_backbone / from_pretrained when one is available
+        self.tokenizer = None  # set by the constructors below when one is available
+        self.recommended: dict = {}  # decoding settings the saved model recommends
+        self._last_nfe: int | None = None  # the last generate_* call's NFE, as the release keeps it
+        self.last_stats = None  # and its statistics
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -134,10 +102,14 @@ class TwoTowerForCausalLM(PreTrainedModel, GenerationMixin):
     def get_input_embeddings(self) -> nn.Module:
         return self.twotower.context.embed_tokens
 
+    @property
+    def mask_token_id(self) -> int:
+        return self.twotower.mask_token_id
+
     # ---- construction -------------------------------------------------------------------
     @classmethod
     def from_twotower(
-        cls, model: TwoTower, backbone_ref: str | None = None, tokenizer=None
+        cls, model: TwoTower, backbone_ref: str | None = None, tokenizer=None, recommended: dict | None = None
     ) -> TwoTowerForCausalLM:
         """Wrap an existing TwoTower. The lora flavour needs ``backbone_ref`` (a registry name
         or a path) to be saved, since its base weights are not written."""
@@ -145,6 +117,7 @@ class TwoTowerForCausalLM(PreTrainedModel, GenerationMixin):
         config.dtype = model.context.dtype
         wrapped = cls(config, model)
         wrapped.tokenizer = tokenizer
+        wrapped.recommended = dict(recommended or {})
         return wrapped
 
     @classmethod
@@ -157,10 +130,10 @@ class TwoTowerForCausalLM(PreTrainedModel, GenerationMixin):
         **denoiser_kwargs,
     ) -> TwoTowerForCausalLM:
         """An untrained two-tower model (identity denoiser) on top of a backbone."""
-        backbone, tokenizer = load_backbone(name_or_path, dtype, device)
-        denoiser = DenoiserConfig(flavour=flavour, **denoiser_kwargs)
+        model, tokenizer = build_two_tower(name_or_path, DenoiserConfig(flavour=flavour, **denoiser_kwargs), dtype,
+                                           device)
         ref = name_or_path if name_or_path in REGISTRY else str(Path(name_or_path).expanduser().resolve())
-        return cls.from_twotower(TwoTower(backbone, denoiser), ref, tokenizer)
+        return cls.from_twotower(model, ref, tokenizer)
 
     @classmethod
     def from_released(
@@ -169,6 +142,39 @@ class TwoTowerForCausalLM(PreTrainedModel, GenerationMixin):
         """A checkpoint in NVIDIA's released layout (see twotower.checkpoints.released)."""
         model, tokenizer = load_released(path, dtype, device)
         return cls.from_twotower(model, tokenizer=tokenizer)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | Path,
+        *model_args,
+        config: TwoTowerConfig | None = None,
+        dtype: torch.dtype | str | None = None,
+        device: str | torch.device = "cpu",
+        merge_adapters: bool = True,
+        **kwargs,
+    ) -> TwoTowerForCausalLM:
+        """Load for inference through twotower's one loader: a saved two-tower directory (by
+        default in the dtype it was saved in), a training checkpoint, or a registry name with its
+        shipped denoiser. Local files only. ``config`` (which the Auto classes pass) is not
+        used: the directory's own config.json is read. A trained lora denoiser gets merged
+        weights for speed (``merge_adapters=False`` keeps the adapters alone, as for training)."""
+        dtype = kwargs.pop("torch_dtype", None) or dtype
+        device = kwargs.pop("device_map", None) or device
+        unknown = sorted(k for k, v in kwargs.items() if k not in _HUB_KWARGS and v is not None)
+        if model_args or unknown:
+            raise TypeError(f"unsupported arguments for TwoTowerForCausalLM.from_pretrained: {unknown or model_args}")
+        dtype = None if dtype == "auto" else dtype
+        loaded = load_model(str(pretrained_model_name_or_path), dtype, device, merge_adapters=merge_adapters)
+        if loaded.note:
+            log.warning("twotower: %s", loaded.note)
+        return cls.from_twotower(loaded.model, loaded.backbone, loaded.tokenizer, loaded.recommended).eval()
+
+    def save_pretrained(self, save_directory: str | Path, **kwargs) -> None:
+        """Safetensors weights, config.json, the remote-code shims, the tokenizer and the
+        recommended decoding settings (see twotower.checkpoints.saved). Other transformers
+        options are ignored."""
+        save_two_tower(self.twotower, save_directory, self.config.backbone, self.tokenizer, self.recommended)
 
     # ---- transformers API ---------------------------------------------------------------
     def forward(
@@ -196,30 +202,101 @@ class TwoTowerForCausalLM(PreTrainedModel, GenerationMixin):
         # No cache: every step is a full pass over the sequence so far.
         return {"input_ids": input_ids, "attention_mask": attention_mask}
 
-    # ---- two-tower decoding -------------------------------------------------------------
-    def generate_mask_diffusion(self, input_ids, **kwargs) -> diffusion.DiffusionOutput:
-        """Block diffusion with both towers; see twotower.generate.diffusion.generate_mask_diffusion."""
-        return diffusion.generate_mask_diffusion(self.twotower, input_ids, **kwargs)
+    # ---- two-tower decoding (the released methods) --------------------------------------
+    def generate_mask_diffusion(
+        self, input_ids, max_new_tokens: int = 128, block_size: int | None = None, steps_per_block: int | None = None,
+        mask_token_id: int | None = None, temperature: float = 0.0, top_k: int | None = None,
+        confidence_threshold: float | None = None, eos_token_id=None, step_callback=None, *,
+        top_p: float | None = None, seed: int | None = None, commit_rule: str | None = None,
+        verify: bool | None = None, attention_mask: torch.Tensor | None = None, stop_strings=None,
+        return_dict_in_generate: bool = False, callback=None,
+    ):
+        """Block diffusion with both towers. Options left out follow the model's recommendation
+        (the shipped denoiser: verified whole-block drafts of 4 tokens, rule left_prefix); giving
+        ``verify``, ``steps_per_block`` or ``confidence_threshold`` selects the plain dial.
+        ``step_callback`` has the released signature ``(step_idx, total_steps, xt, t=, logits=,
+        block_idx=)``; ``callback(row, token)`` sees every token as it becomes final."""
+        if mask_token_id is not None and mask_token_id != self.mask_token_id:
+            raise UsageError(f"mask_token_id={mask_token_id!r} is not this model's mask token: it is "
+                             f"{self.mask_token_id} (pass mask_token_id=model.mask_token_id, or leave it out)")
+        settings = self._settings("mask_diffusion", max_new_tokens, temperature, top_k, top_p, seed, eos_token_id,
+                                  stop_strings, block_size=block_size, steps_per_block=steps_per_block,
+                                  confidence_threshold=confidence_threshold, commit_rule=commit_rule, verify=verify)
+        on_step = None
+        if step_callback is not None:
+            steps = settings.steps_per_block or settings.block_size or self.twotower.block_size
+            on_step = _released_step_callback(step_callback, self.mask_token_id, steps)
+        return self._generate(input_ids, attention_mask, settings, DecodeCallbacks(callback, on_step),
+                              return_dict_in_generate)
 
-    def generate_mock_ar(self, input_ids, **kwargs) -> diffusion.DiffusionOutput:
-        """Both towers, one token per step (S = 1)."""
-        return diffusion.generate_mock_ar(self.twotower, input_ids, **kwargs)
+    def generate_mock_ar(
+        self, input_ids, max_new_tokens: int = 128, temperature: float = 0.0, top_k: int | None = None,
+        top_p: float | None = None, eos_token_id=None, *, seed: int | None = None, commit_rule: str | None = None,
+        attention_mask: torch.Tensor | None = None, stop_strings=None, return_dict_in_generate: bool = False,
+        callback=None,
+    ):
+        """Both towers, one token per denoiser forward (S = 1)."""
+        settings = self._settings("mock_ar", max_new_tokens, temperature, top_k, top_p, seed, eos_token_id,
+                                  stop_strings, commit_rule=commit_rule)
+        return self._generate(input_ids, attention_mask, settings, DecodeCallbacks(callback), return_dict_in_generate)
 
-    def generate_ar(self, input_ids, **kwargs) -> ar_generate.GenerationOutput:
+    def generate_ar(
+        self, input_ids, max_new_tokens: int = 128, temperature: float = 0.0, top_k: int | None = None,
+        top_p: float | None = None, eos_token_id=None, *, seed: int | None = None,
+        attention_mask: torch.Tensor | None = None, stop_strings=None, return_dict_in_generate: bool = False,
+        callback=None,
+    ):
         """The context tower alone, KV-cached."""
-        return ar_generate.generate_ar(self.twotower.context, input_ids, **kwargs)
+        settings = self._settings("ar", max_new_tokens, temperature, top_k, top_p, seed, eos_token_id, stop_strings)
+        return self._generate(input_ids, attention_mask, settings, DecodeCallbacks(callback), return_dict_in_generate)
+
+    def _settings(self, mode, max_new_tokens, temperature, top_k, top_p, seed, eos_token_id, stop_strings,
+                  **dial) -> DecodingSettings:
+        if isinstance(eos_token_id, torch.Tensor):
+            eos_token_id = eos_token_id.tolist()
+        return resolve_settings(self.recommended, mode=mode, max_new_tokens=max_new_tokens, temperature=temperature,
+                                top_k=top_k, top_p=top_p, seed=seed, stop_token_ids=eos_token_id,
+                                stop_strings=stop_strings, **dial)
+
+    def _pad_id(self) -> int:
+        for candidate in (getattr(self.tokenizer, "pad_token_id", None), self.twotower.context.config.pad_token_id):
+            if candidate is not None:
+                return candidate
+        return self.twotower.context.config.eos_token_ids[0]
+
+    def _generate(self, input_ids, attention_mask, settings: DecodingSettings, callbacks: DecodeCallbacks,
+                  return_dict: bool):
+        out = decode(self.twotower, input_ids, settings, callbacks, tokenizer=self.tokenizer,
+                     attention_mask=attention_mask)
+        self._last_nfe, self.last_stats = out.stats.nfe, out.stats
+        pad = self._pad_id()
+        if isinstance(input_ids, torch.Tensor):
+            prompt = input_ids if input_ids.dim() == 2 else input_ids[None]
+        else:  # lists of any lengths: left-padded, as decoding saw them
+            prompt = prepare_prompts(out.prompt_ids, pad_token_id=pad).input_ids
+        width = max(len(row) for row in out.tokens)
+        new = torch.full((len(out.tokens), width), pad, dtype=torch.long)
+        for i, row in enumerate(out.tokens):
+            new[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        sequences = torch.cat([prompt.long(), new.to(prompt.device)], dim=1)
+        if not return_dict:
+            return sequences
+        return TwoTowerGenerateOutput(sequences=sequences, finish_reasons=out.finish_reasons, stats=out.stats,
+                                      settings=settings)
 
     def place_towers_on_devices(self, ctx_device: str | torch.device, den_device: str | torch.device) -> TwoTowerForCausalLM:
         """Context tower on one device, denoiser (with time conditioning and mask embedding) on
         another. The denoiser reads the context's cache across devices; tokens and logits come
-        back to the context device."""
+        back to the context device. An unmerged lora model shares one set of weights between its
+        towers, which must then share a device."""
         ctx_dev, den_dev = resolve_device(ctx_device), resolve_device(den_device)
         model = self.twotower
         if model.denoiser_tower is None:
             if ctx_dev != den_dev:
-                raise ValueError(
+                raise UsageError(
                     "the lora flavour's two towers share one set of weights and cannot sit on different "
-                    f"devices ({ctx_dev} and {den_dev}); use the full flavour for one tower per device"
+                    f"devices ({ctx_dev} and {den_dev}); merge the adapters (the default of from_pretrained) "
+                    "or use the full flavour for one tower per device"
                 )
             self.to(ctx_dev)
             return self
@@ -229,97 +306,3 @@ class TwoTowerForCausalLM(PreTrainedModel, GenerationMixin):
         if model.mask_embedding is not None:
             model.mask_embedding.data = model.mask_embedding.data.to(den_dev)
         return self
-
-    # ---- saving and loading -------------------------------------------------------------
-    def save_pretrained(self, save_directory: str | Path, **kwargs) -> None:
-        """Safetensors weights (see ``saved_state``), config.json, the remote-code shims and
-        the tokenizer when there is one. Other transformers options are ignored."""
-        model = self.twotower
-        if model.config.flavour == "lora" and not self.config.backbone:
-            raise ValueError(
-                "a lora model is saved without its base weights and needs a backbone reference: build it "
-                "with from_backbone(...) or from_twotower(model, backbone_ref=...)"
-            )
-        out = Path(save_directory)
-        out.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in saved_state(model).items()}
-        save_file(state, out / WEIGHTS_NAME, metadata={"format": "pt", "flavour": model.config.flavour})
-        self.config.auto_map = dict(AUTO_MAP)
-        self.config.architectures = [type(self).__name__]
-        self.config.dtype = model.context.dtype
-        self.config.save_pretrained(out)
-        for name, text in SHIMS.items():
-            (out / name).write_text(text)
-        if self.tokenizer is not None:
-            self.tokenizer.save_pretrained(out)
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        pretrained_model_name_or_path: str | Path,
-        *model_args,
-        config: TwoTowerConfig | None = None,
-        dtype: torch.dtype | str | None = None,
-        device: str | torch.device = "cpu",
-        **kwargs,
-    ) -> TwoTowerForCausalLM:
-        """Load a directory written by ``save_pretrained`` (local only), by default in the dtype
-        it was saved in. The lora flavour loads its backbone by the saved reference, then the
-        adapters on top."""
-        dtype = kwargs.pop("torch_dtype", None) or dtype
-        unknown = sorted(k for k, v in kwargs.items() if k not in _HUB_KWARGS and v is not None)
-        if model_args or unknown:
-            raise TypeError(f"unsupported arguments for TwoTowerForCausalLM.from_pretrained: {unknown or model_args}")
-        directory = Path(pretrained_model_name_or_path).expanduser()
-        if not (directory / "config.json").is_file():
-            raise CheckpointError(f"{directory} is not a saved two-tower directory (no config.json)")
-        if config is None:
-            config = TwoTowerConfig.from_pretrained(directory)
-        dtype = dtype or config.dtype or torch.float32  # default: the dtype it was saved in
-        if isinstance(dtype, str):
-            dtype = getattr(torch, dtype)
-        device = resolve_device(device)
-        warn_if_slow(dtype, device.type)  # the full flavour loads no backbone, which would say it
-        weights = _read_safetensors(directory)
-        denoiser = config.denoiser_settings
-        tokenizer = None
-        if denoiser.flavour == "lora":
-            if not config.backbone:
-                raise CheckpointError(f"{directory}: a lora model needs a backbone reference in config.json")
-            backbone, tokenizer = load_backbone(config.backbone, dtype, device)
-            if _architecture(backbone.config.to_dict()) != _architecture(config.backbone_config):
-                raise CheckpointError(
-                    f"the backbone {config.backbone!r} does not match the one this model was trained on"
-                )
-        else:
-            bcfg = config.backbone_settings
-            context_state = _strip(weights, "context.")
-            if bcfg.tie_embeddings and "embed_tokens.weight" in context_state:
-                context_state["lm_head.weight"] = context_state["embed_tokens.weight"]  # saved once
-            backbone = backbone_from_state_dict(bcfg, context_state)
-        model = TwoTower(backbone, denoiser)
-        load_saved_state(model, weights, directory)
-        model.to(device=device, dtype=dtype).eval()
-        if tokenizer is None:
-            tokenizer = _load_tokenizer(directory)
-        wrapped = cls(config, model)
-        wrapped.tokenizer = tokenizer
-        return wrapped.eval()
-
-
-def _architecture(backbone_config: dict) -> dict:
-    """The settings that fix the weights' meaning; special-token ids are tokenizer settings
-    (a GGUF read by another transformers version may list one more EOS id)."""
-    return {k: v for k, v in backbone_config.items() if k not in ("eos_token_ids", "bos_token_id")}
-
-
-def _load_tokenizer(directory: Path):
-    if not any((directory / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
-        return None
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(directory)
-    except Exception as e:  # a model is still usable with token ids alone
-        log.warning("could not load the tokenizer in %s: %s", directory, e)
-        return None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import UsageError
 from .linear import Linear
 from .cache import ForwardContext, ModelCache, append_context, left_padding
 from .config import BackboneConfig
@@ -81,7 +82,7 @@ class Backbone(nn.Module):
 
     def new_cache(self, batch: int, max_len: int) -> ModelCache:
         if max_len > self.config.max_position_embeddings:
-            raise ValueError(
+            raise UsageError(
                 f"{max_len} tokens exceed the model's context of {self.config.max_position_embeddings}"
             )
         return ModelCache(self.config, batch, max_len, dtype=self.dtype, device=self.device)
@@ -90,7 +91,7 @@ class Backbone(nn.Module):
         if torch.compiler.is_compiling():
             return  # compiled training checks its data once, when loaded; reading ids here would split the graph
         if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
-            raise ValueError(
+            raise UsageError(
                 f"token ids must lie in [0, {self.config.vocab_size}); got {int(input_ids.min())}..{int(input_ids.max())}"
             )
 
@@ -122,11 +123,11 @@ class Backbone(nn.Module):
         self.check_token_ids(input_ids)
         b, t = input_ids.shape
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask {tuple(attention_mask.shape)} does not match input_ids {(b, t)}")
+            raise UsageError(f"attention_mask {tuple(attention_mask.shape)} does not match input_ids {(b, t)}")
         valid = attention_mask.bool() if attention_mask is not None else None
         if cache is not None:
             if cache.batch_size != b:
-                raise ValueError(f"a cache for {cache.batch_size} rows cannot take a batch of {b}")
+                raise UsageError(f"a cache for {cache.batch_size} rows cannot take a batch of {b}")
             if valid is not None:
                 cache.set_left_padding(valid, allow_empty_rows=True)  # more tokens may follow
             ctx = cache.context(t, valid, record)

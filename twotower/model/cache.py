@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import UsageError
 from .config import BackboneConfig
 
 
@@ -94,9 +95,9 @@ def left_padding(valid: torch.Tensor, allow_empty_rows: bool = False) -> torch.T
     Empty rows are allowed only where a cache is being filled in pieces (a prompt's context
     part may be empty while its last token still comes)."""
     if bool((valid[:, 1:].int() < valid[:, :-1].int()).any()):
-        raise ValueError("attention_mask must describe left padding (zeros, then ones)")
+        raise UsageError("attention_mask must describe left padding (zeros, then ones)")
     if not allow_empty_rows and not bool(valid[:, -1].all()):
-        raise ValueError("every row needs at least one real token")
+        raise UsageError("every row needs at least one real token")
     return (~valid).sum(1)
 
 
@@ -158,7 +159,7 @@ class ModelCache:
     def context(self, num_new: int, valid: torch.Tensor | None = None, record: bool = False) -> ForwardContext:
         """Context for appending ``num_new`` tokens to every row."""
         if int(self.lengths.max()) + num_new > self.max_len:
-            raise ValueError(
+            raise UsageError(
                 f"cache overflow: {int(self.lengths.max())} + {num_new} tokens exceed its {self.max_len} slots"
             )
         return append_context(self.lengths, self.starts, num_new, valid, record)
@@ -166,7 +167,7 @@ class ModelCache:
     def set_left_padding(self, valid: torch.Tensor, allow_empty_rows: bool = False) -> None:
         """Declare a fresh cache's left padding from the first call's (B, T) attention mask."""
         if bool(self.lengths.any()):
-            raise ValueError("attention_mask (left padding) is only accepted on the first call on a cache")
+            raise UsageError("attention_mask (left padding) is only accepted on the first call on a cache")
         self.starts = left_padding(valid, allow_empty_rows)
 
     def advance(self, num_new: int) -> None:

@@ -14,6 +14,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import UsageError
+
 LAYER_TYPES = ("attention", "mlp", "mamba", "moe")
 
 
@@ -87,18 +89,18 @@ class BackboneConfig:
     def __post_init__(self) -> None:
         bad = sorted(set(self.layer_types) - set(LAYER_TYPES))
         if bad:
-            raise ValueError(f"unknown layer types {bad}; expected some of {LAYER_TYPES}")
+            raise UsageError(f"unknown layer types {bad}; expected some of {LAYER_TYPES}")
         if "attention" in self.layer_types:
             if self.num_attention_heads <= 0 or self.num_key_value_heads <= 0 or self.head_dim <= 0:
-                raise ValueError("attention layers need num_attention_heads, num_key_value_heads and head_dim")
+                raise UsageError("attention layers need num_attention_heads, num_key_value_heads and head_dim")
             if self.num_attention_heads % self.num_key_value_heads:
-                raise ValueError("num_attention_heads must be a multiple of num_key_value_heads (GQA)")
+                raise UsageError("num_attention_heads must be a multiple of num_key_value_heads (GQA)")
         if "mlp" in self.layer_types and self.intermediate_size <= 0:
-            raise ValueError("mlp layers need intermediate_size")
+            raise UsageError("mlp layers need intermediate_size")
         if "mamba" in self.layer_types and self.mamba is None:
-            raise ValueError("mamba layers need a MambaConfig")
+            raise UsageError("mamba layers need a MambaConfig")
         if "moe" in self.layer_types and self.moe is None:
-            raise ValueError("moe layers need a MoEConfig")
+            raise UsageError("moe layers need a MoEConfig")
 
     @property
     def num_layers(self) -> int:

@@ -7,6 +7,7 @@ import logging
 
 import torch
 
+from ..errors import UsageError
 from .linear import packing_available
 
 log = logging.getLogger(__name__)
@@ -14,24 +15,27 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # what the command line offers
 
 
-def torch_dtype(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r} (choose from {', '.join(DTYPES)})")
-    return DTYPES[name]
+def torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """A dtype given by name (``"bfloat16"``) or as a torch.dtype, one of those we run."""
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    raise UsageError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
-        raise ValueError(f"invalid device {device!r}: {e}") from e
+        raise UsageError(f"invalid device {device!r}: {e}") from e
     if dev.type == "cpu":
         return dev
     backend = getattr(torch, dev.type, None)
     if backend is None or not hasattr(backend, "is_available") or not backend.is_available():
-        raise ValueError(f"device {device!r} is not available on this machine")
+        raise UsageError(f"device {device!r} is not available on this machine")
     if dev.index is not None and dev.index >= backend.device_count():
-        raise ValueError(f"device {device!r} does not exist: this machine has {backend.device_count()} {dev.type} device(s)")
+        raise UsageError(f"device {device!r} does not exist: this machine has {backend.device_count()} {dev.type} device(s)")
     return dev
 
 

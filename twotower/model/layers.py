@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import UsageError
 from .linear import Linear
 from .cache import ForwardContext, KVCache
 from .config import BackboneConfig, MoEConfig, RopeConfig
@@ -29,7 +30,7 @@ def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
     if rope.kind == "default":
         return inv_freq
     if rope.kind != "llama3":
-        raise ValueError(f"unsupported RoPE scaling {rope.kind!r} (supported: default, llama3)")
+        raise UsageError(f"unsupported RoPE scaling {rope.kind!r} (supported: default, llama3)")
     # Llama 3.1 scaling: keep high frequencies, divide low ones by `factor`, interpolate between.
     old_len = rope.original_max_position_embeddings
     low_wavelen = old_len / rope.low_freq_factor
@@ -54,7 +55,7 @@ class RotaryTable(nn.Module):
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         if int(positions.max()) >= self.cos.shape[0]:
-            raise ValueError(f"position {int(positions.max())} beyond the model's {self.cos.shape[0]} positions")
+            raise UsageError(f"position {int(positions.max())} beyond the model's {self.cos.shape[0]} positions")
         return self.cos[positions].to(dtype)[:, None], self.sin[positions].to(dtype)[:, None]
 
 
@@ -140,7 +141,7 @@ class MLP(nn.Module):
     def __init__(self, hidden: int, intermediate: int, activation: str, bias: bool = False) -> None:
         super().__init__()
         if activation not in ("swiglu", "relu2"):
-            raise ValueError(f"unsupported MLP activation {activation!r}")
+            raise UsageError(f"unsupported MLP activation {activation!r}")
         self.gated = activation == "swiglu"
         self.up_proj = Linear(hidden, 2 * intermediate if self.gated else intermediate, bias=bias)
         self.down_proj = Linear(intermediate, hidden, bias=bias)

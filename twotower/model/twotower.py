@@ -10,6 +10,7 @@ diffusion mode) the input is [M, ..., M] at p..p+S-1 over a context that include
 from __future__ import annotations
 
 import copy
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..errors import UsageError
 from .backbone import Backbone
 from .cache import ForwardContext, MambaState, ModelCache
 from .timecond import TimeConditioning
@@ -41,11 +43,11 @@ class DenoiserConfig:
 
     def __post_init__(self) -> None:
         if self.flavour not in ("full", "lora"):
-            raise ValueError(f"flavour must be 'full' or 'lora', got {self.flavour!r}")
+            raise UsageError(f"flavour must be 'full' or 'lora', got {self.flavour!r}")
         if self.block_size < 1:
-            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+            raise UsageError(f"block_size must be >= 1, got {self.block_size}")
         if self.modulation_order not in ("norm_first", "released"):
-            raise ValueError(f"modulation_order must be 'norm_first' or 'released', got {self.modulation_order!r}")
+            raise UsageError(f"modulation_order must be 'norm_first' or 'released', got {self.modulation_order!r}")
 
 
 def _switch_adapters(layers: list, enabled: bool) -> None:
@@ -77,9 +79,13 @@ class TwoTower(nn.Module):
             self.mask_embedding: nn.Parameter | None = nn.Parameter(mean.to(context.dtype))
         else:
             if not 0 <= config.mask_token_id < bcfg.vocab_size:
-                raise ValueError(f"mask_token_id {config.mask_token_id} outside the vocabulary [0, {bcfg.vocab_size})")
+                raise UsageError(f"mask_token_id {config.mask_token_id} outside the vocabulary [0, {bcfg.vocab_size})")
             self.mask_token_id = config.mask_token_id
             self.mask_embedding = None
+        self._adapter_lock = threading.RLock()  # see adapters()
+        self._adapters_enabled = False
+        # decode() runs one call at a time per model: a call's caches and adapter state are its own
+        self.decode_lock = threading.RLock()
         self.gradient_checkpointing = False  # recompute denoiser sub-layers in backward (training memory)
         released = config.modulation_order == "released"
         self._modulate_before_norm = [released and kind in ("mamba", "attention") for kind in bcfg.layer_types]
@@ -92,7 +98,7 @@ class TwoTower(nn.Module):
         present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
         targets = [t for t in config.lora_targets if t in present]
         if not targets:
-            raise ValueError(f"none of the LoRA targets {config.lora_targets} exist in this backbone")
+            raise UsageError(f"none of the LoRA targets {config.lora_targets} exist in this backbone")
         lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                           target_modules=targets)
         inject_adapter_in_model(lora, model)
@@ -147,12 +153,24 @@ class TwoTower(nn.Module):
 
     @contextmanager
     def adapters(self, enabled: bool):
-        """LoRA flavour: the shared backbone acts as the denoiser only inside ``adapters(True)``."""
-        _switch_adapters(self._lora_layers, enabled)
-        try:
+        """LoRA flavour: the shared backbone acts as the denoiser only inside ``adapters(True)``.
+
+        Re-entrant: leaving restores the state found on entry. The adapter flags are shared by
+        both towers, so switching them holds a lock: a context-tower forward in one thread never
+        runs with the adapters another thread's denoiser step turned on. A no-op for the full
+        flavour and when the adapters are merged (the denoiser is then a copy of its own)."""
+        if not self._lora_layers or self.merged:
             yield
-        finally:
-            _switch_adapters(self._lora_layers, False)
+            return
+        with self._adapter_lock:
+            previous = self._adapters_enabled
+            _switch_adapters(self._lora_layers, enabled)
+            self._adapters_enabled = enabled
+            try:
+                yield
+            finally:
+                _switch_adapters(self._lora_layers, previous)
+                self._adapters_enabled = previous
 
     def context_forward(self, input_ids: torch.Tensor, cache: ModelCache | None = None, **kwargs) -> torch.Tensor:
         """The frozen AR model (never with adapters, never with gradients)."""
@@ -180,7 +198,7 @@ class TwoTower(nn.Module):
         rope = den.rotary(ctx.positions, x.dtype) if den.rotary is not None else None
         recompute = self.gradient_checkpointing and torch.is_grad_enabled()
         if self.merged and torch.is_grad_enabled() and self.training:
-            raise RuntimeError("merged adapters are for inference: call unmerge_adapters() before training")
+            raise UsageError("merged adapters are for inference: call unmerge_adapters() before training")
         with self.adapters(True):
             for i, layer in enumerate(den.layers):
                 mod = self.time.layer(cond, i, x.shape[1])
@@ -206,7 +224,7 @@ class TwoTower(nn.Module):
     def denoise_block(self, block_ids: torch.Tensor, t: torch.Tensor, cache: ModelCache) -> torch.Tensor:
         """Inference: one block per row after the context in ``cache``."""
         if cache.max_len < int(cache.lengths.max()) + block_ids.shape[1]:
-            raise ValueError("block runs past the end of the cache")
+            raise UsageError("block runs past the end of the cache")
         device = self.denoiser.device
         logits = self.denoise(block_ids.to(device), t.to(device), cache, self.block_context(cache, block_ids.shape[1]))
         return logits.to(cache.lengths.device)  # back to the decode loop, which lives with the context
@@ -232,7 +250,7 @@ class TwoTower(nn.Module):
         b, n, s = block_inputs.shape
         length = input_ids.shape[1]
         if n * s > length:
-            raise ValueError(f"{n} blocks of {s} need {n * s} tokens, the sequence has {length}")
+            raise UsageError(f"{n} blocks of {s} need {n * s} tokens, the sequence has {length}")
         cache = self.context.new_cache(b, length)
         context_hidden = self.context_forward(input_ids, cache, boundary_every=s, head=False)
         device = input_ids.device
@@ -273,7 +291,7 @@ class TwoTower(nn.Module):
         b, n, s = masked.shape
         shift = 1 if self.config.token_shift else 0
         if input_ids.shape[1] < n * s + shift:
-            raise ValueError(f"{n} blocks of {s} need {n * s + shift} tokens (the targets are shifted by {shift}), "
+            raise UsageError(f"{n} blocks of {s} need {n * s + shift} tokens (the targets are shifted by {shift}), "
                              f"the sequence has {input_ids.shape[1]}")
         inputs = input_ids[:, : n * s].reshape(b, n, s)
         targets = input_ids[:, shift : shift + n * s].reshape(b, n, s)
@@ -343,9 +361,9 @@ class TwoTower(nn.Module):
         unknown target (``ar_aligned``): the full distribution of the model the denoiser must
         agree with, where a sampled token gives one label."""
         if weighting not in ("none", "elbo"):
-            raise ValueError(f"weighting must be 'none' or 'elbo', got {weighting!r}")
+            raise UsageError(f"weighting must be 'none' or 'elbo', got {weighting!r}")
         if ar_distill < 0:
-            raise ValueError(f"ar_distill must be >= 0, got {ar_distill}")
+            raise UsageError(f"ar_distill must be >= 0, got {ar_distill}")
         block_inputs, targets, unknown, t = self.noisy_blocks(input_ids, masked)
         counted = self._counted(unknown, trained)
         hidden, context_hidden = self.training_hidden(input_ids, block_inputs, t)

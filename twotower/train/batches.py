@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from ..data.shards import TokenShards
+from ..errors import DataError, UsageError
 
 
 _T_STREAM = 2**31 - 1  # stream id of the shared t stratification (row ids are smaller)
@@ -30,7 +31,7 @@ def sample_rows(
     carry a loss mask, which of those tokens are training targets (else None: all are)."""
     sizes = np.array([len(s) for s in shards.shards])
     if sizes.max() < length:
-        raise ValueError(f"no shard holds {length} tokens: prepare more data or shorten seq_len")
+        raise DataError(f"no shard holds {length} tokens: prepare more data or shorten seq_len")
     usable = np.where(sizes >= length, sizes - length + 1, 0)
     out = np.empty((len(rows), length), dtype=np.int64)
     trained = np.empty((len(rows), length), dtype=bool) if shards.trained is not None else None
@@ -58,7 +59,7 @@ def sample_masks(
     rule) ever shows the denoiser. With ``complementary`` odd rows mask exactly what the even
     row before hides not."""
     if pattern not in MASK_PATTERNS:
-        raise ValueError(f"mask pattern must be one of {', '.join(MASK_PATTERNS)}, got {pattern!r}")
+        raise UsageError(f"mask pattern must be one of {', '.join(MASK_PATTERNS)}, got {pattern!r}")
     n = global_rows * blocks
     shared = torch.Generator().manual_seed(_seed(seed, step, _T_STREAM))
     order = torch.randperm(n, generator=shared).view(global_rows, blocks)

@@ -18,7 +18,8 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from ..checkpoints.load import CheckpointError
+from ..checkpoints.training import STATE, TRAINABLE, check_trainable
+from ..errors import CheckpointError
 
 
 def _full(value: torch.Tensor) -> torch.Tensor:
@@ -42,10 +43,8 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def load_trainable(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: str) -> None:
     """Copy full trainable weights into ``model`` (sharding them where its parameters are)."""
+    check_trainable(model, weights, source)
     params = dict(model.named_parameters())
-    missing = sorted(n for n, p in params.items() if p.requires_grad and n not in weights)
-    if missing or set(weights) - set(params):
-        raise CheckpointError(f"checkpoint {source} does not match the model (missing {missing[:3]})")
     with torch.no_grad():
         for name, value in weights.items():
             params[name].copy_(_like(value, params[name]))
@@ -63,10 +62,10 @@ def save_checkpoint(directory: Path, step: int, model, optimizer, scheduler, met
     final = root / f"step-{step:08d}"
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
     try:
-        save_file(weights, tmp / "trainable.safetensors")
+        save_file(weights, tmp / TRAINABLE)
         save_file(tensors, tmp / "optimizer.safetensors")
         sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
-        (tmp / "state.json").write_text(json.dumps(
+        (tmp / STATE).write_text(json.dumps(
             {**meta, "step": step, "param_groups": opt["param_groups"], "scheduler": sched}, indent=2))
         if final.exists():
             shutil.rmtree(final)
@@ -79,15 +78,15 @@ def save_checkpoint(directory: Path, step: int, model, optimizer, scheduler, met
 
 
 def latest_checkpoint(directory: Path) -> Path | None:
-    found = sorted(p for p in (Path(directory) / "checkpoints").glob("step-*") if (p / "state.json").is_file())
+    found = sorted(p for p in (Path(directory) / "checkpoints").glob("step-*") if (p / STATE).is_file())
     return found[-1] if found else None
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     """Restore weights, optimizer and schedule in place; returns the saved JSON state."""
     try:
-        state = json.loads((path / "state.json").read_text())
-        weights = load_file(path / "trainable.safetensors")
+        state = json.loads((path / STATE).read_text())
+        weights = load_file(path / TRAINABLE)
         tensors = load_file(path / "optimizer.safetensors")
     except Exception as e:
         raise CheckpointError(f"checkpoint {path} is unreadable: {e}") from e
@@ -103,30 +102,3 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
     scheduler.load_state_dict({**scheduler.state_dict(), **state["scheduler"]})
     return state
-
-
-def is_training_checkpoint(path: str | Path) -> bool:
-    path = Path(path).expanduser()
-    return (path / "state.json").is_file() and (path / "trainable.safetensors").is_file()
-
-
-def model_from_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu"):
-    """The model a training checkpoint holds (``OUT/checkpoints/step-N``), to evaluate a run
-    before it ends or after it was stopped: the run's settings rebuild the two towers, the saved
-    trainable weights go on top. Returns (TwoTower, tokenizer, the backbone's name or path)."""
-    from dataclasses import replace
-
-    from .config import TrainConfig
-    from .loop import build_model
-
-    path = Path(path).expanduser()
-    try:
-        cfg = TrainConfig(**json.loads((path / "state.json").read_text())["config"])
-        weights = load_file(path / "trainable.safetensors")
-    except Exception as e:
-        raise CheckpointError(f"checkpoint {path} is unreadable: {e}") from e
-    # the checkpoint holds every trained weight: no need to load the run's starting denoiser first
-    model, tokenizer = build_model(replace(cfg, init_from=None), torch.device("cpu"))
-    load_trainable(model, weights, str(path))
-    return model.to(device=device, dtype=dtype).eval(), tokenizer, cfg.model
-

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from ..errors import UsageError
 from .batches import MASK_PATTERNS
 
 
@@ -70,14 +71,14 @@ class TrainConfig:
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
-            raise ValueError(f"invalid training settings: {', '.join(bad)}")
+            raise UsageError(f"invalid training settings: {', '.join(bad)}")
         for size in self.block_sizes:
             if self.seq_len % size:
-                raise ValueError(f"seq_len {self.seq_len} is not a multiple of block size {size}")
+                raise UsageError(f"seq_len {self.seq_len} is not a multiple of block size {size}")
         if self.complementary_masks and self.batch_size % 2:
-            raise ValueError("complementary masks pair sequences: batch_size must be even")
+            raise UsageError("complementary masks pair sequences: batch_size must be even")
         if self.complementary_masks and self.mask_pattern != "random":
-            raise ValueError("complementary masks complement random masks: use --mask-pattern random")
+            raise UsageError("complementary masks complement random masks: use --mask-pattern random")
 
     @property
     def block_sizes(self) -> list[int]:

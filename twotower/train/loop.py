@@ -14,13 +14,14 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from ..checkpoints import load_backbone
+from ..checkpoints.build import build_two_tower
+from ..checkpoints.saved import save_two_tower
+from ..checkpoints.training import denoiser_config_of_run
 from ..data.shards import TokenShards
-from ..data.sources import DataError
+from ..errors import DataError, UsageError
 from ..generate.diffusion import generate_mask_diffusion
-from ..hf.modeling_twotower import load_denoiser
 from ..model.linear import Linear
-from ..model.twotower import DenoiserConfig, TwoTower
+from ..model.twotower import TwoTower
 from .batches import sample_masks, sample_rows
 from .checkpoint import latest_checkpoint, load_checkpoint, load_trainable, save_checkpoint, trainable_state
 from .config import TrainConfig
@@ -144,15 +145,13 @@ def _trim_metrics(path: Path, step: int) -> None:
 def _save_final(cfg: TrainConfig, model: TwoTower, tokenizer, path: Path, device: torch.device, rank: int) -> None:
     """The trained model as a checkpoint directory. Under FSDP the shards are gathered (every
     process) into an unsharded copy that process 0 writes."""
-    from ..hf import TwoTowerForCausalLM
-
     if cfg.fsdp:
         weights = trainable_state(model)  # collective
         if rank == 0:
             model, _ = build_model(cfg, device)
             load_trainable(model, weights, "the gathered FSDP shards")
     if rank == 0:
-        TwoTowerForCausalLM.from_twotower(model, backbone_ref=cfg.model, tokenizer=tokenizer).save_pretrained(path)
+        save_two_tower(model, path, backbone_ref=cfg.model, tokenizer=tokenizer)
 
 
 def _fit_time_budget(cfg: TrainConfig, done: int, spent: float, window: float, device: torch.device) -> None:
@@ -169,11 +168,9 @@ def _fit_time_budget(cfg: TrainConfig, done: int, spent: float, window: float, d
 
 def build_model(cfg: TrainConfig, device: torch.device):
     torch.manual_seed(cfg.seed)  # LoRA initialisation: the same on every process
-    backbone, tokenizer = load_backbone(cfg.model, device=device)
-    model = TwoTower(backbone, DenoiserConfig(flavour=cfg.flavour, block_size=cfg.block_size,
-                                              lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha))
-    if cfg.init_from:  # (a resumed run's checkpoint overwrites these weights)
-        load_denoiser(model, cfg.init_from)
+    # (a resumed run's checkpoint overwrites the init_from weights)
+    model, tokenizer = build_two_tower(cfg.model, denoiser_config_of_run(cfg.to_dict()), device=device,
+                                       init_from=cfg.init_from)
     model.gradient_checkpointing = cfg.gradient_checkpointing
     return model, tokenizer
 
@@ -197,7 +194,7 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     if cfg.fsdp and "RANK" not in os.environ:
-        raise ValueError("--fsdp shards the model over torchrun's processes: launch with torchrun --nproc-per-node N")
+        raise UsageError("--fsdp shards the model over torchrun's processes: launch with torchrun --nproc-per-node N")
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)  # NCCL and FSDP2 use the current device: one GPU per process
@@ -228,7 +225,7 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
             cfg.steps = saved["steps"]  # the length the budget fitted when the run started
         changed = [k for k in RESUME_KEYS if saved.get(k) != getattr(cfg, k)]
         if changed:
-            raise ValueError(f"{out} holds a run with other settings ({', '.join(changed)}); use another out_dir")
+            raise UsageError(f"{out} holds a run with other settings ({', '.join(changed)}); use another out_dir")
         start, tokens_seen, elapsed = state["step"], state["tokens_seen"], state["elapsed"]
         if rank == 0:
             _trim_metrics(metrics_path, start)

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.text import Text
 
-from .generate.diffusion import StepEvent
+from ..generate.diffusion import StepEvent
 
 PALETTE = ["green", "cyan", "yellow", "magenta", "blue", "bright_green", "bright_cyan", "bright_yellow"]
 MASK = "\u2591"  # light shade: a position still masked

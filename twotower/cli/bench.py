@@ -1,0 +1,77 @@
+"""``twotower bench ar | step | speed``: benchmarks that write JSON (and, for speed, a table and
+a plot)."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..checkpoints.load import DEFAULT_MODEL
+from ..model.devices import DTYPES
+from .options import add_dial_options, add_model_options
+
+
+def add_parser(sub, common: argparse.ArgumentParser) -> None:
+    from ..bench import speed
+
+    b = sub.add_parser("bench", help="benchmarks that write JSON")
+    bsub = b.add_subparsers(dest="bench", required=True)
+    ar = bsub.add_parser("ar", parents=[common], help="our AR decoding vs transformers generate(), interleaved")
+    ar.add_argument("--model", default=DEFAULT_MODEL)
+    ar.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
+    ar.add_argument("--max-new-tokens", type=int, default=128)
+    ar.add_argument("--repeats", type=int, default=5)
+    ar.add_argument("--output", default="bench_results/ar.json")
+    ar.set_defaults(func=run_ar)
+
+    st = bsub.add_parser("step", parents=[common], help="cost of one denoiser block step vs one AR step")
+    st.add_argument("--model", default=DEFAULT_MODEL)
+    st.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
+    st.add_argument("--context-tokens", type=int, default=256)
+    st.add_argument("--block-size", type=int, default=16)
+    st.add_argument("--repeats", type=int, default=30)
+    st.add_argument("--output", default="bench_results/step.json")
+    st.set_defaults(func=run_step)
+
+    sp = bsub.add_parser("speed", parents=[common], help="tokens/s, NFE, latency, memory and agreement across the dial")
+    add_model_options(sp)
+    sp.add_argument("--device", default="cpu", help="where every contender runs, e.g. cuda (llama.cpp: CPU only)")
+    add_dial_options(sp)
+    sp.add_argument("--modes", nargs="+", choices=speed.MODES, default=list(speed.MODES),
+                    help="what to run besides our AR, which always runs as the reference (default: all)")
+    sp.add_argument("--thresholds", type=float, nargs="+", default=None,
+                    help="a sweep of the plain dial, e.g. 0.5 0.7 0.9 (default: the model's recommended preset)")
+    sp.add_argument("--block-sizes", type=int, nargs="+", default=None, help="default: the model's (or its preset's)")
+    sp.add_argument("--batch-sizes", type=int, nargs="+", default=list(speed.BATCH_SIZES))
+    sp.add_argument("--prompts", type=int, default=None, help="the first N shipped prompts (default: all)")
+    sp.add_argument("--max-new-tokens", type=int, default=128)
+    sp.add_argument("--repeats", type=int, default=3, help="timed rounds per pair, after the warm-up")
+    sp.add_argument("--warmup", type=int, default=1, help="untimed rounds per pair")
+    sp.add_argument("--prompt-lookup-tokens", type=int, default=10, help="draft length of prompt-lookup decoding")
+    sp.add_argument("--output-dir", default="bench_results/speed")
+    sp.set_defaults(func=run_speed)
+
+
+def run_ar(args: argparse.Namespace) -> None:
+    from ..bench.ar import run_ar_bench
+
+    run_ar_bench(model=args.model, dtypes=args.dtypes, max_new_tokens=args.max_new_tokens, repeats=args.repeats,
+                 output=args.output)
+
+
+def run_step(args: argparse.Namespace) -> None:
+    from ..bench.step import run_step_bench
+
+    run_step_bench(model=args.model, dtypes=args.dtypes, context_tokens=args.context_tokens,
+                   block_size=args.block_size, repeats=args.repeats, output=args.output)
+
+
+def run_speed(args: argparse.Namespace) -> None:
+    from ..bench.speed import run_speed_bench
+
+    run_speed_bench(
+        model=args.model, dtype=args.dtype, modes=args.modes, thresholds=args.thresholds,
+        block_sizes=args.block_sizes, batch_sizes=args.batch_sizes, prompts=args.prompts,
+        max_new_tokens=args.max_new_tokens, repeats=args.repeats, warmup=args.warmup,
+        prompt_lookup_tokens=args.prompt_lookup_tokens, output_dir=args.output_dir, untrained=args.untrained_denoiser,
+        device=args.device, commit_rule=args.commit_rule, verify=args.verify, steps_per_block=args.steps_per_block,
+    )

@@ -1,0 +1,184 @@
+"""Decoding settings as one object, built the same way by every front end.
+
+``resolve_settings(recommended, **given)`` is the one rule for how a model's recommendation
+(its ``generation_config.json``) and what a user gave combine:
+
+1. what the user gave wins; an option given as None counts as not given;
+2. the recommended ``commit_rule`` applies unless one is given;
+3. for mask diffusion, the recommended preset (``verify``, ``steps_per_block``, ``block_size``,
+   say verified whole-block drafts of 4 tokens) applies as one unit, unless the user gave any
+   option of the dial (``verify``, ``steps_per_block``, ``confidence_threshold``): then the
+   plain dial applies. A ``block_size`` given alone replaces only the preset's block size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from ..errors import UsageError
+from .commit import COMMIT_RULES
+
+DEFAULT_CONFIDENCE_THRESHOLD = 0.9  # the released model's default
+DEFAULT_COMMIT_RULE = "threshold"  # the released rule (DESIGN.md §1)
+PRESET_KEYS = ("verify", "steps_per_block", "block_size")  # a recommended preset of the dial
+DIAL_KEYS = ("verify", "steps_per_block", "confidence_threshold")  # any of these given: the plain dial
+# options that mean nothing for a mode (giving one is an error, not silently ignored)
+UNUSED_BY_MODE = {
+    "ar": ("block_size", "steps_per_block", "confidence_threshold", "commit_rule", "verify"),
+    "mock_ar": ("block_size", "steps_per_block", "confidence_threshold", "verify"),
+}
+
+
+def _int(name: str, value, low: int, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise UsageError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def _number(name: str, value, low: float, high: float, low_open: bool = False) -> None:
+    ok = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
+    if not ok or value > high or value < low or (low_open and value == low):
+        bounds = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+        raise UsageError(f"{name} must be a finite number in {bounds}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class DecodingSettings:
+    """How to decode: the mode and its dial, sampling, and when a row ends."""
+
+    mode: str = "mask_diffusion"  # ar | mask_diffusion | mock_ar (the released modes)
+    block_size: int | None = None  # None: the model's
+    steps_per_block: int | None = None  # None: the block size
+    confidence_threshold: float = DEFAULT_CONFIDENCE_THRESHOLD
+    commit_rule: str = DEFAULT_COMMIT_RULE
+    verify: bool = False  # drafts checked by the context tower: the output is AR's
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    max_new_tokens: int = 128
+    stop_token_ids: tuple[int, ...] | None = None  # None: the model's EOS ids; (): never stop early
+    stop_strings: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        from .strategies import modes  # the registry imports this module
+
+        if self.mode not in modes():
+            raise UsageError(f"unknown mode {self.mode!r} (choose from {', '.join(modes())})")
+        _int("block_size", self.block_size, 1, optional=True)
+        _int("steps_per_block", self.steps_per_block, 1, optional=True)
+        _number("confidence_threshold", self.confidence_threshold, 0.0, 1.0)
+        if self.commit_rule not in COMMIT_RULES:
+            raise UsageError(f"unknown commit rule {self.commit_rule!r} (choose from {', '.join(COMMIT_RULES)})")
+        if not isinstance(self.verify, bool):
+            raise UsageError(f"verify must be True or False, got {self.verify!r}")
+        _number("temperature", self.temperature, 0.0, 1e4)
+        _int("top_k", self.top_k, 1, optional=True)
+        if self.top_p is not None:
+            _number("top_p", self.top_p, 0.0, 1.0, low_open=True)
+        if self.seed is not None:
+            _int("seed", self.seed, 0)
+        _int("max_new_tokens", self.max_new_tokens, 1)
+        object.__setattr__(self, "stop_token_ids", _ids(self.stop_token_ids))
+        object.__setattr__(self, "stop_strings", _strings(self.stop_strings))
+
+    @property
+    def strategy(self) -> str:
+        """The registered strategy these settings select (see ``strategies.STRATEGIES``)."""
+        return "verified" if self.mode == "mask_diffusion" and self.verify else self.mode
+
+    def replace(self, **changes) -> DecodingSettings:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def describe(self, model_block_size: int) -> str:
+        """The dial in words, for summary lines: e.g. "verified drafts of 4 tokens, rule left_prefix"."""
+        if self.mode == "ar":
+            return "AR"
+        if self.mode == "mock_ar":
+            return f"mock-AR, rule {self.commit_rule}"
+        block = self.block_size or model_block_size
+        if self.verify and self.steps_per_block == 1:  # one draft per block: the threshold plays no part
+            return f"verified drafts of {block} tokens, rule {self.commit_rule}"
+        text = f"block {block}, threshold {self.confidence_threshold:g}, rule {self.commit_rule}"
+        return text + (", verified" if self.verify else "")
+
+    def label(self, model_block_size: int) -> str:
+        """A short name for tables and plots: e.g. "mask_diffusion S=16 t=0.9 verified"."""
+        if self.mode != "mask_diffusion":
+            return self.mode
+        text = f"mask_diffusion S={self.block_size or model_block_size}"
+        if self.steps_per_block != 1:  # with one step per block the threshold plays no part
+            text += f" t={self.confidence_threshold:g}"
+        return text + (" verified" if self.verify else "")
+
+
+def _ids(value) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = (value,)
+    if isinstance(value, str | bytes) or not isinstance(value, Sequence | set | frozenset):
+        raise UsageError(f"stop token ids must be a list of token ids, got {value!r}")
+    for tok in value:
+        if isinstance(tok, bool) or not isinstance(tok, int) or tok < 0:
+            raise UsageError(f"stop token ids must be non-negative integers, got {tok!r}")
+    return tuple(value)
+
+
+def _strings(value) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = (value,)
+    if not isinstance(value, Sequence):
+        raise UsageError(f"stop strings must be a list of strings, got {value!r}")
+    for text in value:
+        if not isinstance(text, str) or not text:
+            raise UsageError(f"stop strings must be non-empty strings, got {text!r}")
+    return tuple(value)
+
+
+FIELDS = tuple(f.name for f in dataclasses.fields(DecodingSettings))
+
+
+def resolve_settings(recommended: Mapping | None = None, **given) -> DecodingSettings:
+    """Settings from a model's recommendation and the options a user gave (see the module
+    docstring for the rule)."""
+    unknown = sorted(set(given) - set(FIELDS))
+    if unknown:
+        raise UsageError(f"unknown decoding option(s) {', '.join(unknown)} (known: {', '.join(FIELDS)})")
+    given = {k: v for k, v in given.items() if v is not None}
+    recommended = dict(recommended or {})
+    mode = given.get("mode", DecodingSettings.mode)
+    pointless = [k for k in UNUSED_BY_MODE.get(mode, ()) if k in given]
+    if pointless:
+        raise UsageError(f"{', '.join(pointless)}: not used by mode {mode}")
+    values = {}
+    if mode != "ar" and "commit_rule" in recommended:
+        values["commit_rule"] = recommended["commit_rule"]
+    if mode == "mask_diffusion" and not any(k in given for k in DIAL_KEYS):
+        values.update({k: recommended[k] for k in PRESET_KEYS if k in recommended})
+    values.update(given)
+    return DecodingSettings(**values)
+
+
+def settings_grid(recommended: Mapping | None, thresholds: Sequence[float] | None, block_sizes: Sequence[int] | None,
+                  **given) -> list[DecodingSettings]:
+    """Mask-diffusion settings for a sweep (``bench speed``, ``eval quality``): one per (block
+    size, threshold), each by the rule of ``resolve_settings``, so with no dial option given
+    the model's recommended preset (at each block size given). A threshold runs once where it
+    plays no part (one step per block: the whole block is committed, or drafted, at once)."""
+    out: list[DecodingSettings] = []
+    for size in block_sizes or [None]:
+        for threshold in thresholds or [None]:
+            settings = resolve_settings(recommended, mode="mask_diffusion", block_size=size,
+                                        confidence_threshold=threshold, **given)
+            if settings.steps_per_block == 1 and any(o.block_size == settings.block_size for o in out):
+                continue
+            out.append(settings)
+    return out

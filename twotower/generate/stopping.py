@@ -1,0 +1,110 @@
+"""When each row of a decoding call ends, decided per row as its tokens become final: at a stop
+token (kept, as the model had to produce it), at the token that completes a stop string (kept;
+the row's text is cut before the string), or at ``max_new_tokens``.
+
+Every decoding loop feeds its newly final tokens through ``Stopper.extend``, so a stop string is
+found wherever it falls: inside a block, or across the boundary of two blocks or drafts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ..errors import UsageError
+
+STOP = "stop"  # finish reasons, as OpenAI-style APIs name them
+LENGTH = "length"
+
+
+class Stopper:
+    def __init__(self, batch: int, max_new_tokens: int, stop_ids: set[int], stop_strings: Sequence[str] = (),
+                 tokenizer=None) -> None:
+        if stop_strings and tokenizer is None:
+            raise UsageError("stop strings need a tokenizer to read the text")
+        self.max_new_tokens = max_new_tokens
+        self.stop_ids = stop_ids
+        self.stop_strings = tuple(stop_strings)
+        self.tokenizer = tokenizer
+        self.tokens: list[list[int]] = [[] for _ in range(batch)]
+        self.reasons: list[str | None] = [None] * batch  # set when the row has finished
+
+    @property
+    def finished(self) -> list[bool]:
+        return [r is not None for r in self.reasons]
+
+    @property
+    def all_finished(self) -> bool:
+        return all(r is not None for r in self.reasons)
+
+    def extend(self, row: int, new: Sequence[int]) -> list[int]:
+        """Take a row's newly final tokens; return those kept (nothing after the row ends)."""
+        kept = []
+        for tok in new:
+            if self.reasons[row] is not None:
+                break
+            self.tokens[row].append(tok)
+            kept.append(tok)
+            if tok in self.stop_ids or (self.stop_strings and self._stop_string_at(row) is not None):
+                self.reasons[row] = STOP
+            elif len(self.tokens[row]) >= self.max_new_tokens:
+                self.reasons[row] = LENGTH
+        return kept
+
+    def _stop_string_at(self, row: int) -> int | None:
+        return stop_string_at(self.tokenizer.decode(self.tokens[row], skip_special_tokens=True), self.stop_strings)
+
+
+def stop_string_at(text: str, stop_strings: Sequence[str]) -> int | None:
+    """Where the first stop string starts in ``text``, if one occurs."""
+    hits = [i for i in (text.find(s) for s in stop_strings) if i >= 0]
+    return min(hits) if hits else None
+
+
+def visible_text(tokenizer, tokens: Sequence[int], stop_strings: Sequence[str] = ()) -> str:
+    """A row's text as a user sees it: special tokens skipped, cut before a stop string."""
+    text = tokenizer.decode(list(tokens), skip_special_tokens=True)
+    cut = stop_string_at(text, stop_strings) if stop_strings else None
+    return text if cut is None else text[:cut]
+
+
+class TextStream:
+    """One row's text as its tokens arrive, for streaming: each ``push`` returns the new text
+    that is final. Text is held back while it ends in an incomplete multi-byte character or in
+    what may be the start of a stop string (a stop string can span tokens, blocks and drafts);
+    after a stop string nothing more is returned, and the string itself never is."""
+
+    def __init__(self, tokenizer, stop_strings: Sequence[str] = ()) -> None:
+        self.tokenizer = tokenizer
+        self.stop_strings = tuple(stop_strings)
+        self.tokens: list[int] = []
+        self.sent = 0  # characters returned so far
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        if self.stopped:
+            return ""
+        self.tokens.append(token)
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        cut = stop_string_at(text, self.stop_strings) if self.stop_strings else None
+        if cut is not None:
+            self.stopped = True
+            return self._upto(text, cut)
+        end = len(text.rstrip("\ufffd"))  # an incomplete UTF-8 sequence decodes to U+FFFD
+        return self._upto(text, end - self._held(text[:end]))
+
+    def finish(self) -> str:
+        """What is left once the row has ended."""
+        if self.stopped:
+            return ""
+        self.stopped = True
+        return self._upto(self.tokenizer.decode(self.tokens, skip_special_tokens=True), None)
+
+    def _held(self, text: str) -> int:
+        """Length of the longest end of ``text`` that a stop string starts with."""
+        return max((n for s in self.stop_strings for n in range(min(len(s) - 1, len(text)), 0, -1)
+                    if text.endswith(s[:n])), default=0)
+
+    def _upto(self, text: str, end: int | None) -> str:
+        new = text[self.sent : end]
+        self.sent += len(new)
+        return new

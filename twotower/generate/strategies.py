@@ -1,0 +1,99 @@
+"""Decoding strategies: registered objects, one per way of decoding, so that front ends pick one
+by the settings' name instead of each writing its own if/elif over modes and flags.
+
+A strategy decodes a batch of prompt ids with ``DecodingSettings`` and returns the decoder's
+output (tokens, finish reasons, statistics). ``decode()`` selects it with ``select(settings)``;
+a new strategy (say a fused draft-and-verify pass) is one ``register`` call away from every
+front end.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import UsageError
+from ..model.backbone import Backbone
+from ..model.twotower import TwoTower
+from .ar import GenerationOutput, TokenCallback, generate_ar
+from .diffusion import StepCallback, generate_mask_diffusion, generate_mock_ar
+from .settings import DecodingSettings
+
+Decoder = Callable[..., GenerationOutput]
+
+
+@dataclass(frozen=True)
+class Strategy:
+    name: str
+    mode: str  # the released mode it belongs to
+    needs_denoiser: bool
+    description: str
+    run: Decoder  # (model, input_ids, settings, **common) -> output; see decode_with
+
+
+STRATEGIES: dict[str, Strategy] = {}
+
+
+def register(strategy: Strategy) -> Strategy:
+    if strategy.name in STRATEGIES:
+        raise ValueError(f"a strategy named {strategy.name!r} is registered already")
+    STRATEGIES[strategy.name] = strategy
+    return strategy
+
+
+def modes() -> tuple[str, ...]:
+    """The modes the registered strategies cover (what ``--mode`` offers)."""
+    return tuple(sorted({s.mode for s in STRATEGIES.values()}))
+
+
+def select(settings: DecodingSettings) -> Strategy:
+    try:
+        return STRATEGIES[settings.strategy]
+    except KeyError:
+        raise UsageError(f"no strategy {settings.strategy!r} (registered: {', '.join(STRATEGIES)})") from None
+
+
+def decode_with(
+    strategy: Strategy, model: TwoTower | Backbone, input_ids, settings: DecodingSettings, *,
+    attention_mask: torch.Tensor | None = None, tokenizer=None, on_token: TokenCallback | None = None,
+    on_step: StepCallback | None = None,
+) -> GenerationOutput:
+    if strategy.needs_denoiser and not isinstance(model, TwoTower):
+        raise UsageError(f"mode {strategy.mode} needs a two-tower model; this is a backbone alone (AR only)")
+    common = dict(
+        max_new_tokens=settings.max_new_tokens, temperature=settings.temperature, top_k=settings.top_k,
+        top_p=settings.top_p, seed=settings.seed, attention_mask=attention_mask, callback=on_token,
+        eos_token_id=None if settings.stop_token_ids is None else list(settings.stop_token_ids),
+        stop_strings=settings.stop_strings, tokenizer=tokenizer,
+    )
+    if strategy.needs_denoiser:
+        common["step_callback"] = on_step
+    return strategy.run(model, input_ids, settings, **common)
+
+
+def _ar(model, input_ids, settings: DecodingSettings, **common) -> GenerationOutput:
+    return generate_ar(model.context if isinstance(model, TwoTower) else model, input_ids, **common)
+
+
+def _mock_ar(model, input_ids, settings: DecodingSettings, **common) -> GenerationOutput:
+    return generate_mock_ar(model, input_ids, commit_rule=settings.commit_rule, **common)
+
+
+def _diffusion(model, input_ids, settings: DecodingSettings, **common) -> GenerationOutput:
+    return generate_mask_diffusion(
+        model, input_ids, block_size=settings.block_size, steps_per_block=settings.steps_per_block,
+        confidence_threshold=settings.confidence_threshold, commit_rule=settings.commit_rule,
+        verify=settings.verify, **common,
+    )
+
+
+register(Strategy("ar", "ar", False, "the context tower alone, token by token (KV-cached)", _ar))
+register(Strategy("mock_ar", "mock_ar", True, "both towers, one token per denoiser forward (S = 1)", _mock_ar))
+register(Strategy("mask_diffusion", "mask_diffusion", True,
+                  "block diffusion: the denoiser fills each block over steps, a commit rule keeps the confident",
+                  _diffusion))
+register(Strategy("verified", "mask_diffusion", True,
+                  "verified drafting: each denoiser forward drafts, the context tower keeps what agrees (== AR)",
+                  _diffusion))

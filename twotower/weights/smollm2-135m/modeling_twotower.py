@@ -1,0 +1,1 @@
+from twotower.hf.modeling_twotower import TwoTowerForCausalLM  # noqa: F401
