@@ -21,7 +21,13 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from twotower.checkpoints.saved import WEIGHTS_NAME, is_two_tower_dir, load_tokenizer, write_support_files, write_weights
+from twotower.checkpoints.saved import (
+    WEIGHTS_NAME,
+    is_two_tower_dir,
+    load_tokenizer,
+    write_support_files,
+    write_weights,
+)
 
 
 def export(source: Path, dest: Path, dtype: torch.dtype) -> int:

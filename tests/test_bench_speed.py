@@ -15,11 +15,10 @@ from tiny_models import attention_config, backbone_from_hf, hf_model, tiny_backb
 from twotower.bench.decoders import Decoded, ForwardCounter, counted, ours, transformers_decoder
 from twotower.bench.report import markdown, pareto_frontier
 from twotower.bench.speed import Contender, batches_of, summarise
-from twotower.generate.prompts import load_prompt_set
 from twotower.bench.timing import interleaved
 from twotower.cli import main
-from twotower.generate import generate_ar
-from twotower.generate import DecodingSettings
+from twotower.generate import DecodingSettings, generate_ar
+from twotower.generate.prompts import load_prompt_set
 from twotower.model.twotower import DenoiserConfig, TwoTower
 
 PROMPTS = [[5, 9, 17, 33, 4], [8, 3, 21]]

@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
-
 from tiny_models import hf_model
+
 from twotower.checkpoints.load import CheckpointError
 from twotower.checkpoints.saved import saved_state
 from twotower.hf import TwoTowerConfig, TwoTowerForCausalLM

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 from safetensors.torch import save_file
-
 from tiny_models import HIDDEN, backbone_from_hf, hf_model, nemotron_h_config
+
 from twotower.checkpoints.load import CheckpointError
 from twotower.checkpoints.released import load_released
 from twotower.hf import TwoTowerForCausalLM

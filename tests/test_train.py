@@ -245,8 +245,8 @@ def test_init_from_a_saved_denoiser(setup):
     """A run can start from a saved denoiser (say, the shipped one): its weights are the
     starting point, it trains on from there, and a mismatched denoiser is a clear error."""
     from twotower.checkpoints.load import CheckpointError
-    from twotower.train.loop import build_model
     from twotower.train.checkpoint import trainable_state
+    from twotower.train.loop import build_model
 
     root, _ = setup
     train(config(setup, "init-source", steps=3, mask_pattern="suffix"), progress=False)

@@ -10,11 +10,11 @@ import torch
 from tqdm import tqdm
 
 from ..checkpoints import checkpoint_dir, load_backbone
-from ..generate import generate_ar
+from ..errors import UsageError
+from ..generate import DecodingSettings, decode
 from ..model.devices import torch_dtype
 from .box import describe_box
 from .timing import interleaved
-from ..errors import UsageError
 
 PROMPT = "The history of the printing press begins"
 
@@ -36,9 +36,10 @@ def run_ar_bench(
         hf.generation_config.pad_token_id = tokenizer.pad_token_id or 0
         ids = tokenizer(PROMPT, return_tensors="pt").input_ids
         outputs = {}
+        settings = DecodingSettings(mode="ar", max_new_tokens=max_new_tokens, stop_token_ids=())
 
         def run_ours():
-            outputs["twotower"] = generate_ar(ours, ids[0], max_new_tokens=max_new_tokens, eos_token_id=[]).tokens[0]
+            outputs["twotower"] = decode(ours, ids[0], settings).tokens[0]
 
         def run_hf():
             with torch.inference_mode():

@@ -43,6 +43,7 @@ from ..checkpoints import checkpoint_dir
 from ..checkpoints.two_tower import load_model, warn_untrained
 from ..errors import UsageError
 from ..eval.metrics import exact_match, token_agreement
+from ..files import prepare_output_dir
 from ..generate.ar import eos_set
 from ..generate.prompts import PROMPT_SET, encode_prompt, load_prompt_set
 from ..generate.settings import resolve_settings, settings_grid
@@ -50,7 +51,6 @@ from ..model.devices import torch_dtype
 from .box import describe_box
 from .decoders import Decoder, ForwardCounter, llama_cpp_decoder, ours, transformers_decoder
 from .memory import PeakMemory
-from ..files import prepare_output_dir
 from .report import markdown, plot
 from .timing import Timings, interleaved
 
@@ -177,6 +177,37 @@ def _check(thresholds, block_sizes, batch_sizes, max_new_tokens: int, repeats: i
         raise UsageError("--max-new-tokens and --repeats must be >= 1, --warmup >= 0")
 
 
+def _baselines(modes: Sequence[str], backbone: str | None, dtype: str, device: str, eos: set[int],
+               max_new_tokens: int, n_ctx: int, skipped: list[str]):
+    """The other engines on the same weights, where they can run: transformers ``generate()``
+    (with its forward counter) and llama.cpp on the backbone's GGUF; what cannot run is noted in
+    ``skipped``."""
+    hf = forwards = llama = None
+    if {"transformers", "prompt_lookup"} & set(modes):
+        if backbone is None:
+            skipped.append("transformers baselines: this model names no transformers-format backbone")
+        else:
+            from transformers import AutoModelForCausalLM
+
+            hf = AutoModelForCausalLM.from_pretrained(checkpoint_dir(backbone), dtype=torch_dtype(dtype))
+            hf = hf.to(device).eval()
+            forwards = ForwardCounter(hf)
+    if "llama_cpp" in modes and torch.device(device).type != "cpu":
+        skipped.append(f"llama_cpp: runs on the CPU, not on {device}")
+    elif "llama_cpp" in modes:
+        try:
+            import llama_cpp  # noqa: F401
+        except ImportError:
+            skipped.append("llama_cpp: llama-cpp-python is not installed (optional)")
+        else:
+            gguf = gguf_of(backbone)
+            if gguf is None:
+                skipped.append("llama_cpp: this model has no GGUF file")
+            else:
+                llama = llama_cpp_decoder(gguf, eos, max_new_tokens, n_ctx)
+    return hf, forwards, llama
+
+
 def run_speed_bench(
     model: str,
     dtype: str = "float32",
@@ -210,37 +241,14 @@ def run_speed_bench(
     tt, context = loaded.model, loaded.context
     dials = settings_grid(loaded.recommended, thresholds, block_sizes, verify=verify, steps_per_block=steps_per_block,
                           commit_rule=commit_rule, max_new_tokens=max_new_tokens)
-    hf_dir = checkpoint_dir(loaded.backbone) if loaded.backbone else None
     texts = load_prompt_set(count=prompts)
     encoded, chat = encode_prompts(loaded.tokenizer, texts)
     eos = eos_set(context, None)
     pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
     skipped: list[str] = []
 
-    hf = forwards = None
-    if {"transformers", "prompt_lookup"} & set(modes):
-        if hf_dir is None:
-            skipped.append("transformers baselines: this model names no transformers-format backbone")
-        else:
-            from transformers import AutoModelForCausalLM
-
-            hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch_dtype(dtype)).to(device).eval()
-            forwards = ForwardCounter(hf)
-    llama = None
-    if "llama_cpp" in modes and torch.device(device).type != "cpu":
-        skipped.append(f"llama_cpp: runs on the CPU, not on {device}")
-    elif "llama_cpp" in modes:
-        try:
-            import llama_cpp  # noqa: F401
-        except ImportError:
-            skipped.append("llama_cpp: llama-cpp-python is not installed (optional)")
-        else:
-            gguf = gguf_of(loaded.backbone)
-            if gguf is None:
-                skipped.append("llama_cpp: this model has no GGUF file")
-            else:
-                n_ctx = max(map(len, encoded)) + max_new_tokens + 8
-                llama = llama_cpp_decoder(gguf, eos, max_new_tokens, n_ctx)
+    hf, forwards, llama = _baselines(modes, loaded.backbone, dtype, device, eos, max_new_tokens,
+                                     max(map(len, encoded)) + max_new_tokens + 8, skipped)
 
     def contenders(batches) -> list[Contender]:
         batch_size = len(batches[0])
@@ -250,13 +258,13 @@ def run_speed_bench(
             out.append(Contender(name, {"batch_size": batch_size, "mode": mode, "label": name, **dial}, decode, batches))
 
         if "mock_ar" in modes:
-            add("mock_ar", "mock_ar", ours(tt, mock_ar, eos))
+            add("mock_ar", "mock_ar", ours(tt, mock_ar, eos), decoding=mock_ar.to_dict())
         if "mask_diffusion" in modes:
             for settings in dials:
                 size = settings.block_size or tt.block_size
                 add(settings.label(tt.block_size), "mask_diffusion", ours(tt, settings, eos), block_size=size,
                     threshold=settings.confidence_threshold, commit_rule=settings.commit_rule, verify=settings.verify,
-                    steps_per_block=settings.steps_per_block or size)
+                    steps_per_block=settings.steps_per_block or size, decoding=settings.to_dict())
         if hf is not None and "transformers" in modes:
             add("transformers", "transformers", transformers_decoder(hf, forwards, eos, pad, max_new_tokens))
         if hf is not None and "prompt_lookup" in modes:
@@ -307,8 +315,7 @@ def run_speed_bench(
         "commit_rule": dial.commit_rule,
         "verify": dial.verify,
         "steps_per_block": dial.steps_per_block,
-        "recommended": loaded.recommended,
-        "settings": {c.name: c.settings for _, cs in plan for c in cs},
+        "recommended": loaded.recommended,  # each run's "decoding" holds the settings it ran
         "repeats": repeats,
         "warmup": warmup,
         "prompts": {"file": PROMPT_SET.name, "count": len(texts), "kinds": [p["kind"] for p in texts],

@@ -17,11 +17,11 @@ import torch
 from tqdm import tqdm
 
 from ..checkpoints import load_backbone
+from ..errors import UsageError
 from ..model.devices import torch_dtype
 from ..model.twotower import DenoiserConfig, TwoTower
 from .box import describe_box
 from .timing import interleaved
-from ..errors import UsageError
 
 
 def run_step_bench(

@@ -21,10 +21,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, UsageError
 from ..model.backbone import Backbone
 from ..model.config import BackboneConfig
-from ..model.devices import resolve_device, warn_if_slow
+from ..model.devices import resolve_device, torch_dtype, warn_if_slow
 from .convert import config_from_hf, state_dict_from_hf
 
 log = logging.getLogger(__name__)
@@ -162,11 +162,16 @@ def backbone_from_state_dict(config: BackboneConfig, state: dict[str, torch.Tens
 
 
 def load_backbone(
-    name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    name_or_path: str = DEFAULT_MODEL, dtype: str | torch.dtype = torch.float32, device: str | torch.device = "cpu"
 ) -> tuple[Backbone, object | None]:
-    """Load a backbone and its tokenizer (None when the directory has none)."""
+    """Load a backbone and its tokenizer (None when the directory has none); ``dtype`` a
+    torch.dtype or its name."""
     from transformers import AutoConfig, AutoTokenizer
 
+    if not isinstance(name_or_path, str | Path) or not str(name_or_path).strip():
+        raise UsageError(f"a model is a registry name or a path, got {name_or_path!r}")
+    name_or_path = str(name_or_path)
+    dtype = torch_dtype(dtype)
     device = resolve_device(device)
     warn_if_slow(dtype, device.type)
     directory = checkpoint_dir(name_or_path)

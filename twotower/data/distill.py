@@ -15,9 +15,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ..generate.ar import generate_ar
-from ..generate.prompts import encode_prompt
 from ..errors import DataError
+from ..generate import DecodingSettings, decode
+from ..generate.prompts import encode_prompt
 
 
 def _resume_point(path: Path) -> int:
@@ -66,8 +66,9 @@ def distill(
             batch = list(prompts[first : first + batch_size])
             ids = [encode_prompt(tokenizer, p, chat, add_special_tokens=False) for p in batch]
             # one seed per batch position: a resumed run draws exactly what the killed one would have
-            out_tokens = generate_ar(backbone, ids, max_new_tokens=max_new_tokens, temperature=temperature,
-                                     seed=seed + first).tokens
+            settings = DecodingSettings(mode="ar", max_new_tokens=max_new_tokens, temperature=temperature,
+                                        seed=seed + first)
+            out_tokens = decode(backbone, ids, settings).tokens
             for prompt, tokens in zip(batch, out_tokens):
                 completion = tokenizer.decode(tokens, skip_special_tokens=True)
                 if chat:

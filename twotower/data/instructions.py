@@ -10,6 +10,7 @@ summaries, rewrites) with subjects from many domains. The result is deterministi
 from __future__ import annotations
 
 import random
+
 from ..errors import UsageError
 
 SUBJECTS = """

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..model.twotower import TwoTower
 from ..errors import UsageError
+from ..model.twotower import TwoTower
 
 HELDOUT = Path(__file__).with_name("heldout.txt")
 

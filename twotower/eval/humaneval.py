@@ -14,6 +14,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
 from ..errors import UsageError
 
 # Codex-paper stop sequences: the function body ends where top-level code starts again

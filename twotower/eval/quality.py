@@ -28,8 +28,8 @@ from ..checkpoints.two_tower import load_model, warn_untrained
 from ..errors import UsageError
 from ..files import prepare_output_dir
 from ..generate import DecodingSettings, decode, resolve_settings
-from ..generate.settings import settings_grid
 from ..generate.prompts import PROMPT_SET, encode_prompt, load_prompt_set
+from ..generate.settings import settings_grid
 from ..model.twotower import TwoTower
 from . import block_nll, humaneval, metrics
 from .judge import DEFAULT_JUDGE, Judge

@@ -22,16 +22,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..errors import UsageError
 from ..model.cache import ModelCache
 from ..model.twotower import TwoTower
-from ..errors import UsageError
 from .ar import GenerationStats, TokenCallback, check_generation_args, new_stopper, prepare_prompts
 from .commit import CommitRule, get_commit_rule
 from .sampling import Sampler
+from .settings import DEFAULT_COMMIT_RULE, DEFAULT_CONFIDENCE_THRESHOLD
 from .stopping import Stopper
-
-
-DEFAULT_CONFIDENCE_THRESHOLD = 0.9  # the released model's default
 
 
 @dataclass
@@ -141,7 +139,7 @@ def generate_mask_diffusion(
     top_k: int | None = None,
     top_p: float | None = None,
     seed: int | None = None,
-    commit_rule: str | CommitRule = "threshold",
+    commit_rule: str | CommitRule = DEFAULT_COMMIT_RULE,
     verify: bool = False,
     attention_mask: torch.Tensor | None = None,
     step_callback: StepCallback | None = None,

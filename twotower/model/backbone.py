@@ -6,10 +6,10 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
-from .linear import Linear
 from .cache import ForwardContext, ModelCache, append_context, left_padding
 from .config import BackboneConfig
 from .layers import MLP, Attention, MoE, RMSNorm, RotaryTable
+from .linear import Linear
 from .mamba2 import Mamba2
 
 

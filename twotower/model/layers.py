@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UsageError
-from .linear import Linear
 from .cache import ForwardContext, KVCache
 from .config import BackboneConfig, MoEConfig, RopeConfig
+from .linear import Linear
 
 
 class RMSNorm(nn.Module):

@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .linear import Linear
 from .cache import ForwardContext, MambaState
 from .config import BackboneConfig
+from .linear import Linear
 
 
 def segsum(x: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,6 @@ import torch
 from ..data.shards import TokenShards
 from ..errors import DataError, UsageError
 
-
 _T_STREAM = 2**31 - 1  # stream id of the shared t stratification (row ids are smaller)
 
 

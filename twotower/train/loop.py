@@ -19,7 +19,7 @@ from ..checkpoints.saved import save_two_tower
 from ..checkpoints.training import denoiser_config_of_run
 from ..data.shards import TokenShards
 from ..errors import DataError, UsageError
-from ..generate.diffusion import generate_mask_diffusion
+from ..generate import DecodingSettings, decode
 from ..model.linear import Linear
 from ..model.twotower import TwoTower
 from .batches import sample_masks, sample_rows
@@ -95,8 +95,9 @@ def validate(model: TwoTower, val: TokenShards, cfg: TrainConfig, block: int, au
     prompts = sample_rows(val, cfg.seed, VAL_STEP + 1, range(cfg.val_prompts), 32)[0].tolist()
     speed = {}
     for rule, key in (("threshold", "tokens_per_nfe"), ("left_prefix", "tokens_per_nfe_left_prefix")):
-        out = generate_mask_diffusion(model, prompts, max_new_tokens=2 * block, block_size=block,
-                                      confidence_threshold=0.9, eos_token_id=[], commit_rule=rule)
+        settings = DecodingSettings(max_new_tokens=2 * block, block_size=block, confidence_threshold=0.9,
+                                    stop_token_ids=(), commit_rule=rule)
+        out = decode(model, prompts, settings)
         speed[key] = out.stats.tokens_per_nfe
     return {
         "val_loss": total / max(count, 1),
