@@ -156,10 +156,6 @@ def eos_set(model: Backbone, eos_token_id: int | Sequence[int] | None) -> set[in
 
 def new_stopper(model: Backbone, batch: int, max_new_tokens: int, eos_token_id, stop_strings: Sequence[str] = (),
                 tokenizer=None) -> Stopper:
-    if isinstance(stop_strings, str):
-        stop_strings = [stop_strings]
-    if any(not isinstance(x, str) or not x for x in stop_strings):
-        raise UsageError(f"stop strings must be non-empty strings, got {list(stop_strings)!r}")
     return Stopper(batch, max_new_tokens, eos_set(model, eos_token_id), stop_strings, tokenizer)
 
 

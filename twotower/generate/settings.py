@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from ..errors import UsageError
 from .commit import COMMIT_RULES
+from .stopping import check_stop_strings
 
 DEFAULT_CONFIDENCE_THRESHOLD = 0.9  # the released model's default
 DEFAULT_COMMIT_RULE = "threshold"  # the released rule (DESIGN.md §1)
@@ -84,7 +85,7 @@ class DecodingSettings:
             _int("seed", self.seed, 0)
         _int("max_new_tokens", self.max_new_tokens, 1)
         object.__setattr__(self, "stop_token_ids", _ids(self.stop_token_ids))
-        object.__setattr__(self, "stop_strings", _strings(self.stop_strings))
+        object.__setattr__(self, "stop_strings", check_stop_strings(self.stop_strings))
 
     @property
     def strategy(self) -> str:
@@ -129,17 +130,6 @@ def _ids(value) -> tuple[int, ...] | None:
     for tok in value:
         if isinstance(tok, bool) or not isinstance(tok, int) or tok < 0:
             raise UsageError(f"stop token ids must be non-negative integers, got {tok!r}")
-    return tuple(value)
-
-
-def _strings(value) -> tuple[str, ...]:
-    if isinstance(value, str):
-        value = (value,)
-    if not isinstance(value, Sequence):
-        raise UsageError(f"stop strings must be a list of strings, got {value!r}")
-    for text in value:
-        if not isinstance(text, str) or not text:
-            raise UsageError(f"stop strings must be non-empty strings, got {text!r}")
     return tuple(value)
 
 

@@ -16,14 +16,23 @@ STOP = "stop"  # finish reasons, as OpenAI-style APIs name them
 LENGTH = "length"
 
 
+def check_stop_strings(value) -> tuple[str, ...]:
+    """Stop strings as a tuple: one string or a list of non-empty strings."""
+    if isinstance(value, str):
+        value = (value,)
+    if not isinstance(value, Sequence) or any(not isinstance(s, str) or not s for s in value):
+        raise UsageError(f"stop strings must be non-empty strings, got {value!r}")
+    return tuple(value)
+
+
 class Stopper:
     def __init__(self, batch: int, max_new_tokens: int, stop_ids: set[int], stop_strings: Sequence[str] = (),
                  tokenizer=None) -> None:
-        if stop_strings and tokenizer is None:
+        self.stop_strings = check_stop_strings(stop_strings)
+        if self.stop_strings and tokenizer is None:
             raise UsageError("stop strings need a tokenizer to read the text")
         self.max_new_tokens = max_new_tokens
         self.stop_ids = stop_ids
-        self.stop_strings = tuple(stop_strings)
         self.tokenizer = tokenizer
         self.tokens: list[list[int]] = [[] for _ in range(batch)]
         self.reasons: list[str | None] = [None] * batch  # set when the row has finished
