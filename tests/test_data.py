@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from twotower.checkpoints import checkpoint_dir
+from twotower.errors import UsageError
 from twotower.data.distill import distill
 from twotower.data.shards import TokenShards, prepare
 from twotower.data.sources import DataError, SourceSpec, html_to_text
@@ -121,7 +122,7 @@ def test_bad_input_is_a_clear_error(tmp_path, tokenizer, name, content, field, m
 def test_existing_output_is_not_overwritten(tmp_path, tokenizer):
     corpus, _ = write_corpus(tmp_path)
     prepare([SourceSpec(str(corpus))], tokenizer, tmp_path / "out", val_fraction=0.0)
-    with pytest.raises(DataError, match="not empty"):
+    with pytest.raises(UsageError, match="not empty"):
         prepare([SourceSpec(str(corpus))], tokenizer, tmp_path / "out", val_fraction=0.0)
 
 

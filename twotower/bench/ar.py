@@ -4,13 +4,13 @@ weights, greedy, batch 1, a fixed number of new tokens (EOS disabled on both sid
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from ..checkpoints import checkpoint_dir, load_backbone
 from ..errors import UsageError
+from ..files import atomic_write, prepare_output_file
 from ..generate import DecodingSettings, decode
 from ..model.devices import torch_dtype
 from .box import describe_box
@@ -26,6 +26,7 @@ def run_ar_bench(
 
     if repeats < 1 or max_new_tokens < 1:
         raise UsageError("--repeats and --max-new-tokens must be >= 1")
+    output = prepare_output_file(output) if output else None
     results = {"model": model, "max_new_tokens": max_new_tokens, "batch": 1, "repeats": repeats,
                "prompt": PROMPT, "box": describe_box(), "runs": []}
     for name in dtypes:
@@ -64,7 +65,6 @@ def run_ar_bench(
         )
         del ours, hf
     if output:
-        Path(output).parent.mkdir(parents=True, exist_ok=True)
-        Path(output).write_text(json.dumps(results, indent=2))
+        atomic_write(output, json.dumps(results, indent=2))
         print(f"wrote {output}")
     return results

@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..files import save_figure
+
 
 def pareto_frontier(points: Sequence[tuple[float, float]]) -> list[int]:
     """Indices of the points no other point beats on both axes (higher is better), by x."""
@@ -94,5 +96,5 @@ def plot(runs: list[dict], path: Path, title: str) -> None:
     ax.set_title(title)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
     plt.close(fig)

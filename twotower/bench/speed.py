@@ -43,7 +43,7 @@ from ..checkpoints import checkpoint_dir
 from ..checkpoints.two_tower import load_model, warn_untrained
 from ..errors import UsageError
 from ..eval.metrics import exact_match, token_agreement
-from ..files import prepare_output_dir
+from ..files import atomic_write, prepare_output_dir
 from ..generate.ar import eos_set
 from ..generate.prompts import PROMPT_SET, encode_prompt, load_prompt_set
 from ..generate.settings import resolve_settings, settings_grid
@@ -325,9 +325,9 @@ def run_speed_bench(
         "skipped": sorted(set(skipped)),
         "runs": runs,
     }
-    (out / "speed.json").write_text(json.dumps(results, indent=2))
+    atomic_write(out / "speed.json", json.dumps(results, indent=2))
     table = markdown(results)
-    (out / "speed.md").write_text(table)
+    atomic_write(out / "speed.md", table)
     plot(runs, out / "speed.png", title=f"{model} ({dtype}, {box['threads']} threads)")
     print(table)
     print(f"wrote {out / 'speed.json'}, {out / 'speed.md'}, {out / 'speed.png'}")

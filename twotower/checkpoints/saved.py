@@ -21,19 +21,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from ..errors import CheckpointError
+from ..files import read_json, write_json
 from ..model.backbone import Backbone
 from ..model.config import BackboneConfig
 from ..model.devices import resolve_device, warn_if_slow
 from ..model.twotower import DenoiserConfig, TwoTower
 from .load import _read_safetensors, backbone_from_state_dict, load_backbone
+from .tensors import save_tensors
 
 log = logging.getLogger(__name__)
 
@@ -48,15 +47,7 @@ RECOMMENDED_KEYS = ("commit_rule", "verify", "steps_per_block", "block_size")
 
 def read_json_object(path: Path) -> dict:
     """A JSON file whose top level is an object, or a CheckpointError naming the file."""
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"cannot read {path}: {e}") from e
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is not valid JSON (line {e.lineno}: {e.msg})") from e
-    if not isinstance(value, dict):
-        raise CheckpointError(f"{path} must hold a JSON object, not {type(value).__name__}")
-    return value
+    return read_json(path, CheckpointError)
 
 
 def is_two_tower_config(config: dict) -> bool:
@@ -162,24 +153,9 @@ def load_saved_state(model: TwoTower, weights: dict[str, torch.Tensor], source: 
 # -- writing ------------------------------------------------------------------------------------
 
 
-def _write_json(path: Path, value: dict) -> None:
-    """Atomically: a temporary file in the same directory, then a rename."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(value, f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def write_weights(state: dict[str, torch.Tensor], path: Path, flavour: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-    save_file(state, tmp, metadata={"format": "pt", "flavour": flavour})
-    os.replace(tmp, path)  # a stopped save leaves the old weights, not half of new ones
+    """A stopped save leaves the old weights, not half of new ones (see checkpoints.tensors)."""
+    save_tensors(state, path, {"flavour": flavour})
 
 
 def write_support_files(directory: Path, tokenizer=None, recommended: dict | None = None) -> None:
@@ -192,7 +168,7 @@ def write_support_files(directory: Path, tokenizer=None, recommended: dict | Non
     if recommended:
         import transformers
 
-        _write_json(directory / GENERATION_CONFIG, {**recommended, "transformers_version": transformers.__version__})
+        write_json(directory / GENERATION_CONFIG, {**recommended, "transformers_version": transformers.__version__})
 
 
 def save_two_tower(model: TwoTower, directory: str | Path, backbone_ref: str | None, tokenizer=None,
@@ -206,7 +182,7 @@ def save_two_tower(model: TwoTower, directory: str | Path, backbone_ref: str | N
     out = Path(directory).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     write_weights(saved_state(model), out / WEIGHTS_NAME, model.config.flavour)
-    _write_json(out / "config.json", config_dict(model, backbone_ref))
+    write_json(out / "config.json", config_dict(model, backbone_ref))
     write_support_files(out, tokenizer, recommended)
     return out
 

@@ -9,14 +9,15 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from ..errors import CheckpointError
 from ..model.twotower import DenoiserConfig, TwoTower
 from .build import build_two_tower
+from .tensors import read_tensors
 
 STATE = "state.json"
 TRAINABLE = "trainable.safetensors"
+OPTIMIZER = "optimizer.safetensors"
 
 
 def is_training_checkpoint(path: str | Path) -> bool:
@@ -49,9 +50,9 @@ def model_from_checkpoint(
     try:
         run = json.loads((path / STATE).read_text())["config"]
         denoiser = denoiser_config_of_run(run)
-        weights = load_file(path / TRAINABLE)
-    except Exception as e:
-        raise CheckpointError(f"checkpoint {path} is unreadable: {e}") from e
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"checkpoint {path}: {STATE} does not hold a run's settings ({e!r})") from e
+    weights = read_tensors(path / TRAINABLE)[0]
     # the checkpoint holds every trained weight: no need to load the run's starting denoiser first
     model, tokenizer = build_two_tower(run["model"], denoiser)
     check_trainable(model, weights, str(path))

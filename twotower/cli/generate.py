@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from ..errors import UsageError
+from ..generate.prompts import check_text
 from .options import add_decoding_options, add_model_options
 
 
@@ -41,6 +42,7 @@ def _prompt(args: argparse.Namespace):
             raise UsageError(f"--messages {args.messages}: cannot read a JSON conversation ({e})") from None
     if not args.prompt.strip():
         raise UsageError("the prompt is empty")
+    check_text(args.prompt, "the prompt")  # before the model loads
     if args.system is not None:
         return [{"role": "system", "content": args.system}, {"role": "user", "content": args.prompt}]
     return args.prompt

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 from ..errors import UsageError
+from ..files import read_json
 
 
 def _curriculum(text: str) -> list[int]:
@@ -25,6 +26,8 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
     tr = sub.add_parser("train", parents=[common], help="train the denoiser (resumes from --out-dir's checkpoints)")
     tr.add_argument("--config", help="JSON file of TrainConfig settings (flags override it)")
     tr.add_argument("--stop-after", type=int, default=None, help="end this run after N steps (checkpointed)")
+    tr.add_argument("--overwrite", action="store_true",
+                    help="write into an --out-dir that holds files a training run did not write")
     for f in dataclasses.fields(TrainConfig):  # defaults live in the dataclass, not here
         flag = "--" + f.name.replace("_", "-")
         if f.name == "curriculum":
@@ -40,7 +43,7 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     from ..train import TrainConfig, train
 
-    settings = json.loads(Path(args.config).read_text()) if args.config else {}
+    settings = read_json(Path(args.config), UsageError) if args.config else {}
     for f in dataclasses.fields(TrainConfig):
         value = getattr(args, f.name, None)
         if value is not None:
@@ -48,5 +51,6 @@ def run(args: argparse.Namespace) -> None:
     for required in ("data", "out_dir"):
         if required not in settings:
             raise UsageError(f"--{required.replace('_', '-')} is required (or give it in --config)")
-    last = train(TrainConfig(**settings), stop_after=args.stop_after)
+    config = TrainConfig.from_dict(settings, args.config or "the command line")
+    last = train(config, stop_after=args.stop_after, overwrite=args.overwrite)
     print(json.dumps(last))

@@ -15,18 +15,31 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ..errors import DataError
+from ..errors import DataError, UsageError
 from ..generate import DecodingSettings, decode
 from ..generate.prompts import encode_prompt
 
 
-def _resume_point(path: Path) -> int:
-    """Number of complete records in ``path``, dropping a partial last line."""
+def _resume_point(path: Path, chat: bool) -> int:
+    """Number of complete records in ``path``, dropping a last line cut by a kill. A file that
+    holds anything but this command's records is refused: appending to it (or cutting its last
+    line) would change a file this command did not write."""
     if not path.exists():
         return 0
+    if not path.is_file():
+        raise UsageError(f"--out {path} is not a file")
     data = path.read_bytes()
     end = data.rfind(b"\n") + 1
-    if end < len(data):
+    key = "messages" if chat else "text"
+    for number, line in enumerate(data[:end].split(b"\n")[:-1], 1):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict) or key not in record:
+            raise DataError(f"{path}:{number}: not a {'chat' if chat else 'text'} record of `twotower data distill`; "
+                            "refusing to append to a file it did not write (give a new --out)")
+    if end < len(data):  # the last line has no newline: a record cut by a kill, dropped and redone
         with open(path, "r+b") as f:
             f.truncate(end)
     return data[:end].count(b"\n")
@@ -48,13 +61,14 @@ def distill(
     written by this call. Chat records hold ``messages`` (render with the chat template);
     plain records hold ``text`` = prompt + continuation. With ``time_budget_s`` no new batch
     starts after that many seconds (a rerun goes on where this one stopped)."""
-    if batch_size < 1:
-        raise DataError(f"batch_size must be >= 1, got {batch_size}")
+    for name, value, low in (("batch_size", batch_size, 1), ("max_new_tokens", max_new_tokens, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise UsageError(f"{name} must be an integer >= {low}, got {value!r}")
     if not prompts:
         raise DataError("no prompts to distill")
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    start = _resume_point(out)
+    start = _resume_point(out, chat)
     if start > len(prompts):
         raise DataError(f"{out} holds {start} records but there are only {len(prompts)} prompts: another prompt set?")
     written = 0

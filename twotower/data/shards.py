@@ -13,7 +13,7 @@ Documents are separated by the EOS token, which the model learns to emit at thei
 from __future__ import annotations
 
 import hashlib
-import json
+import logging
 import random
 import shutil
 import tempfile
@@ -22,10 +22,15 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import DataError
+from ..errors import DataError, UsageError
+from ..files import prepare_output_dir, read_json, remove_leftovers, sha256_file, write_json
 from .sources import Document, SourceSpec, read_documents
 
+log = logging.getLogger(__name__)
+
 MANIFEST = "manifest.json"
+MANIFEST_FORMAT = 2  # 2: with the data files' SHA-256
+TEMPORARY_PREFIX = ".prepare-"  # a corpus being written
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -81,17 +86,25 @@ def prepare(
     """Tokenize every document of ``sources`` into shards under ``out_dir``; each document
     goes to validation with probability ``val_fraction`` (seeded, so reruns agree)."""
     if not sources:
-        raise DataError("no sources given")
-    if not 0 <= val_fraction < 1:
-        raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        raise UsageError("no sources given")
+    if isinstance(val_fraction, bool) or not isinstance(val_fraction, int | float) or not 0 <= val_fraction < 1:
+        raise UsageError(f"val_fraction must be a number in [0, 1), got {val_fraction!r}")
+    if val_fraction == 0:
+        log.warning("twotower: val_fraction 0 writes no validation documents; `twotower train` needs some")
+    if isinstance(shard_tokens, bool) or not isinstance(shard_tokens, int) or shard_tokens < 1:
+        raise UsageError(f"shard_tokens must be a positive integer, got {shard_tokens!r}")
     if tokenizer.eos_token_id is None:
         raise DataError("the tokenizer has no EOS token to mark document boundaries")
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise DataError(f"{out} exists and is not empty; choose another directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = Path(out_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file: give a new directory")
+    if out.is_dir() and any(out.iterdir()):
+        raise UsageError(f"--out {out} exists and is not empty; choose another directory")
+    prepare_output_dir(out.parent)
+    # a killed run's half-written corpus (see below) goes before a new one starts
+    remove_leftovers(out.parent, f"{TEMPORARY_PREFIX}{out.name}.*")
     # write beside the target and rename at the end: a failed or killed run leaves no half corpus
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f"{TEMPORARY_PREFIX}{out.name}.", dir=out.parent))
     try:
         manifest = _write(sources, tokenizer, tmp, val_fraction, seed, shard_tokens)
         if out.exists():
@@ -139,7 +152,12 @@ def _write(sources: list[SourceSpec], tokenizer, out: Path, val_fraction: float,
         w.flush()
     if not writers["train"].total_tokens:
         raise DataError("every document went to validation: lower val_fraction or add data")
+    if val_fraction and not writers["val"].total_tokens:
+        documents = writers["train"].total_docs
+        raise DataError(f"no document went to validation ({documents} documents, val_fraction {val_fraction}): "
+                        "raise --val-fraction or add data (training needs validation documents)")
     manifest = {
+        "format": MANIFEST_FORMAT,
         "tokenizer": getattr(tokenizer, "name_or_path", ""),
         "vocab_size": len(tokenizer),
         "eos_token_id": eos,
@@ -153,30 +171,78 @@ def _write(sources: list[SourceSpec], tokenizer, out: Path, val_fraction: float,
                     "trained_tokens": w.total_trained}
             for split, w in writers.items()
         },
+        # every data file's SHA-256, checked when it is read: damage is an error, not other data
+        "sha256": {f.name: sha256_file(f) for f in sorted(out.iterdir())},
     }
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    write_json(out / MANIFEST, manifest)
     return manifest
+
+
+def _split_files(manifest: dict, split: str, path: Path) -> tuple[list[str], np.dtype]:
+    """A split's shard names and the token dtype, as the manifest at ``path`` lists them."""
+    try:
+        files = manifest["splits"][split]["files"]
+        dtype = np.dtype(manifest["dtype"])
+    except KeyError as e:
+        raise DataError(f"{path}: no {e.args[0]!r} (not a manifest written by `twotower data prepare`)") from None
+    except (TypeError, ValueError) as e:
+        raise DataError(f"{path}: malformed manifest ({e})") from e
+    if dtype not in (np.dtype("<u2"), np.dtype("<u4")):
+        raise DataError(f"{path}: token dtype {dtype} is not one `twotower data prepare` writes")
+    if not isinstance(files, list) or not all(isinstance(f, str) and "/" not in f and f for f in files):
+        raise DataError(f"{path}: the {split} files must be a list of file stems")
+    return files, dtype
 
 
 class TokenShards:
     """Read access to a prepared directory: memory-mapped tokens of one split."""
 
     def __init__(self, directory: str | Path, split: str = "train") -> None:
-        self.directory = Path(directory)
+        self.directory = Path(directory).expanduser()
         path = self.directory / MANIFEST
         if not path.is_file():
             raise DataError(f"{self.directory}: no {MANIFEST} (run `twotower data prepare` first)")
-        self.manifest = json.loads(path.read_text())
-        if split not in self.manifest["splits"]:
-            raise DataError(f"{self.directory}: no split {split!r}")
-        dtype = np.dtype(self.manifest["dtype"])
-        self.shards = [np.memmap(self.directory / f"{stem}.bin", dtype=dtype, mode="r")
-                       for stem in self.manifest["splits"][split]["files"]]
-        self.doc_starts = [np.load(self.directory / f"{stem}.docs.npy")
-                           for stem in self.manifest["splits"][split]["files"]]
-        # 1 where a token is a training target; None: every token is (no loss mask written)
-        self.trained = [np.memmap(self.directory / f"{stem}.loss.bin", dtype=np.uint8, mode="r")
-                        for stem in self.manifest["splits"][split]["files"]] if self.manifest.get("loss_mask") else None
+        self.manifest = read_json(path)
+        stems, dtype = _split_files(self.manifest, split, path)
+        mask = bool(self.manifest.get("loss_mask"))
+        self.shards, self.doc_starts = [], []
+        self.trained = [] if mask else None  # 1 where a token is a training target; None: every token is
+        for stem in stems:
+            tokens = self._read(f"{stem}.bin", dtype)
+            starts = self._read(f"{stem}.docs.npy", np.dtype(np.int64))
+            if not len(starts) or starts[0] != 0 or np.any(np.diff(starts) <= 0) or starts[-1] >= len(tokens):
+                raise DataError(f"{self.directory / (stem + '.docs.npy')}: document offsets do not fit "
+                                f"{stem}.bin's {len(tokens)} tokens")
+            self.shards.append(tokens)
+            self.doc_starts.append(starts)
+            if mask:
+                trained = self._read(f"{stem}.loss.bin", np.dtype(np.uint8))
+                if len(trained) != len(tokens):
+                    raise DataError(f"{self.directory / (stem + '.loss.bin')}: {len(trained)} loss flags for "
+                                    f"{len(tokens)} tokens")
+                self.trained.append(trained)
+
+    def _read(self, name: str, dtype: np.dtype) -> np.ndarray:
+        """One data file of the manifest, its checksum checked (manifests written before
+        checksums were kept are read unchecked)."""
+        path = self.directory / name
+        if not path.is_file():
+            raise DataError(f"{path}: missing (the manifest lists it); prepare the data again")
+        expected = self.manifest.get("sha256", {}).get(name)
+        if expected is not None and sha256_file(path) != expected:
+            raise DataError(f"{path} is damaged: its SHA-256 differs from the manifest's; prepare the data again")
+        if name.endswith(".npy"):
+            try:
+                array = np.load(path, allow_pickle=False)
+            except (ValueError, OSError, EOFError) as e:
+                raise DataError(f"{path}: not a readable .npy array ({e})") from e
+            if array.dtype != dtype or array.ndim != 1:
+                raise DataError(f"{path}: expected a 1-D {dtype} array, found {array.ndim}-D {array.dtype}")
+            return array
+        size = path.stat().st_size
+        if size % dtype.itemsize:
+            raise DataError(f"{path}: {size} bytes is not a whole number of {dtype} tokens (truncated?)")
+        return np.memmap(path, dtype=dtype, mode="r") if size else np.zeros(0, dtype)
 
     @property
     def num_tokens(self) -> int:

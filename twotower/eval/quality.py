@@ -26,7 +26,7 @@ from tqdm import tqdm
 from ..checkpoints import DEFAULT_MODEL
 from ..checkpoints.two_tower import load_model, warn_untrained
 from ..errors import UsageError
-from ..files import prepare_output_dir
+from ..files import atomic_write, prepare_output_dir
 from ..generate import DecodingSettings, decode, resolve_settings
 from ..generate.prompts import PROMPT_SET, encode_prompt, load_prompt_set
 from ..generate.settings import settings_grid
@@ -247,8 +247,7 @@ def markdown(report: dict) -> str:
 
 
 def write_report(report: dict, output_dir: Path) -> None:
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "quality.json").write_text(json.dumps(report, indent=2))
-    (output_dir / "quality.md").write_text(markdown(report))
+    atomic_write(output_dir / "quality.json", json.dumps(report, indent=2))
+    atomic_write(output_dir / "quality.md", markdown(report))
     print(markdown(report))
     print(f"wrote {output_dir / 'quality.json'} and {output_dir / 'quality.md'}", file=sys.stderr)

@@ -35,6 +35,15 @@ def load_prompt_set(path: str | Path = PROMPT_SET, count: int | None = None) -> 
     return rows
 
 
+def check_text(text: str, what: str) -> None:
+    """Text a tokenizer can take: a command line's bytes that are not UTF-8 arrive as lone
+    surrogates, which no tokenizer encodes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise UsageError(f"{what} is not valid UTF-8 text (character {e.start})") from None
+
+
 def check_messages(messages: Sequence) -> list[dict]:
     """A conversation: a non-empty list of {"role", "content"} messages with text content."""
     if not isinstance(messages, Sequence) or isinstance(messages, str) or not messages:
@@ -46,6 +55,7 @@ def check_messages(messages: Sequence) -> list[dict]:
             raise UsageError(f"message {i}: unknown role {m['role']!r} (choose from {', '.join(ROLES)})")
         if not isinstance(m["content"], str):
             raise UsageError(f"message {i}: content must be text, got {type(m['content']).__name__}")
+        check_text(m["content"], f"message {i}")
     if not any(m["content"].strip() for m in messages):
         raise UsageError("the conversation is empty: every message has blank content")
     return [dict(m) for m in messages]
@@ -72,6 +82,7 @@ def encode_prompt(tokenizer, text: str, chat: bool, add_special_tokens: bool = T
         raise UsageError(f"a text prompt must be a string, got {type(text).__name__}")
     if not text.strip():
         raise UsageError("the prompt is empty")
+    check_text(text, "the prompt")
     if chat:
         return encode_messages(tokenizer, [{"role": "user", "content": text}])
     if tokenizer is None:

@@ -87,6 +87,15 @@ class BackboneConfig:
     pad_token_id: int | None = None
 
     def __post_init__(self) -> None:
+        sizes = {"vocab_size": 1, "hidden_size": 1, "max_position_embeddings": 1, "num_attention_heads": 0,
+                 "num_key_value_heads": 0, "head_dim": 0, "intermediate_size": 0}
+        wrong = [f"{k}={getattr(self, k)!r}" for k, low in sizes.items()
+                 if isinstance(getattr(self, k), bool) or not isinstance(getattr(self, k), int) or getattr(self, k) < low]
+        if wrong:
+            raise UsageError(f"invalid backbone settings: {', '.join(wrong)}")
+        if not isinstance(self.layer_types, list) or not self.layer_types or not all(
+                isinstance(k, str) for k in self.layer_types):
+            raise UsageError(f"layer_types must be a non-empty list of layer kinds, got {self.layer_types!r}")
         bad = sorted(set(self.layer_types) - set(LAYER_TYPES))
         if bad:
             raise UsageError(f"unknown layer types {bad}; expected some of {LAYER_TYPES}")

@@ -42,12 +42,27 @@ class DenoiserConfig:
     lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
 
     def __post_init__(self) -> None:
-        if self.flavour not in ("full", "lora"):
-            raise UsageError(f"flavour must be 'full' or 'lora', got {self.flavour!r}")
-        if self.block_size < 1:
-            raise UsageError(f"block_size must be >= 1, got {self.block_size}")
-        if self.modulation_order not in ("norm_first", "released"):
-            raise UsageError(f"modulation_order must be 'norm_first' or 'released', got {self.modulation_order!r}")
+        def whole(value, low: int) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+        def number(value) -> bool:
+            return isinstance(value, int | float) and not isinstance(value, bool) and value == value
+
+        checks = {
+            "flavour": self.flavour in ("full", "lora"), "block_size": whole(self.block_size, 1),
+            "mask_token_id": self.mask_token_id is None or whole(self.mask_token_id, 0),
+            "token_shift": isinstance(self.token_shift, bool),
+            "modulation_order": self.modulation_order in ("norm_first", "released"),
+            "time_freq_dim": whole(self.time_freq_dim, 2) and self.time_freq_dim % 2 == 0,
+            "time_scale": number(self.time_scale) and self.time_scale > 0,
+            "lora_rank": whole(self.lora_rank, 1), "lora_alpha": number(self.lora_alpha) and self.lora_alpha > 0,
+            "lora_dropout": number(self.lora_dropout) and 0 <= self.lora_dropout < 1,
+            "lora_targets": isinstance(self.lora_targets, list) and bool(self.lora_targets)
+            and all(isinstance(t, str) and t for t in self.lora_targets),
+        }
+        bad = [f"{name}={getattr(self, name)!r}" for name, ok in checks.items() if not ok]
+        if bad:
+            raise UsageError(f"invalid denoiser settings: {', '.join(bad)}")
 
 
 def _switch_adapters(layers: list, enabled: bool) -> None:

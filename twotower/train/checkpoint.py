@@ -9,17 +9,22 @@ again. A checkpoint is therefore the same file whether or not it was written wit
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from ..checkpoints.training import STATE, TRAINABLE, check_trainable
+from ..checkpoints.tensors import read_tensors, save_tensors
+from ..checkpoints.training import OPTIMIZER, STATE, TRAINABLE, check_trainable
 from ..errors import CheckpointError
+from ..files import remove_leftovers
+
+log = logging.getLogger(__name__)
+TEMPORARY_PREFIX = ".tmp-"  # a checkpoint being written
 
 
 def _full(value: torch.Tensor) -> torch.Tensor:
@@ -60,10 +65,10 @@ def save_checkpoint(directory: Path, step: int, model, optimizer, scheduler, met
     root = Path(directory) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+    tmp = Path(tempfile.mkdtemp(prefix=TEMPORARY_PREFIX, dir=root))
     try:
-        save_file(weights, tmp / TRAINABLE)
-        save_file(tensors, tmp / "optimizer.safetensors")
+        save_tensors(weights, tmp / TRAINABLE)
+        save_tensors(tensors, tmp / OPTIMIZER)
         sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
         (tmp / STATE).write_text(json.dumps(
             {**meta, "step": step, "param_groups": opt["param_groups"], "scheduler": sched}, indent=2))
@@ -77,19 +82,52 @@ def save_checkpoint(directory: Path, step: int, model, optimizer, scheduler, met
     return final
 
 
+def checkpoints_newest_first(directory: Path) -> list[Path]:
+    return sorted((p for p in (Path(directory) / "checkpoints").glob("step-*") if p.is_dir()), reverse=True)
+
+
 def latest_checkpoint(directory: Path) -> Path | None:
-    found = sorted(p for p in (Path(directory) / "checkpoints").glob("step-*") if (p / STATE).is_file())
-    return found[-1] if found else None
+    found = [p for p in checkpoints_newest_first(directory) if (p / STATE).is_file()]
+    return found[0] if found else None
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
-    """Restore weights, optimizer and schedule in place; returns the saved JSON state."""
+def remove_temporary(directory: Path) -> list[Path]:
+    """What a run killed while writing a checkpoint left behind."""
+    return remove_leftovers(Path(directory) / "checkpoints", TEMPORARY_PREFIX + "*")
+
+
+def read_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A checkpoint's JSON state, trainable weights and optimizer tensors, checked whole (a
+    truncated or bit-flipped file is a CheckpointError naming it) before anything is applied."""
     try:
         state = json.loads((path / STATE).read_text())
-        weights = load_file(path / TRAINABLE)
-        tensors = load_file(path / "optimizer.safetensors")
-    except Exception as e:
-        raise CheckpointError(f"checkpoint {path} is unreadable: {e}") from e
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path}: {STATE} is unreadable ({e})") from e
+    if not isinstance(state, dict) or not {"step", "config", "param_groups", "scheduler"} <= set(state):
+        raise CheckpointError(f"checkpoint {path}: {STATE} is not a training state")
+    return state, read_tensors(path / TRAINABLE)[0], read_tensors(path / OPTIMIZER)[0]
+
+
+def resume(directory: Path, model, optimizer, scheduler) -> tuple[dict, Path] | None:
+    """Restore the newest intact checkpoint of a run in place; damaged newer ones are skipped
+    with a warning that names them. None when the run has no checkpoint yet."""
+    candidates = checkpoints_newest_first(directory)
+    for path in candidates:
+        try:
+            state, weights, tensors = read_checkpoint(path)
+        except CheckpointError as e:
+            log.warning("twotower: skipping a damaged checkpoint: %s", e)
+            continue
+        apply_checkpoint(path, state, weights, tensors, model, optimizer, scheduler)
+        return state, path
+    if candidates:
+        raise CheckpointError(f"{directory}: every checkpoint is damaged ({', '.join(p.name for p in candidates)}); "
+                              "start the run in another --out-dir")
+    return None
+
+
+def apply_checkpoint(path: Path, state: dict, weights: dict, tensors: dict, model, optimizer, scheduler) -> None:
+    """Weights, optimizer and schedule of a checkpoint read by ``read_checkpoint``, in place."""
     load_trainable(model, weights, str(path))
     # the optimizer numbers its parameters in param-group order
     by_index = [p for group in optimizer.param_groups for p in group["params"]]
@@ -101,4 +139,3 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
         opt_state.setdefault(int(idx), {})[name] = _like(value, by_index[int(idx)])
     optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
     scheduler.load_state_dict({**scheduler.state_dict(), **state["scheduler"]})
-    return state

@@ -60,18 +60,30 @@ class TrainConfig:
     val_prompts: int = 4  # prompts for the tokens-per-NFE check at validation
 
     def __post_init__(self) -> None:
+        _check_types(self)
         checks = {
             "steps": self.steps >= 1, "batch_size": self.batch_size >= 1, "grad_accum": self.grad_accum >= 1,
             "lr": self.lr > 0, "warmup_steps": self.warmup_steps >= 0, "block_size": self.block_size >= 1,
+            "seq_len": self.seq_len >= 1, "lora_rank": self.lora_rank >= 1, "lora_alpha": self.lora_alpha > 0,
             "decay_fraction": 0 <= self.decay_fraction <= 1, "min_lr_ratio": 0 <= self.min_lr_ratio <= 1,
-            "t_eps": 0 < self.t_eps < 1, "grad_clip": self.grad_clip >= 0,
+            "t_eps": 0 < self.t_eps < 1, "grad_clip": self.grad_clip >= 0, "weight_decay": self.weight_decay >= 0,
             "loss_weighting": self.loss_weighting in ("none", "elbo"), "flavour": self.flavour in ("lora", "full"),
             "time_budget_s": self.time_budget_s is None or self.time_budget_s > 0,
             "mask_pattern": self.mask_pattern in MASK_PATTERNS, "ar_distill": self.ar_distill >= 0,
+            "log_every": self.log_every >= 1, "eval_every": self.eval_every >= 1, "save_every": self.save_every >= 1,
+            "keep_checkpoints": self.keep_checkpoints >= 1, "val_batches": self.val_batches >= 1,
+            "val_prompts": self.val_prompts >= 1, "seed": self.seed >= 0,
+            "data": bool(self.data.strip()), "out_dir": bool(self.out_dir.strip()), "model": bool(self.model.strip()),
         }
-        bad = [name for name, ok in checks.items() if not ok]
+        bad = [f"{name}={getattr(self, name)!r}" for name, ok in checks.items() if not ok]
         if bad:
             raise UsageError(f"invalid training settings: {', '.join(bad)}")
+        for stage in self.curriculum:
+            if not (isinstance(stage, list | tuple) and len(stage) == 2 and all(_is_int(v) and v >= 1 for v in stage)):
+                raise UsageError(f"curriculum stages are [block_size, until_step] pairs of positive integers, got {stage!r}")
+        until = [u for _, u in self.curriculum]
+        if until != sorted(until):
+            raise UsageError(f"curriculum stages must end at increasing steps, got {self.curriculum}")
         for size in self.block_sizes:
             if self.seq_len % size:
                 raise UsageError(f"seq_len {self.seq_len} is not a multiple of block size {size}")
@@ -79,6 +91,21 @@ class TrainConfig:
             raise UsageError("complementary masks pair sequences: batch_size must be even")
         if self.complementary_masks and self.mask_pattern != "random":
             raise UsageError("complementary masks complement random masks: use --mask-pattern random")
+
+    @classmethod
+    def from_dict(cls, values: dict, source: str = "the settings") -> TrainConfig:
+        """Settings from a dict (say a ``--config`` file): unknown keys and missing required
+        ones are errors that name ``source``."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise UsageError(f"{source}: unknown training setting(s) {', '.join(unknown)}")
+        missing = [f.name for f in dataclasses.fields(cls)
+                   if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+                   and f.name not in values]
+        if missing:
+            raise UsageError(f"{source}: {', '.join(missing)} must be given")
+        return cls(**values)
 
     @property
     def block_sizes(self) -> list[int]:
@@ -92,3 +119,29 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# what each annotation accepts (a JSON config gives ints where floats are meant)
+_TYPES = {
+    "int": _is_int,
+    "float": lambda v: _is_int(v) or isinstance(v, float),
+    "str": lambda v: isinstance(v, str),
+    "bool": lambda v: isinstance(v, bool),
+    "list[list[int]]": lambda v: isinstance(v, list),
+}
+
+
+def _check_types(cfg: TrainConfig) -> None:
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        kinds = [k.strip() for k in str(f.type).split("|")]
+        if value is None and "None" in kinds:
+            continue
+        if not any(_TYPES[k](value) for k in kinds if k != "None"):
+            raise UsageError(f"training setting {f.name} must be {' or '.join(kinds)}, got {value!r}")
+        if isinstance(value, float) and value != value:  # NaN passes no range check below
+            raise UsageError(f"training setting {f.name} must be a number, got NaN")

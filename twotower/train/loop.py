@@ -5,6 +5,7 @@ resumable exactly after a kill."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from contextlib import nullcontext
@@ -19,12 +20,15 @@ from ..checkpoints.saved import save_two_tower
 from ..checkpoints.training import denoiser_config_of_run
 from ..data.shards import TokenShards
 from ..errors import DataError, UsageError
+from ..files import atomic_write, read_json, save_figure, write_json
 from ..generate import DecodingSettings, decode
 from ..model.linear import Linear
 from ..model.twotower import TwoTower
 from .batches import sample_masks, sample_rows
-from .checkpoint import latest_checkpoint, load_checkpoint, load_trainable, save_checkpoint, trainable_state
+from .checkpoint import load_trainable, remove_temporary, resume, save_checkpoint, trainable_state
 from .config import TrainConfig
+
+log = logging.getLogger(__name__)
 
 VAL_STEP = 2**30  # the "step" whose rows and masks make the fixed validation set
 RESUME_KEYS = ("data", "model", "flavour", "lora_rank", "seq_len", "batch_size", "grad_accum", "seed", "steps",
@@ -127,7 +131,7 @@ def plot_losses(metrics_path: Path, png: Path) -> None:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(png, dpi=120)
+    save_figure(fig, png)
     plt.close(fig)
 
 
@@ -137,10 +141,43 @@ def _log(path: Path, record: dict) -> None:
 
 
 def _trim_metrics(path: Path, step: int) -> None:
-    """On resume, forget what was logged after the checkpoint: it will be logged again."""
+    """On resume, forget what was logged after the checkpoint: it will be logged again (a line
+    cut by a kill is dropped too)."""
     if path.exists():
-        keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in keep))
+        keep = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    keep.append(line)
+            except (ValueError, KeyError, TypeError):
+                continue
+        atomic_write(path, "".join(line + "\n" for line in keep))
+
+
+RUN_FILES = {"config.json", "metrics.jsonl", "loss.png", "checkpoints", "final"}  # what a run writes
+
+
+def check_out_dir(out: Path, overwrite: bool) -> None:
+    """A run writes only into a new or empty directory or one of its own runs (resumed); a
+    directory holding anything else (a saved model, other files) is refused unless
+    ``overwrite``, so that nothing a user keeps there is replaced."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out-dir {out} is a file, not a directory")
+    if not out.is_dir() or overwrite:
+        return
+    entries = {p.name for p in out.iterdir()}
+    foreign = sorted(entries - RUN_FILES)
+    config = out / "config.json"
+    if config.is_file():
+        try:
+            ours = {"data", "out_dir", "model"} <= set(read_json(config))
+        except DataError:
+            ours = False
+        if not ours:
+            foreign.insert(0, "config.json (not a training run's)")
+    if foreign:
+        raise UsageError(f"{out} holds files a training run did not write ({', '.join(foreign[:4])}): choose "
+                         "another --out-dir, or pass --overwrite to write there anyway")
 
 
 def _save_final(cfg: TrainConfig, model: TwoTower, tokenizer, path: Path, device: torch.device, rank: int) -> None:
@@ -189,9 +226,12 @@ def shard(model: TwoTower) -> None:
     fully_shard(model)
 
 
-def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None) -> dict:
+def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None, overwrite: bool = False) -> dict:
     """Run (or resume) the training described by ``cfg``; ``stop_after`` ends this invocation
-    after that many steps (a checkpoint is written there), for time-boxed machines."""
+    after that many steps (a checkpoint is written there), for time-boxed machines;
+    ``overwrite`` writes into an out_dir that holds files a run did not write."""
+    if stop_after is not None and (not isinstance(stop_after, int) or isinstance(stop_after, bool) or stop_after < 1):
+        raise UsageError(f"stop_after must be a positive integer, got {stop_after!r}")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     if cfg.fsdp and "RANK" not in os.environ:
@@ -202,8 +242,12 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
     if (world > 1 or cfg.fsdp) and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     out = Path(cfg.out_dir)
+    check_out_dir(out, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     metrics_path = out / "metrics.jsonl"
+    if rank == 0:
+        for leftover in remove_temporary(out):
+            log.warning("twotower: removed %s, left by a run stopped while writing a checkpoint", leftover)
 
     model, tokenizer = build_model(cfg, device)
     if cfg.fsdp:
@@ -218,9 +262,9 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
         split.check_token_ids(model.context.config.vocab_size)
 
     start, tokens_seen, elapsed = 0, 0, 0.0
-    ckpt = latest_checkpoint(out)
-    if ckpt is not None:
-        state = load_checkpoint(ckpt, model, optimizer, scheduler)
+    resumed = resume(out, model, optimizer, scheduler)
+    if resumed is not None:
+        state, _ = resumed
         saved = state["config"]
         if cfg.time_budget_s is not None:
             cfg.steps = saved["steps"]  # the length the budget fitted when the run started
@@ -232,7 +276,7 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
             _trim_metrics(metrics_path, start)
     elif rank == 0:
         metrics_path.unlink(missing_ok=True)
-        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        write_json(out / "config.json", cfg.to_dict())
 
     wrapped = torch.nn.parallel.DistributedDataParallel(model) if world > 1 and not cfg.fsdp else model
     if cfg.compile:
