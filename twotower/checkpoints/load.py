@@ -213,7 +213,10 @@ def load_backbone(
         hf_config = AutoConfig.from_pretrained(directory)
     except Exception as e:
         raise CheckpointError(f"cannot read {directory / 'config.json'}: {e}") from e
-    config = config_from_hf(hf_config)
+    try:
+        config = config_from_hf(hf_config)
+    except CheckpointError as e:
+        raise CheckpointError(f"{directory / 'config.json'}: {e}") from e
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory)
     except Exception:

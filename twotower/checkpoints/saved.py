@@ -51,7 +51,11 @@ def read_json_object(path: Path) -> dict:
 
 
 def is_two_tower_config(config: dict) -> bool:
-    return isinstance(config.get("backbone_config"), dict) and isinstance(config.get("denoiser_config"), dict)
+    """A config.json that means to be a two-tower model (a damaged one included: it is then
+    refused with the reason, not read as a plain backbone's)."""
+    architectures = config.get("architectures")
+    return "backbone_config" in config or "denoiser_config" in config or (
+        isinstance(architectures, list) and "TwoTowerForCausalLM" in architectures)
 
 
 def is_two_tower_dir(name_or_path: str | Path) -> bool:
@@ -198,7 +202,12 @@ def recommended_decoding(directory: str | Path) -> dict:
     if not path.is_file():
         return {}
     config = read_json_object(path)
-    return {k: config[k] for k in RECOMMENDED_KEYS if k in config}
+    recommended = {k: config[k] for k in RECOMMENDED_KEYS if k in config}
+    kinds = {"commit_rule": str, "verify": bool, "steps_per_block": int, "block_size": int}
+    for key, value in recommended.items():
+        if not isinstance(value, kinds[key]) or (kinds[key] is int and (isinstance(value, bool) or value < 1)):
+            raise CheckpointError(f"{path}: {key} = {value!r} is not a valid {kinds[key].__name__}")
+    return recommended
 
 
 def load_tokenizer(directory: Path):
@@ -229,6 +238,9 @@ def load_two_tower_dir(
     if not is_two_tower_config(config):
         raise CheckpointError(f"{directory / 'config.json'} is not a two-tower config (no backbone_config and "
                               f"denoiser_config)")
+    for key in ("backbone_config", "denoiser_config"):
+        if not isinstance(config.get(key), dict):
+            raise CheckpointError(f"{directory / 'config.json'}: {key} is missing or not an object")
     bcfg, denoiser = model_settings(config, directory)
     if dtype is None:
         dtype = getattr(torch, str(config.get("dtype") or "float32"), None)

@@ -7,7 +7,7 @@ import argparse
 
 from ..checkpoints.load import DEFAULT_MODEL
 from ..model.devices import DTYPES
-from .options import add_dial_options, add_model_options
+from .options import add_dial_options, add_model_options, flag_names
 
 
 def add_parser(sub, common: argparse.ArgumentParser) -> None:
@@ -68,10 +68,11 @@ def run_step(args: argparse.Namespace) -> None:
 def run_speed(args: argparse.Namespace) -> None:
     from ..bench.speed import run_speed_bench
 
-    run_speed_bench(
-        model=args.model, dtype=args.dtype, modes=args.modes, thresholds=args.thresholds,
-        block_sizes=args.block_sizes, batch_sizes=args.batch_sizes, prompts=args.prompts,
-        max_new_tokens=args.max_new_tokens, repeats=args.repeats, warmup=args.warmup,
-        prompt_lookup_tokens=args.prompt_lookup_tokens, output_dir=args.output_dir, untrained=args.untrained_denoiser,
-        device=args.device, commit_rule=args.commit_rule, verify=args.verify, steps_per_block=args.steps_per_block,
-    )
+    with flag_names():
+        run_speed_bench(
+            model=args.model, dtype=args.dtype, modes=args.modes, thresholds=args.thresholds,
+            block_sizes=args.block_sizes, batch_sizes=args.batch_sizes, prompts=args.prompts,
+            max_new_tokens=args.max_new_tokens, repeats=args.repeats, warmup=args.warmup,
+            prompt_lookup_tokens=args.prompt_lookup_tokens, output_dir=args.output_dir, untrained=args.untrained_denoiser,
+            device=args.device, commit_rule=args.commit_rule, verify=args.verify, steps_per_block=args.steps_per_block,
+        )

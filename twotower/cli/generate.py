@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from ..errors import UsageError
-from ..generate.prompts import check_text
+from ..generate.prompts import check_messages, check_text
 from .options import add_decoding_options, add_model_options
 
 
@@ -37,9 +37,12 @@ def _prompt(args: argparse.Namespace):
         if args.system is not None:
             raise UsageError("--system goes inside the --messages conversation")
         try:
-            return json.loads(args.messages.read_text(encoding="utf-8"))
+            conversation = json.loads(args.messages.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise UsageError(f"--messages {args.messages}: cannot read a JSON conversation ({e})") from None
+        if not isinstance(conversation, list):
+            raise UsageError(f"--messages {args.messages} must hold a JSON list of {{\"role\", \"content\"}} messages")
+        return check_messages(conversation)
     if not args.prompt.strip():
         raise UsageError("the prompt is empty")
     check_text(args.prompt, "the prompt")  # before the model loads

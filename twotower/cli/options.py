@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from contextlib import contextmanager
 
 from ..checkpoints.load import DEFAULT_MODEL
 from ..errors import UsageError
@@ -65,6 +66,16 @@ def add_decoding_options(parser: argparse.ArgumentParser) -> None:
 def _flagged(message: str) -> str:
     """A settings error in the command line's words: field names become their flags."""
     return re.sub(r"\b(" + "|".join(FIELDS) + r")\b", lambda m: flag(m.group(1)), message)
+
+
+@contextmanager
+def flag_names():
+    """Settings errors raised inside a command (a sweep builds its settings itself) in the
+    command line's words."""
+    try:
+        yield
+    except UsageError as e:
+        raise UsageError(_flagged(str(e))) from None
 
 
 def settings_from_args(args: argparse.Namespace, recommended: dict, **fixed) -> DecodingSettings:

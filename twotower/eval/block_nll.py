@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UsageError
+from ..files import read_text
 from ..model.twotower import TwoTower
 
 HELDOUT = Path(__file__).with_name("heldout.txt")
@@ -31,7 +32,7 @@ class BlockNLL:
 
 
 def heldout_text(path: str | Path = HELDOUT) -> str:
-    return Path(path).read_text()
+    return read_text(Path(path).expanduser())
 
 
 def windows(ids: list[int], length: int) -> list[list[int]]:

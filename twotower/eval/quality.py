@@ -133,9 +133,27 @@ def _t_key(t: float) -> str:
     return "t1" if t == 1.0 else f"t{t:g}"
 
 
+def _check(settings: QualitySettings) -> None:
+    def whole(value, low: int) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+    checks = {
+        "batch size": whole(settings.batch_size, 1), "max new tokens": whole(settings.max_new_tokens, 1),
+        "HumanEval max new tokens": whole(settings.humaneval_max_new_tokens, 1),
+        "NLL window": whole(settings.nll_window, 2),
+        "HumanEval problems": settings.humaneval_problems is None or whole(settings.humaneval_problems, 0),
+        "NLL mask levels (in (0, 1])": bool(settings.nll_t) and all(
+            isinstance(t, int | float) and 0 < t <= 1 for t in settings.nll_t),
+        "--thresholds (in [0, 1])": settings.thresholds is None or all(
+            isinstance(t, int | float) and 0 <= t <= 1 for t in settings.thresholds),
+    }
+    bad = [name for name, ok in checks.items() if not ok]
+    if bad:
+        raise UsageError(f"eval quality: invalid {', '.join(bad)}")
+
+
 def run_quality(settings: QualitySettings) -> dict:
-    if isinstance(settings.batch_size, bool) or not isinstance(settings.batch_size, int) or settings.batch_size < 1:
-        raise UsageError(f"the batch size must be an integer >= 1, got {settings.batch_size!r}")
+    _check(settings)
     output_dir = prepare_output_dir(settings.output_dir)
     rows = load_prompt_set(settings.prompts_file, settings.prompts)
     loaded = load_model(settings.model, settings.dtype, settings.device, untrained=settings.untrained)

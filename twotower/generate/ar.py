@@ -75,6 +75,22 @@ def _token_list(row, where: str) -> list[int]:
     return out
 
 
+def _padding_mask(mask, shape: torch.Size) -> torch.Tensor:
+    """An attention mask that marks each row's real tokens with 1 and its padding with 0, the
+    padding on one side (left, as decoding wants, or right, which is read the same way)."""
+    mask = torch.as_tensor(mask)
+    if mask.shape != shape:
+        raise UsageError(f"attention_mask has shape {tuple(mask.shape)}, input_ids {tuple(shape)}: they must match")
+    if mask.is_floating_point() or mask.is_complex() or bool(((mask != 0) & (mask != 1)).any()):
+        raise UsageError("attention_mask must hold 0 or 1 (1 for a real token, 0 for padding)")
+    m = mask.bool()
+    changes = (m[:, 1:] != m[:, :-1]).sum(1)  # one change at most: padding at one end
+    if bool((changes > 1).any()):
+        raise UsageError("attention_mask must mark padding at one end of each row (zeros then ones, or ones then "
+                         "zeros), not in the middle")
+    return m
+
+
 def prepare_prompts(
     input_ids: torch.Tensor | Sequence[int] | Sequence[Sequence[int]],
     attention_mask: torch.Tensor | None = None,
@@ -93,10 +109,7 @@ def prepare_prompts(
         if input_ids.dim() != 2:
             raise UsageError(f"input_ids must be 1-D or 2-D, got shape {tuple(input_ids.shape)}")
         if attention_mask is not None:
-            attention_mask = torch.as_tensor(attention_mask)
-            if attention_mask.shape != input_ids.shape:
-                raise UsageError(f"attention_mask has shape {tuple(attention_mask.shape)}, input_ids "
-                                 f"{tuple(input_ids.shape)}: they must match")
+            attention_mask = _padding_mask(attention_mask, input_ids.shape)
         rows = [
             row[mask.bool()].tolist() if mask is not None else row.tolist()
             for row, mask in zip(input_ids, attention_mask if attention_mask is not None else [None] * len(input_ids))
