@@ -11,7 +11,6 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
-
 # Hypothesis: the default suite runs a bounded number of examples per property; the long run is
 # `pytest -m fuzz --hypothesis-profile long` (the fuzz-marked tests, many more examples each)
 _COMMON = dict(deadline=None, derandomize=True,
@@ -37,21 +36,17 @@ class World:
         return target
 
 
-@pytest.fixture(scope="session")
-def world(tmp_path_factory) -> World:
+def make_world(root: Path) -> World:
+    """Build the world under ``root`` (a tiny model, a saved two-tower model, data, a run)."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from twotower.checkpoints import CheckpointError, checkpoint_dir
+    from twotower.checkpoints import checkpoint_dir
     from twotower.data.shards import prepare
     from twotower.data.sources import SourceSpec
     from twotower.hf import TwoTowerForCausalLM
     from twotower.train import TrainConfig, train
 
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir("smollm2-135m"))
-    except CheckpointError as e:
-        pytest.skip(f"needs the default model's tokenizer: {e}")
-    root = tmp_path_factory.mktemp("world")
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir("smollm2-135m"))
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
@@ -71,3 +66,14 @@ def world(tmp_path_factory) -> World:
                       block_size=8, batch_size=2, steps=4, lr=3e-3, warmup_steps=1, log_every=1, eval_every=4,
                       save_every=2, val_batches=1, val_prompts=1, bf16=False), progress=False)
     return World(root, tokenizer, backbone, root / "tt", root / "data", root / "run")
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory) -> World:
+    from twotower.checkpoints import CheckpointError, checkpoint_dir
+
+    try:
+        checkpoint_dir("smollm2-135m")
+    except CheckpointError as e:
+        pytest.skip(f"needs the default model's tokenizer: {e}")
+    return make_world(tmp_path_factory.mktemp("world"))

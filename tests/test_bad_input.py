@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ import pytest
 import torch
 
 from twotower.errors import CheckpointError, DataError, TwoTowerError, UsageError
+
 
 @dataclass
 class Case:
@@ -270,8 +272,8 @@ def _cli_cases() -> list[Case]:
         prepare=write("notes.txt", "my notes\nmore notes"), inputs=lambda w, tmp: [tmp / "notes.txt"])
     add(d, "distill --out naming a directory", (*DISTILL, "--instructions", "2", "--chat", "--out", "{tmp}"),
         "not a file")
-    add(d, "distill --instructions 10000000", (*DISTILL, "--instructions", "10000000", "--chat", "--out",
-                                               "{tmp}/o.jsonl"), "distinct instructions")
+    add(d, "distill --instructions 0", (*DISTILL, "--instructions", "0", "--chat", "--out", "{tmp}/o.jsonl"),
+        "positive integer")
 
     t = "twotower train"
     add(t, "no --data", ("train", "--out-dir", "{tmp}/o"), "--data is required")
@@ -600,3 +602,97 @@ def test_bad_input(case: Case, world, tmp_path):
 def test_there_are_at_least_120_kinds():
     assert len(CASES) >= 120
     assert len({(c.entry, c.what) for c in CASES}) == len(CASES)
+
+
+# -- odd but valid input gives the correct result ------------------------------------------------
+
+
+def test_odd_but_valid_prompts_give_the_same_tokens(world):
+    from twotower.generate import DecodingSettings, decode
+
+    model = _tt_model(world)
+    settings = DecodingSettings(mode="ar", max_new_tokens=4, stop_token_ids=())
+    reference = decode(model, [[5, 9, 17]], settings).tokens
+    for same in (np.array([[5, 9, 17]]), np.array([5, 9, 17], dtype=np.int32), [torch.tensor(5), torch.tensor(9),
+                 torch.tensor(17)], [np.int64(5), np.int64(9), np.int64(17)], torch.tensor([5, 9, 17]),
+                 [torch.tensor([5, 9, 17])]):
+        assert decode(model, same, settings).tokens == reference, same
+    # a right-padded batch reads the same real tokens as a left-padded one
+    right = decode(model, torch.tensor([[5, 9, 17], [7, 8, 0]]), settings, attention_mask=torch.tensor([[1, 1, 1],
+                                                                                                        [1, 1, 0]]))
+    left = decode(model, [[5, 9, 17], [7, 8]], settings)
+    assert right.tokens == left.tokens
+
+
+# -- nothing is lost ---------------------------------------------------------------------------------
+
+
+def _run_config(world, out: Path, **overrides):
+    from twotower.train import TrainConfig
+
+    settings = dict(data=str(world.data), out_dir=str(out), model=str(world.backbone), seq_len=32, block_size=8,
+                    batch_size=2, steps=4, lr=3e-3, warmup_steps=1, log_every=1, eval_every=4, save_every=2,
+                    val_batches=1, val_prompts=1, bf16=False)
+    return TrainConfig(**(settings | overrides))
+
+
+def test_resume_skips_a_damaged_checkpoint_and_continues_exactly(world, tmp_path, caplog):
+    """The newest checkpoint truncated (a kill while the disk filled, say): the run resumes from
+    the one before it, says which it skipped, and ends with the weights of the unbroken run."""
+    from twotower.checkpoints.tensors import read_tensors
+    from twotower.train import train
+
+    run = world.copy("run", tmp_path)
+    shutil.rmtree(run / "final")
+    truncate("checkpoints/step-00000004/trainable.safetensors")(run)
+    (run / "checkpoints" / ".tmp-killed").mkdir()  # a save a kill interrupted
+    with caplog.at_level("WARNING"):
+        train(_run_config(world, run), progress=False)
+    assert "step-00000004" in caplog.text and "skipping a damaged checkpoint" in caplog.text
+    assert not (run / "checkpoints" / ".tmp-killed").exists()
+    resumed, reference = read_tensors(run / "final" / "model.safetensors")[0], read_tensors(
+        world.run / "final" / "model.safetensors")[0]
+    assert resumed.keys() == reference.keys() and all(torch.equal(resumed[k], reference[k]) for k in resumed)
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [
+        json.loads(line)["step"] for line in (world.run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_train_writes_into_a_foreign_directory_only_with_overwrite(world, tmp_path):
+    from twotower.train import train
+
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(UsageError, match="did not write"):
+        train(_run_config(world, out, steps=2, save_every=2, eval_every=2), progress=False)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    train(_run_config(world, out, steps=2, save_every=2, eval_every=2), progress=False, overwrite=True)
+    assert (out / "notes.txt").read_text() == "keep me" and (out / "final" / "model.safetensors").is_file()
+
+
+def _chat_record(i: int) -> str:
+    return json.dumps({"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}]})
+
+
+def test_distill_drops_only_a_line_cut_by_a_kill(tmp_path):
+    from twotower.data.distill import _resume_point
+
+    out = tmp_path / "d.jsonl"
+    out.write_text(_chat_record(0) + "\n" + _chat_record(1)[:10])
+    assert _resume_point(out, chat=True) == 1
+    assert out.read_text() == _chat_record(0) + "\n"
+    with pytest.raises(DataError, match="refusing to append"):
+        _resume_point(out, chat=False)  # chat records are not text records
+    assert out.read_text() == _chat_record(0) + "\n"
+
+
+def test_a_killed_prepare_leaves_nothing_the_next_keeps(world, tmp_path):
+    from twotower.data.shards import TEMPORARY_PREFIX, prepare
+    from twotower.data.sources import SourceSpec
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("the cat sat on the mat " * 20)
+    leftover = tmp_path / f"{TEMPORARY_PREFIX}out.abc123"
+    leftover.mkdir()  # what a kill -9 during a prepare of out/ leaves
+    prepare([SourceSpec(str(corpus))], world.tokenizer, tmp_path / "out", val_fraction=0.0)
+    assert not leftover.exists() and (tmp_path / "out" / "manifest.json").is_file()

@@ -74,7 +74,7 @@ def test_corrupt_gguf_is_reported(tmp_path, capsys, monkeypatch):
     bad = tmp_path / "broken.gguf"
     bad.write_bytes(b"GGUF" + b"\x00" * 64)
     assert main(["generate", "hello", "--model", str(bad)]) == 2
-    assert "cannot read GGUF" in capsys.readouterr().err
+    assert "not a readable GGUF file" in capsys.readouterr().err
     assert not list((tmp_path / "cache" / "converted").glob("broken*"))  # nothing half-written kept
 
 

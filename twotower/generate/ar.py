@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from ..errors import UsageError
@@ -64,6 +65,10 @@ class Prompts:
 
 def _token_list(row, where: str) -> list[int]:
     """A prompt as plain ints: Python or NumPy integers, or 0-d integer tensors."""
+    if isinstance(row, str | bytes | dict) or not isinstance(row, Sequence | torch.Tensor | np.ndarray):
+        raise UsageError(f"{where}: expected token ids (a list of ints), got {type(row).__name__}")
+    if isinstance(row, torch.Tensor | np.ndarray) and row.ndim != 1:
+        raise UsageError(f"{where}: expected a 1-D row of token ids, got shape {tuple(row.shape)}")
     out = []
     for tok in row:
         if isinstance(tok, bool) or (isinstance(tok, torch.Tensor) and tok.dtype == torch.bool):

@@ -40,11 +40,11 @@ def _int(name: str, value, low: int, optional: bool = False) -> None:
         raise UsageError(f"{name} must be an integer >= {low}, got {value!r}")
 
 
-def _number(name: str, value, low: float, high: float, low_open: bool = False) -> None:
+def _number(name: str, value, low: float, high: float = math.inf, low_open: bool = False) -> None:
     ok = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
     if not ok or value > high or value < low or (low_open and value == low):
-        bounds = f"{'(' if low_open else '['}{low:g}, {high:g}]"
-        raise UsageError(f"{name} must be a finite number in {bounds}, got {value!r}")
+        bounds = f"{'(' if low_open else '['}{low:g}, {high:g}]" if high < math.inf else f">= {low:g}"
+        raise UsageError(f"{name} must be a finite number {'in ' if high < math.inf else ''}{bounds}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -68,16 +68,16 @@ class DecodingSettings:
     def __post_init__(self) -> None:
         from .strategies import modes  # the registry imports this module
 
-        if self.mode not in modes():
+        if not isinstance(self.mode, str) or self.mode not in modes():
             raise UsageError(f"unknown mode {self.mode!r} (choose from {', '.join(modes())})")
         _int("block_size", self.block_size, 1, optional=True)
         _int("steps_per_block", self.steps_per_block, 1, optional=True)
         _number("confidence_threshold", self.confidence_threshold, 0.0, 1.0)
-        if self.commit_rule not in COMMIT_RULES:
+        if not isinstance(self.commit_rule, str) or self.commit_rule not in COMMIT_RULES:
             raise UsageError(f"unknown commit rule {self.commit_rule!r} (choose from {', '.join(COMMIT_RULES)})")
         if not isinstance(self.verify, bool):
             raise UsageError(f"verify must be True or False, got {self.verify!r}")
-        _number("temperature", self.temperature, 0.0, 1e4)
+        _number("temperature", self.temperature, 0.0)
         _int("top_k", self.top_k, 1, optional=True)
         if self.top_p is not None:
             _number("top_p", self.top_p, 0.0, 1.0, low_open=True)
@@ -145,6 +145,8 @@ def resolve_settings(recommended: Mapping | None = None, **given) -> DecodingSet
     given = {k: v for k, v in given.items() if v is not None}
     recommended = dict(recommended or {})
     mode = given.get("mode", DecodingSettings.mode)
+    if not isinstance(mode, str):
+        raise UsageError(f"mode must be a mode's name, got {mode!r}")
     pointless = [k for k in UNUSED_BY_MODE.get(mode, ()) if k in given]
     if pointless:
         raise UsageError(f"{', '.join(pointless)}: not used by mode {mode}")
