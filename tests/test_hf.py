@@ -50,10 +50,10 @@ def outputs(model: TwoTowerForCausalLM) -> dict:
     }
 
 
-def load_auto(directory):
+def load_auto(directory, **kwargs):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True)
+    return AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True, **kwargs)
 
 
 @pytest.mark.parametrize("flavour", ["lora", "full"])
@@ -61,7 +61,7 @@ def load_auto(directory):
 def test_round_trip_identical_outputs(bases, tmp_path, flavour, loader):
     model = build(bases, flavour)
     model.save_pretrained(tmp_path)
-    again = loader(tmp_path)
+    again = loader(tmp_path, merge_adapters=False)  # like with like: model is unmerged
     assert isinstance(again, TwoTowerForCausalLM)
     assert again.twotower.config == model.twotower.config
     saved, loaded = saved_state(model.twotower), saved_state(again.twotower)
@@ -75,7 +75,8 @@ def test_round_trip_identical_outputs(bases, tmp_path, flavour, loader):
 def test_round_trip_tied_embeddings_and_bf16(bases, tmp_path, flavour):
     model = build(bases, flavour, "qwen2", dtype=torch.bfloat16)  # qwen2 ties its LM head
     model.save_pretrained(tmp_path)
-    again = TwoTowerForCausalLM.from_pretrained(tmp_path)
+    # like with like: merging the adapters into bf16 weights rounds them (model is unmerged)
+    again = TwoTowerForCausalLM.from_pretrained(tmp_path, merge_adapters=False)
     assert again.twotower.context.dtype == torch.bfloat16
     context = again.twotower.context
     assert context.lm_head.weight is context.embed_tokens.weight

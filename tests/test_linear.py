@@ -19,7 +19,7 @@ def test_packed_matches_plain(dtype, tol, shape):
     x = torch.randn(shape, dtype=dtype)
     with torch.no_grad():
         got = lin(x)
-    assert lin._packed is not None  # the packed path ran
+    assert lin.packs._packs  # the packed path ran
     ref = F.linear(x, lin.weight, lin.bias)
     assert got.shape == ref.shape
     assert torch.allclose(got.float(), ref.float(), atol=tol, rtol=tol)
@@ -58,7 +58,7 @@ def test_bf16_without_cpu_support_takes_the_plain_path(monkeypatch):
     x = torch.randn(2, 16, dtype=torch.bfloat16)
     with torch.no_grad():
         assert torch.equal(lin(x), F.linear(x, lin.weight, lin.bias))
-    assert lin._packed is None
+    assert not lin.packs._packs
 
 
 def test_autograd_uses_the_plain_path():
@@ -82,3 +82,19 @@ def test_copy_after_packing():
     twin = copy.deepcopy(lin)  # the oneDNN copy cannot be deep-copied: it must be dropped
     with torch.no_grad():
         assert torch.equal(twin(torch.ones(1, 16)), ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_row_does_not_depend_on_its_batch_mates(dtype):
+    """What exact decoding rests on: a row's product is bitwise the same alone, among 1 to 63
+    other rows, and wherever it sits (the packed fp32 path; bf16 takes whichever path this CPU
+    has)."""
+    torch.manual_seed(0)
+    lin = Linear(576, 1536, bias=False).to(dtype)
+    x = torch.randn(64, 576).to(dtype)
+    with torch.no_grad():
+        alone = lin(x[:1])
+        for rows in (2, 3, 5, 8, 16, 17, 64):
+            assert torch.equal(lin(x[:rows])[:1], alone), rows
+        for at in (1, 4, 7):
+            assert torch.equal(lin(torch.cat([x[1:1 + at], x[:1]]))[at:at + 1], alone), at

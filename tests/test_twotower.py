@@ -101,6 +101,7 @@ def test_untrained_denoiser_with_one_slot_is_the_ar_model(kind, flavour):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+@torch.no_grad()  # one numerical path throughout (without gradients: the exact one)
 def test_lora_adapters_only_act_inside_the_denoiser(kind):
     model = two_tower(kind, "lora")
     prompt = torch.tensor([[5, 6, 7, 8, 9, 10]])

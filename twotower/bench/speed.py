@@ -226,6 +226,7 @@ def run_speed_bench(
     commit_rule: str | None = None,
     verify: bool | None = None,
     steps_per_block: int | None = None,
+    exact: bool = True,
 ) -> dict:
     """Mask diffusion runs the model's recommended preset unless a dial option is given
     (``thresholds``, ``verify``, ``steps_per_block``): then the plain dial at every (block
@@ -234,7 +235,7 @@ def run_speed_bench(
     ``steps_per_block=1`` the drafts are whole blocks (self-speculative decoding)."""
     _check(thresholds or [], block_sizes or [], batch_sizes, max_new_tokens, repeats, warmup)
     out = prepare_output_dir(output_dir)
-    loaded = load_model(model, dtype, device, untrained=untrained)
+    loaded = load_model(model, dtype, device, untrained=untrained, exact=exact)
     if loaded.tokenizer is None:
         raise UsageError(f"{model} has no tokenizer: the benchmark prompts are text")
     warn_untrained(loaded)
@@ -315,6 +316,7 @@ def run_speed_bench(
         "commit_rule": dial.commit_rule,
         "verify": dial.verify,
         "steps_per_block": dial.steps_per_block,
+        "exact": exact,
         "recommended": loaded.recommended,  # each run's "decoding" holds the settings it ran
         "repeats": repeats,
         "warmup": warmup,

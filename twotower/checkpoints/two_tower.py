@@ -65,6 +65,7 @@ def load_model(
     block_size: int = 16,
     context_only: bool = False,
     merge_adapters: bool = True,
+    exact: bool = True,
 ) -> LoadedModel:
     """Load ``name_or_path`` (see the module docstring) for inference, in ``dtype`` (None: the
     dtype a saved directory was saved in, else float32).
@@ -73,7 +74,10 @@ def load_model(
     ``block_size`` instead). ``context_only``: a backbone is returned alone, without a
     denoiser (two-tower sources still load both towers). ``merge_adapters``: a trained lora
     denoiser gets a merged copy of the weights (faster steps, one more copy in memory); the
-    same choice for every front end keeps their outputs identical."""
+    same choice for every front end keeps their outputs identical. ``exact``: batch- and
+    shape-invariant inference (model/exact.py), so that a prompt's output depends neither on its
+    batch mates nor, under verification, on rounding; False takes PyTorch's fused kernels
+    (faster, not invariant)."""
     if not isinstance(name_or_path, str) or not name_or_path.strip():
         raise UsageError(f"a model is a registry name or a path, got {name_or_path!r}")
     saved_dtype = dtype is None
@@ -89,13 +93,17 @@ def load_model(
         loaded = LoadedModel(model, tokenizer, config.get("backbone"), source, recommended=recommended_decoding(directory))
     elif context_only:
         backbone, tokenizer = load_backbone(name_or_path, dtype=dtype, device=device)
-        return LoadedModel(backbone, tokenizer, name_or_path, "backbone")
+        return LoadedModel(backbone.set_exact(exact), tokenizer, name_or_path, "backbone")
     else:
         model, tokenizer = build_two_tower(name_or_path, DenoiserConfig(flavour="lora", block_size=block_size),
                                            dtype, device)
-        return LoadedModel(model.eval(), tokenizer, name_or_path, "backbone with an untrained denoiser", UNTRAINED_NOTE)
+        loaded = LoadedModel(model.eval(), tokenizer, name_or_path, "backbone with an untrained denoiser",
+                             UNTRAINED_NOTE)
+        merge_adapters = False  # merging untrained (zero) adapters would only cost memory
     if merge_adapters:
         loaded.model.merge_adapters()  # a no-op for the full flavour
+    loaded.model.context.set_exact(exact)
+    loaded.model.denoiser.set_exact(exact)
     return loaded
 
 

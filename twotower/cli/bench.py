@@ -75,4 +75,5 @@ def run_speed(args: argparse.Namespace) -> None:
             max_new_tokens=args.max_new_tokens, repeats=args.repeats, warmup=args.warmup,
             prompt_lookup_tokens=args.prompt_lookup_tokens, output_dir=args.output_dir, untrained=args.untrained_denoiser,
             device=args.device, commit_rule=args.commit_rule, verify=args.verify, steps_per_block=args.steps_per_block,
+            exact=args.exact,
         )

@@ -30,6 +30,10 @@ def add_model_options(parser: argparse.ArgumentParser, dtype_default: str = "flo
     parser.add_argument("--dtype", choices=list(DTYPES), default=dtype_default)
     parser.add_argument("--untrained-denoiser", action="store_true",
                         help="an untrained denoiser (a copy of the AR model) instead of the one shipped for the model")
+    parser.add_argument("--exact", action=argparse.BooleanOptionalAction, default=True,
+                        help="batch- and shape-invariant inference, so that outputs do not depend on batch mates and "
+                             "verified decoding is AR's in every dtype (default); --no-exact takes PyTorch's fused "
+                             "kernels: faster, not invariant")
 
 
 def add_dial_options(parser: argparse.ArgumentParser) -> None:

@@ -152,6 +152,7 @@ class TwoTowerForCausalLM(PreTrainedModel, GenerationMixin):
         dtype: torch.dtype | str | None = None,
         device: str | torch.device = "cpu",
         merge_adapters: bool = True,
+        exact: bool = True,
         **kwargs,
     ) -> TwoTowerForCausalLM:
         """Load for inference through twotower's one loader: a saved two-tower directory (by
@@ -165,7 +166,8 @@ class TwoTowerForCausalLM(PreTrainedModel, GenerationMixin):
         if model_args or unknown:
             raise TypeError(f"unsupported arguments for TwoTowerForCausalLM.from_pretrained: {unknown or model_args}")
         dtype = None if dtype == "auto" else dtype
-        loaded = load_model(str(pretrained_model_name_or_path), dtype, device, merge_adapters=merge_adapters)
+        loaded = load_model(str(pretrained_model_name_or_path), dtype, device, merge_adapters=merge_adapters,
+                            exact=exact)
         if loaded.note:
             log.warning("twotower: %s", loaded.note)
         return cls.from_twotower(loaded.model, loaded.backbone, loaded.tokenizer, loaded.recommended).eval()

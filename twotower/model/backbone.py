@@ -72,6 +72,14 @@ class Backbone(nn.Module):
             else None
         )
 
+    def set_exact(self, exact: bool) -> Backbone:
+        """Exact inference (model/exact.py: batch- and shape-invariant attention and Mamba, the
+        default) or PyTorch's fused kernels (faster where their shapes vary, not invariant)."""
+        for module in self.modules():
+            if isinstance(module, Attention | Mamba2):
+                module.exact = exact
+        return self
+
     @property
     def device(self) -> torch.device:
         return self.embed_tokens.weight.device

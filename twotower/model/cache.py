@@ -15,13 +15,16 @@ import torch
 
 from ..errors import UsageError
 from .config import BackboneConfig
+from .exact import KEY_CHUNK
 
 
 class KVCache:
     """Keys/values of one attention sub-layer, (batch, kv_heads, max_len, head_dim)."""
 
     def __init__(self, batch: int, kv_heads: int, max_len: int, head_dim: int, dtype, device) -> None:
-        self.k = torch.zeros(batch, kv_heads, max_len, head_dim, dtype=dtype, device=device)
+        # room for whole chunks of keys, which exact attention reads (model/exact.py)
+        capacity = -(-max_len // KEY_CHUNK) * KEY_CHUNK
+        self.k = torch.zeros(batch, kv_heads, capacity, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
 
     def write(self, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,6 +38,12 @@ class KVCache:
             self.k[rows, :, ctx.slots] = k.transpose(1, 2)
             self.v[rows, :, ctx.slots] = v.transpose(1, 2)
         return self.k[:, :, : ctx.kv_len], self.v[:, :, : ctx.kv_len]
+
+    def whole_chunks(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys/values of the first ``length`` slots and what follows them up to a whole number
+        of KEY_CHUNK slots (the rest is to be masked)."""
+        end = -(-length // KEY_CHUNK) * KEY_CHUNK
+        return self.k[:, :, :end], self.v[:, :, :end]
 
 
 class MambaState:

@@ -9,9 +9,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UsageError
+from . import exact
 from .cache import ForwardContext, KVCache
 from .config import BackboneConfig, MoEConfig, RopeConfig
-from .linear import Linear
+from .linear import Linear, WeightPacks
 
 
 class RMSNorm(nn.Module):
@@ -75,6 +76,9 @@ class Attention(nn.Module):
         self.o_proj = Linear(self.n_heads * self.head_dim, h, bias=cfg.attention_out_bias)
         self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        # inference without gradients takes exact_attention (batch- and shape-invariant); training
+        # and exact=False take SDPA's fused kernels
+        self.exact = True
 
     def forward(
         self,
@@ -92,13 +96,24 @@ class Attention(nn.Module):
         if rope is not None:
             qk = apply_rope(qk, *rope)  # q and k rotated together: half the small ops
         q, k = qk.split([self.n_heads, self.n_kv], dim=1)
+        exactly = self.exact and not torch.is_grad_enabled()
+        length = None  # real key slots, where exact attention reads whole chunks beyond them
         if cache is not None and ctx.write:
             k, v = cache.write(k, v, ctx)
+            if exactly:
+                length = k.shape[2]
+                k, v = cache.whole_chunks(length)
         elif cache is not None:  # denoiser: the context tower's keys, then the block's own (not stored)
             # (the context tower's cache may live on another device)
-            k = torch.cat([cache.k[:, :, : ctx.prefix_len].to(k.device, k.dtype), k], dim=2)
-            v = torch.cat([cache.v[:, :, : ctx.prefix_len].to(v.device, v.dtype), v], dim=2)
-        y = attend(q, k, v, ctx.attn_mask, ctx.is_causal)
+            pad = -(ctx.prefix_len + t) % exact.KEY_CHUNK if exactly else 0
+            k, v = (torch.cat([c[:, :, : ctx.prefix_len].to(x.device, x.dtype), x, x.new_zeros(b, self.n_kv, pad,
+                                                                                                  self.head_dim)], dim=2)
+                    for c, x in ((cache.k, k), (cache.v, v)))
+            length = ctx.prefix_len + t
+        if exactly:
+            y = exact.attention(q, k, v, ctx.attn_mask, ctx.is_causal, length)
+        else:
+            y = attend(q, k, v, ctx.attn_mask, ctx.is_causal)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -149,7 +164,7 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gated:
             gate, up = self.up_proj(x).chunk(2, dim=-1)
-            return self.down_proj(F.silu(gate) * up)
+            return self.down_proj(exact.silu(gate) * up)
         return self.down_proj(relu2(self.up_proj(x)))
 
 
@@ -180,16 +195,30 @@ class MoE(nn.Module):
             if cfg.shared_expert_intermediate_size
             else None
         )
+        self.packs = WeightPacks()  # the experts' (and fp32 router's) packed copies: row-invariant products
+
+    def _router_logits(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Router logits in ``dtype``, each token's bitwise the same whatever else is routed
+        with it: the packed product in fp32; in fp64 (which oneDNN does not pack) per-token sums
+        of products, a fixed reduction per token."""
+        weight = self.router.weight
+        if dtype == torch.float32 and x.dtype == torch.float32:
+            return self.packs.linear(x, weight, name="router")
+        if torch.is_grad_enabled():
+            return F.linear(x.to(dtype), weight.to(dtype))
+        w = weight.to(dtype)
+        step = max(1, (1 << 22) // w.numel())
+        return torch.cat([(x[i:i + step, None].to(dtype) * w).sum(-1) for i in range(0, x.shape[0], step)])
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.cfg
         dtype = torch.float64 if cfg.router_dtype == "float64" else torch.float32
-        logits = F.linear(x.to(dtype), self.router.weight.to(dtype))
+        logits = self._router_logits(x, dtype)
         if cfg.scoring == "softmax":
-            scores = logits.softmax(-1)
+            scores = exact.softmax(logits)
             weights, idx = scores.topk(cfg.top_k, dim=-1)
         else:
-            scores = logits.sigmoid()
+            scores = exact.sigmoid(logits)
             choice = scores + self.correction_bias.to(dtype)
             if cfg.n_group > 1:
                 grouped = choice.view(-1, cfg.n_group, cfg.num_experts // cfg.n_group)
@@ -212,11 +241,12 @@ class MoE(nn.Module):
         for e in idx.unique().tolist():
             token, slot = torch.where(idx == e)
             h = flat[token]
+            linear = self.packs.linear
             if self.gated:
-                h = F.silu(F.linear(h, self.gate_proj[e])) * F.linear(h, self.up_proj[e])
+                h = exact.silu(linear(h, self.gate_proj[e], name=("gate", e))) * linear(h, self.up_proj[e], name=("up", e))
             else:
-                h = relu2(F.linear(h, self.up_proj[e]))
-            h = F.linear(h, self.down_proj[e])
+                h = relu2(linear(h, self.up_proj[e], name=("up", e)))
+            h = linear(h, self.down_proj[e], name=("down", e))
             out.index_add_(0, token, h.to(out.dtype) * weights[token, slot, None])
         out = out.to(x.dtype).view(shape)
         if self.shared is not None:

@@ -34,37 +34,47 @@ def packing_available(dtype: torch.dtype = torch.float32) -> bool:
     return False
 
 
+class WeightPacks:
+    """oneDNN-packed copies of weight matrices (a Linear's, or one per expert), made lazily and
+    rebuilt whenever a weight is replaced, modified in place or cast. The packed product of a
+    row does not depend on how many rows share the call (measured: bitwise, fp32, 1 to 64
+    rows), which plain ``F.linear`` does not give (its one-row path is another kernel)."""
+
+    def __init__(self) -> None:
+        self._packs: dict = {}
+
+    def __getstate__(self) -> dict:
+        # opaque oneDNN tensors cannot be copied or pickled; they are a cache, rebuilt on use
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self._packs = {}
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, name=None,
+               packing: bool = True) -> torch.Tensor:
+        usable = (
+            packing
+            and x.device.type == "cpu"
+            and x.dtype == weight.dtype
+            and packing_available(x.dtype)
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        )
+        if not usable:
+            return F.linear(x, weight, bias)
+        key = (weight.data_ptr(), weight._version, weight.dtype)
+        entry = self._packs.get(name)
+        if entry is None or entry[0] != key:
+            entry = (key, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), _PACK_BATCH_HINT))
+            self._packs[name] = entry
+        bias = bias.detach() if bias is not None else None
+        return torch.ops.mkldnn._linear_pointwise(x, entry[1], bias, "none", [], "")
+
+
 class Linear(nn.Linear):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.packing = packing_available()  # set False to force plain F.linear
-        self._packed: torch.Tensor | None = None
-        self._packed_key: tuple | None = None
-
-    def __getstate__(self) -> dict:
-        # the packed copy is an opaque oneDNN tensor that cannot be copied or pickled; it is a
-        # cache anyway and is rebuilt on the next forward
-        state = self.__dict__.copy()
-        state["_packed"] = state["_packed_key"] = None
-        return state
-
-    def _packed_weight(self) -> torch.Tensor:
-        w = self.weight
-        key = (w.data_ptr(), w._version, w.dtype)
-        if key != self._packed_key:
-            self._packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), _PACK_BATCH_HINT)
-            self._packed_key = key
-        return self._packed
+        self.packs = WeightPacks()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        usable = (
-            self.packing
-            and x.device.type == "cpu"
-            and x.dtype == self.weight.dtype
-            and packing_available(x.dtype)
-            and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
-        )
-        if not usable:
-            return F.linear(x, self.weight, self.bias)
-        bias = self.bias.detach() if self.bias is not None else None
-        return torch.ops.mkldnn._linear_pointwise(x, self._packed_weight(), bias, "none", [], "")
+        return self.packs.linear(x, self.weight, self.bias, packing=self.packing)

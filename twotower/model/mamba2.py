@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import exact
 from .cache import ForwardContext, MambaState
 from .config import BackboneConfig
 from .linear import Linear
@@ -78,9 +79,24 @@ def ssd_all_states(
 def ssm_step(
     state: torch.Tensor, x: torch.Tensor, a: torch.Tensor, B: torch.Tensor, C: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One token of the recurrence. x (b, h, p) already times dt, a (b, h), B/C (b, h, n)."""
+    """One token of the recurrence. x (b, h, p) already times dt, a (b, h), B/C (b, h, n).
+    The output sums over the state size in a fixed order: the same for any batch."""
     state = state * torch.exp(a)[..., None, None] + x[..., None] * B[:, :, None, :]
-    return torch.einsum("bhpn,bhn->bhp", state, C), state
+    return (state * C[:, :, None, :]).sum(-1), state
+
+
+def ssm_sequential(
+    x: torch.Tensor, a: torch.Tensor, B: torch.Tensor, C: torch.Tensor, h0: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The recurrence token by token, ``ssm_step`` for each (exact inference: a token's output
+    is the one its single-token step gives). Returns y (b, l, h, p) and the state after every
+    token (b, l, h, p, n)."""
+    ys, states, state = [], [], h0
+    for i in range(x.shape[1]):
+        y, state = ssm_step(state, x[:, i], a[:, i], B[:, i], C[:, i])
+        ys.append(y)
+        states.append(state)
+    return torch.stack(ys, 1), torch.stack(states, 1)
 
 
 class GatedRMSNorm(nn.Module):
@@ -93,9 +109,9 @@ class GatedRMSNorm(nn.Module):
 
     def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         dtype = y.dtype
-        h = y.float() * F.silu(z.float())
+        h = y.float() * exact.silu(z.float())
         g = h.view(*h.shape[:-1], -1, self.group_size)
-        g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + self.eps)
+        g = g * torch.rsqrt((g * g).mean(-1, keepdim=True) + self.eps)
         return self.weight * g.view(h.shape).to(dtype)
 
 
@@ -115,6 +131,7 @@ class Mamba2(nn.Module):
         self.D = nn.Parameter(torch.ones(m.num_heads))
         self.norm = GatedRMSNorm(self.d_inner, self.d_inner // m.n_groups, cfg.norm_eps)
         self.out_proj = Linear(self.d_inner, cfg.hidden_size, bias=m.use_bias)
+        self.exact = True  # inference token by token (see forward); False: the chunked scan
 
     def forward(self, hidden: torch.Tensor, ctx: ForwardContext, state: MambaState | None) -> torch.Tensor:
         m = self.m
@@ -133,13 +150,13 @@ class Mamba2(nn.Module):
         # .to: a denoiser on another device reads the context tower's state across devices
         past = state.conv.to(xbc.device) if state is not None else xbc.new_zeros(b, self.conv_dim, m.conv_kernel - 1)
         window = torch.cat([past, xbc.transpose(1, 2)], dim=-1)
-        xbc = F.silu(self.conv1d(window)).transpose(1, 2)
+        xbc = exact.silu(exact.depthwise_conv(window, self.conv1d)).transpose(1, 2)
         if valid is not None:
             xbc = xbc * valid
         x, B, C = xbc.split([self.d_inner, m.n_groups * m.state_size, m.n_groups * m.state_size], dim=-1)
 
         # discretise in fp32: a = dt * A (log decay), x scaled by dt
-        dt = F.softplus(dt.float() + self.dt_bias.float()).clamp(m.dt_min, m.dt_max)  # (b, t, h)
+        dt = exact.softplus(dt.float() + self.dt_bias.float()).clamp(m.dt_min, m.dt_max)  # (b, t, h)
         a = dt * -torch.exp(self.A_log.float())
         x = x.float().view(b, t, m.num_heads, m.head_dim)
         heads_per_group = m.num_heads // m.n_groups
@@ -149,7 +166,13 @@ class Mamba2(nn.Module):
         h0 = state.ssm.to(xdt.device) if state is not None else None
 
         boundaries = None
-        if ctx.record:
+        if not torch.is_grad_enabled() and not ctx.boundary_every and self.exact:
+            # inference: token by token, so that a token's output is bitwise its single-token step's
+            if h0 is None:
+                h0 = xdt.new_zeros(b, m.num_heads, m.head_dim, m.state_size)
+            y, states = ssm_sequential(xdt, a, B, C, h0)
+            final = states[:, -1]
+        elif ctx.record:
             if h0 is None:
                 h0 = xdt.new_zeros(b, m.num_heads, m.head_dim, m.state_size)
             states = ssd_all_states(xdt, a, B, h0)

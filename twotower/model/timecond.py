@@ -13,6 +13,9 @@ import math
 import torch
 from torch import nn
 
+from . import exact
+from .linear import Linear
+
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     half = dim // 2
@@ -27,8 +30,9 @@ class TimeConditioning(nn.Module):
         self.freq_dim, self.scale = freq_dim, scale
         # attribute names follow the released checkpoint: t_embedder.mlp.{0,2}, t_block.1
         self.t_embedder = nn.Module()
-        self.t_embedder.mlp = nn.Sequential(nn.Linear(freq_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
-        self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 3 * hidden))
+        # our Linear and SiLU: a row's conditioning does not depend on its batch mates (model/exact.py)
+        self.t_embedder.mlp = nn.Sequential(Linear(freq_dim, hidden), exact.SiLU(), Linear(hidden, hidden))
+        self.t_block = nn.Sequential(exact.SiLU(), Linear(hidden, 3 * hidden))
         nn.init.zeros_(self.t_block[1].weight)
         nn.init.zeros_(self.t_block[1].bias)
         tables = torch.zeros(num_layers, 3, hidden)

@@ -1,0 +1,140 @@
+"""Inference that is exact: a row's numbers are bitwise the same whatever its batch mates and
+however many tokens share its pass (one for AR, k + 1 for a verification, a block for the
+denoiser), in fp32 and bf16. What breaks that in plain PyTorch on a CPU, measured on torch
+2.13: SDPA's kernels (their reductions depend on the query and key counts), ``F.linear``'s
+one-row path (another kernel than for several rows; the oneDNN-packed product in
+``linear.WeightPacks`` does not vary), and the vectorised sigmoid, SiLU, softplus, GELU and pow,
+whose values depend on an element's place in the tensor (exp, log1p, tanh, rsqrt do not). Here
+those are built from operations that do not vary: exp and correctly rounded arithmetic, and
+reductions whose size and order are fixed.
+
+Each function takes the fast, non-exact PyTorch path when autograd records (training), where
+bitwise invariance buys nothing and the fused kernels save memory.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def silu(x: torch.Tensor) -> torch.Tensor:
+    return F.silu(x) if torch.is_grad_enabled() else x / (1 + torch.exp(-x))
+
+
+def sigmoid(x: torch.Tensor) -> torch.Tensor:
+    return torch.sigmoid(x) if torch.is_grad_enabled() else 1 / (1 + torch.exp(-x))
+
+
+def softplus(x: torch.Tensor) -> torch.Tensor:
+    """log(1 + exp(x)), and x itself above 20 (as F.softplus)."""
+    if torch.is_grad_enabled():
+        return F.softplus(x)
+    return torch.where(x > 20, x, torch.log1p(torch.exp(x.clamp(max=20))))
+
+
+def softmax(x: torch.Tensor) -> torch.Tensor:
+    """Over the last dim, which must be small enough for one reduction (router logits)."""
+    if torch.is_grad_enabled():
+        return x.softmax(-1)
+    e = torch.exp(x - x.amax(-1, keepdim=True))
+    return e / e.sum(-1, keepdim=True)
+
+
+class SiLU(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return silu(x)
+
+
+def depthwise_conv(window: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
+    """A causal depthwise conv1d over ``window`` (B, C, K - 1 + T): each output a sum over the
+    kernel's K taps in a fixed order, the same for one token as for many."""
+    if torch.is_grad_enabled():
+        return conv(window)
+    taps = window.unfold(-1, conv.kernel_size[0], 1)  # (B, C, T, K)
+    out = (taps * conv.weight[:, 0, None, :]).sum(-1)
+    return out + conv.bias[:, None] if conv.bias is not None else out
+
+
+KEY_CHUNK = 64  # keys summed at a time; the chunk sums are then accumulated in key order
+QUERY_ELEMENTS = 1 << 21  # keys x head_dim x queries copied at a time
+
+
+def _in_key_order(chunks: torch.Tensor, dim: int) -> torch.Tensor:
+    """The sum of ``chunks`` along ``dim`` accumulated from the first chunk to the last (a
+    cumulative sum: a sequential loop, in double precision on the CPU), so that trailing chunks
+    of zeros, the keys a query does not see, leave the bits unchanged."""
+    return chunks.cumsum(dim).select(dim, -1)
+
+
+def _compact_keys(k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor):
+    """Per query, its visible keys first, in key order (the rest after them, masked): a row's
+    keys then sit where they sit when the row runs alone, whatever left padding or block layout
+    the batch put around them. Returns k, v (B, Hkv, T, L, D) and the mask (B, 1, T, L)."""
+    order = torch.sort((~mask).to(torch.uint8), dim=-1, stable=True).indices  # (B|1, 1, T, L)
+    b, t, length = max(mask.shape[0], k.shape[0]), order.shape[2], order.shape[3]
+    index = order.expand(b, k.shape[1], t, length)[..., None].expand(-1, -1, -1, -1, k.shape[-1])
+    gather = lambda x: x[:, :, None].expand(b, -1, t, -1, -1).gather(3, index)  # noqa: E731
+    return gather(k), gather(v), mask.gather(3, order.expand(mask.shape[0], 1, t, length))
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool = False,
+    length: int | None = None,
+) -> torch.Tensor:
+    """Attention whose result for a query depends only on that query and the keys it sees, in
+    key order: bitwise the same whatever its batch mates and however many queries share the pass
+    (one for AR, k + 1 for a verification, a block for the denoiser).
+
+    The scores and the weighted values are products whose shapes are fixed per query (the query
+    heads sharing a key/value head times head_dim, and chunks of KEY_CHUNK keys), so they take
+    the same kernel for any pass; the softmax's denominator and the chunks' weighted values are
+    accumulated chunk by chunk in key order; all in fp32 (bf16 inputs are widened exactly).
+
+    Shapes as ``layers.attend``: q (B, Hq, T, D), k and v (B, Hkv, L, D), mask (B or 1, 1, T,
+    ``length``) bool; keys from ``length`` (default L) on are padding, never seen."""
+    out_dtype = q.dtype
+    q, k, v = q.float(), k.float(), v.float()
+    b, hq, t, d = q.shape
+    kv_heads = k.shape[1]
+    length = k.shape[2] if length is None else length
+    group = hq // kv_heads
+    if mask is None and is_causal:
+        mask = torch.ones(t, length, dtype=torch.bool, device=q.device).tril(length - t)[None, None]
+    gathered = mask is not None and bool((mask[..., 1:] & ~mask[..., :-1]).any())  # a hidden key before a seen one
+    if gathered:
+        k, v, mask = _compact_keys(k[:, :, :length], v[:, :, :length], mask)
+    pad = -k.shape[-2] % KEY_CHUNK
+    if pad:  # zero keys and values, masked, so that the chunks are whole
+        k, v = (torch.cat([x, x.new_zeros(*x.shape[:-2], pad, d)], dim=-2) for x in (k, v))
+    padded = k.shape[-2]
+    if mask is None:
+        mask = torch.arange(padded, device=q.device) < length if padded > length else None
+    elif mask.shape[-1] < padded:
+        mask = torch.cat([mask, mask.new_zeros(*mask.shape[:-1], padded - mask.shape[-1])], dim=-1)
+    if not gathered:  # every query reads the same keys: (B, Hkv, 1, L, D)
+        k, v = k[:, :, None], v[:, :, None]
+    q = q.view(b, kv_heads, group, t, d).transpose(2, 3) * (1.0 / math.sqrt(d))  # (B, Hkv, T, g, D)
+    step = max(1, QUERY_ELEMENTS // (padded * d))  # queries at a time, to bound the copies below
+    out = []
+    for s in range(0, t, step):
+        rows = slice(s, min(s + step, t))
+        n = rows.stop - rows.start
+        # copied out whole (never a strided view nor a broadcast: either changes the product's
+        # kernel), so every query's (g, D) x (D, L) and (g, C) x (C, D) products are alike
+        keys_t = k[:, :, rows if gathered else slice(0, 1)].transpose(-1, -2).expand(-1, -1, n, -1, -1).contiguous()
+        values = v[:, :, rows if gathered else slice(0, 1)].unflatten(-2, (-1, KEY_CHUNK))
+        values = values.expand(-1, -1, n, -1, -1, -1).contiguous()  # (B, Hkv, t, chunks, C, D)
+        scores = torch.matmul(q[:, :, rows].contiguous(), keys_t)  # (B, Hkv, t, g, L)
+        if mask is not None:
+            seen = mask[:, :, rows, None] if mask.dim() == 4 else mask  # (B|1, 1, t, 1, L) or (L,)
+            scores = scores.masked_fill(~seen, float("-inf"))
+        weights = (scores - scores.amax(-1, keepdim=True)).exp()
+        chunks = weights.unflatten(-1, (-1, KEY_CHUNK)).transpose(-2, -3).contiguous()  # (B, Hkv, t, chunks, g, C)
+        numerator = _in_key_order(torch.matmul(chunks, values), -3)  # (B, Hkv, t, g, D)
+        out.append(numerator / _in_key_order(chunks.sum(-1), -2)[..., None])
+    y = out[0] if len(out) == 1 else torch.cat(out, dim=2)  # (B, Hkv, T, g, D)
+    return y.transpose(2, 3).reshape(b, hq, t, d).to(out_dtype)
