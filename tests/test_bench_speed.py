@@ -218,16 +218,29 @@ def test_bench_speed_verified_drafting_reproduces_ar(tiny_dir, tmp_path):
     context tower keeps the agreeing prefix, so the output is our AR's, token for token. The
     threshold plays no part then: two of them make one run, shown without a threshold."""
     out = tmp_path / "verified"
-    code = main(["bench", "speed", "--model", str(tiny_dir), "--threads", "1", "--modes", "mask_diffusion",
+    code = main(["bench", "speed", "--model", str(tiny_dir), "--threads", "1", "--modes", "mask_diffusion", "fused",
                  "--thresholds", "0.9", "0.5", "--block-sizes", "4", "--batch-sizes", "1", "--prompts", "2",
                  "--max-new-tokens", "8", "--repeats", "1", "--verify", "--steps-per-block", "1",
                  "--output-dir", str(out)])
     assert code == 0
     data = json.loads((out / "speed.json").read_text())
-    (diffusion,) = [r for r in data["runs"] if r["mode"] == "mask_diffusion"]
+    diffusion, fused = [r for r in data["runs"] if r["mode"] == "mask_diffusion"]
     # the threshold plays no part with one step per block: it is not in the label
     assert diffusion["label"] == "mask_diffusion S=4 verified" and diffusion["steps_per_block"] == 1
     assert diffusion["exact_match"] == 1.0 and diffusion["verify"] is True
+    # the fused twin: one forward a step, both towers' rows in it, the same output
+    assert fused["label"] == "mask_diffusion S=4 fused" and fused["fused"] is True and fused["exact_match"] == 1.0
+    assert fused["forwards_per_token"] == fused["nfe_per_token"]
+    assert diffusion["forwards_per_token"] > diffusion["nfe_per_token"]  # a draft forward and a check a step
+    for r in (diffusion, fused):
+        rows = sum(int(w) * n for w, n in r["forward_widths"].items()) / sum(r["forward_widths"].values())
+        assert r["rows_per_forward"] == pytest.approx(rows) and r["predicted_speedup"] > 0
+        # a forward costs one AR step up to 64 rows: the prediction is tokens per forward
+        assert r["predicted_speedup_flat64"] == pytest.approx(r["generated_tokens"] / sum(r["forward_widths"].values()))
+    widths = {int(w) for r in (diffusion, fused) for w in r["forward_widths"]}
+    assert set(map(int, data["cost_model"]["forward_ms"])) == widths | {1}
+    assert data["cost_model"]["relative_to_one_row"]["1"] == 1.0
     table = (out / "speed.md").read_text()
     assert "verified against the context tower, 1 denoiser step(s) per block" in table
-    assert "| 1 | mask_diffusion | 4 | – |" in table
+    assert "| 1 | mask_diffusion verified | 4 | – |" in table and "| 1 | mask_diffusion fused | 4 | – |" in table
+    assert "Cost model" in table

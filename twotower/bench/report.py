@@ -48,19 +48,30 @@ def markdown(results: dict) -> str:
         "agreement: greedy tokens vs our AR",
         f"- memory: {memory}",
         "",
-        "| batch | mode | block | threshold | tok/s | speed-up vs AR | NFE/token | latency median (s) "
+        "| batch | mode | block | threshold | tok/s | speed-up vs AR | predicted (here / flat to 64 rows) "
+        "| NFE/token | forwards/token | rows/forward | latency median (s) "
         f"| latency p90 (s) | {'peak GPU mem' if on_gpu else 'peak mem over start'} (MB) | token agreement "
         "| exact match |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results["runs"]:
+        mode = r["mode"] + (" fused" if r.get("fused") else " verified" if r.get("verify") else "")
+        predicted = (f"{_fmt(r.get('predicted_speedup'), '.2f')} / {_fmt(r.get('predicted_speedup_flat64'), '.2f')}"
+                     if r.get("predicted_speedup") is not None else "–")
         lines.append(
-            f"| {r['batch_size']} | {r['mode']} | {r.get('block_size', '')} | {_threshold_cell(r)} "
-            f"| {r['tokens_per_second']:.1f} | {r['speedup_vs_ar']:.2f} | {_fmt(r['nfe_per_token'], '.2f')} "
+            f"| {r['batch_size']} | {mode} | {r.get('block_size', '')} | {_threshold_cell(r)} "
+            f"| {r['tokens_per_second']:.1f} | {r['speedup_vs_ar']:.2f} | {predicted} "
+            f"| {_fmt(r['nfe_per_token'], '.2f')} | {_fmt(r.get('forwards_per_token'), '.2f')} "
+            f"| {_fmt(r.get('rows_per_forward'), '.1f')} "
             f"| {r['latency_s']['median']:.2f} | {r['latency_s']['p90']:.2f} "
             f"| {r['peak_gpu_mb'] if on_gpu else r['peak_rss_over_start_mb']:.0f} "
             f"| {100 * r['token_agreement']:.1f}% | {100 * r['exact_match']:.0f}% |"
         )
+    cost = results.get("cost_model")
+    if cost:
+        lines += ["", "Cost model: one forward over n new tokens after a 256-token context, batch 1, relative to "
+                  "n = 1 (" + f"{float(cost['forward_ms']['1']):.1f} ms" + "): "
+                  + ", ".join(f"n={w} {float(v):.2f}x" for w, v in cost["relative_to_one_row"].items()) + "."]
     lines += [f"- skipped: {s}" for s in results["skipped"]]
     return "\n".join(lines) + "\n"
 

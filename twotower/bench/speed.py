@@ -49,13 +49,15 @@ from ..generate.prompts import PROMPT_SET, encode_prompt, load_prompt_set
 from ..generate.settings import resolve_settings, settings_grid
 from ..model.devices import torch_dtype
 from .box import describe_box
+from .cost import FLAT_ROWS, flat, measure_row_costs, predicted_speedup
 from .decoders import Decoder, ForwardCounter, llama_cpp_decoder, ours, transformers_decoder
 from .memory import PeakMemory
 from .report import markdown, plot
 from .timing import Timings, interleaved
 
 BATCH_SIZES = (1, 4, 16)
-MODES = ("ar", "mock_ar", "mask_diffusion", "transformers", "prompt_lookup", "llama_cpp")
+# "fused": the one-forward-per-step twin of every verified mask-diffusion setting (lora flavour)
+MODES = ("ar", "mock_ar", "mask_diffusion", "fused", "transformers", "prompt_lookup", "llama_cpp")
 
 
 def encode_prompts(tokenizer, prompts: list[dict]) -> tuple[list[list[int]], bool]:
@@ -83,6 +85,7 @@ class Pass:
     peak_mb: float
     over_start_mb: float
     gpu_peak_mb: float | None  # torch's CUDA allocator peak over the pass (None on the CPU)
+    forward_widths: dict[int, int] | None = None  # ours: forwards by tokens per batch row, all batches
 
 
 @dataclass
@@ -100,6 +103,7 @@ class Contender:
 
     def __call__(self) -> None:
         seconds, tokens, nfe, longest, peak, over = [], [], 0, 0, 0.0, 0.0
+        widths: dict[int, int] | None = {}
         cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
         if cuda:
             torch.cuda.synchronize()
@@ -113,10 +117,15 @@ class Contender:
                 seconds.append(time.perf_counter() - start)
             tokens.extend(out.tokens)
             nfe = None if nfe is None or out.nfe is None else nfe + out.nfe
+            if widths is not None and out.forward_widths is not None:
+                for width, n in out.forward_widths.items():
+                    widths[width] = widths.get(width, 0) + n
+            else:
+                widths = None
             longest += max(len(row) for row in out.tokens)
             peak, over = max(peak, mem.peak_mb), max(over, mem.over_start_mb)
         gpu_peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
-        self._passes.append(Pass(seconds, tokens, nfe, longest, peak, over, gpu_peak))
+        self._passes.append(Pass(seconds, tokens, nfe, longest, peak, over, gpu_peak, widths))
 
     def keep(self, timings: Timings, warmup: int) -> None:
         self.kept.extend(self._passes[warmup:])
@@ -129,6 +138,8 @@ def summarise(c: Contender, time_ratio: float, reference: list[list[int]]) -> di
     ``reference``: our AR's tokens for the same requests."""
     last = c.kept[-1]
     generated = sum(len(row) for row in last.tokens)
+    widths = last.forward_widths
+    forwards = sum(widths.values()) if widths else None
     latencies = [s for p in c.kept for s, batch in zip(p.batch_seconds, c.batches) for _ in batch]
     return {
         **c.settings,
@@ -138,6 +149,10 @@ def summarise(c: Contender, time_ratio: float, reference: list[list[int]]) -> di
         "speedup_vs_ar": time_ratio * generated / sum(len(row) for row in reference),
         "wall_time_ratio_vs_ar": time_ratio,
         "nfe_per_token": last.nfe / last.longest_rows if last.nfe is not None and last.longest_rows else None,
+        # every forward of either tower (or both at once), per position decoded, and its width
+        "forwards_per_token": forwards / last.longest_rows if forwards and last.longest_rows else None,
+        "rows_per_forward": sum(w * n for w, n in widths.items()) / forwards if forwards else None,
+        "forward_widths": {str(w): n for w, n in sorted(widths.items())} if widths else None,
         "latency_s": {"median": float(np.median(latencies)), "p90": float(np.percentile(latencies, 90))},
         "peak_rss_mb": max(p.peak_mb for p in c.kept),
         "peak_rss_over_start_mb": max(p.over_start_mb for p in c.kept),
@@ -208,6 +223,26 @@ def _baselines(modes: Sequence[str], backbone: str | None, dtype: str, device: s
     return hf, forwards, llama
 
 
+def _cost_model(context, runs: list[dict], device: str) -> dict:
+    """Forward cost by width measured here (batch 1, after a 256-token context), and each of our
+    runs' speed-up predicted from its forwards: with these costs, and on a device whose forward
+    costs the same up to 64 rows (a GPU's regime)."""
+    ours_ = [r for r in runs if r.get("forward_widths")]
+    if not ours_:
+        return {}
+    widths = sorted({1} | {int(w) for r in ours_ for w in r["forward_widths"]})
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else None
+    costs = measure_row_costs(context, widths, synchronize=sync)
+    for r in ours_:  # batch 1 only: the costs were measured for one row
+        widths_ = {int(w): n for w, n in r["forward_widths"].items()}
+        single = r["batch_size"] == 1
+        r["predicted_speedup"] = predicted_speedup(widths_, r["generated_tokens"], costs) if single else None
+        r["predicted_speedup_flat64"] = predicted_speedup(widths_, r["generated_tokens"], flat(widths_)) \
+            if single else None
+    return {"context_tokens": 256, "batch": 1, "forward_ms": {str(w): 1000 * c for w, c in costs.items()},
+            "relative_to_one_row": {str(w): c / costs[1] for w, c in costs.items()}, "flat_rows": FLAT_ROWS}
+
+
 def run_speed_bench(
     model: str,
     dtype: str = "float32",
@@ -260,12 +295,16 @@ def run_speed_bench(
 
         if "mock_ar" in modes:
             add("mock_ar", "mock_ar", ours(tt, mock_ar, eos), decoding=mock_ar.to_dict())
-        if "mask_diffusion" in modes:
-            for settings in dials:
-                size = settings.block_size or tt.block_size
-                add(settings.label(tt.block_size), "mask_diffusion", ours(tt, settings, eos), block_size=size,
-                    threshold=settings.confidence_threshold, commit_rule=settings.commit_rule, verify=settings.verify,
-                    steps_per_block=settings.steps_per_block or size, decoding=settings.to_dict())
+        lossless = []
+        if "fused" in modes and tt.config.flavour != "lora":
+            skipped.append("fused: needs the lora flavour (both towers on one set of weights)")
+        elif "fused" in modes:
+            lossless = [d.replace(fused=not d.fused) for d in dials if d.verify]
+        for settings in (dials if "mask_diffusion" in modes else []) + lossless:
+            size = settings.block_size or tt.block_size
+            add(settings.label(tt.block_size), "mask_diffusion", ours(tt, settings, eos), block_size=size,
+                threshold=settings.confidence_threshold, commit_rule=settings.commit_rule, verify=settings.verify,
+                fused=settings.fused, steps_per_block=settings.steps_per_block or size, decoding=settings.to_dict())
         if hf is not None and "transformers" in modes:
             add("transformers", "transformers", transformers_decoder(hf, forwards, eos, pad, max_new_tokens))
         if hf is not None and "prompt_lookup" in modes:
@@ -305,6 +344,7 @@ def run_speed_bench(
         runs.append(summarise(ar, 1.0, reference))
         runs.extend(summarise(c, ratios[c.name], reference) for c in others)
     bar.close()
+    cost_model = _cost_model(context, runs, device)
 
     box = describe_box() | {"dtype": dtype, "device": device}
     dial = dials[0]  # the commit rule, verification and steps are given once for every block size
@@ -324,6 +364,7 @@ def run_speed_bench(
                     "chat_template": chat},
         "memory_method": PeakMemory.method,
         "box": box,
+        "cost_model": cost_model,
         "skipped": sorted(set(skipped)),
         "runs": runs,
     }

@@ -26,6 +26,29 @@ class GenerationStats:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     new_tokens: list[int] = field(default_factory=list)  # per row, EOS included, nothing after it
+    # every forward after the prompt pass, of either tower or of both at once (a fused pass), and
+    # the tokens each computed per batch row: what a step costs, beside what it yields
+    forwards: int = 0
+    forward_widths: dict[int, int] = field(default_factory=dict)  # tokens per batch row -> forwards
+
+    def counted(self, rows: int) -> None:
+        """One more forward over ``rows`` tokens per batch row."""
+        self.forwards += 1
+        self.forward_widths[rows] = self.forward_widths.get(rows, 0) + 1
+
+    @property
+    def forward_rows(self) -> int:
+        return sum(width * n for width, n in self.forward_widths.items())
+
+    @property
+    def forwards_per_token(self) -> float:
+        """Forwards per generated token of a row (batch size does not deflate it: AR is ~1.0)."""
+        per_row = self.total_new_tokens / len(self.new_tokens) if self.new_tokens else 0
+        return self.forwards / per_row if per_row else 0.0
+
+    @property
+    def rows_per_forward(self) -> float:
+        return self.forward_rows / self.forwards if self.forwards else 0.0
 
     @property
     def total_new_tokens(self) -> int:
@@ -222,6 +245,7 @@ def generate_ar(
             break
         logits = model(tokens[:, None], cache, last_only=True)
         stats.nfe += 1
+        stats.counted(1)
     stats.decode_seconds = time.perf_counter() - start
     stats.new_tokens = [len(r) for r in stopper.tokens]
     stats.row_nfe = list(stats.new_tokens)  # one pass per token, the prompt pass included

@@ -24,12 +24,15 @@ import torch
 
 from ..errors import UsageError
 from ..model.cache import ModelCache
+from ..model.fused import check_fusable, fused_forward
 from ..model.twotower import TwoTower
 from .ar import GenerationStats, TokenCallback, check_generation_args, new_stopper, prepare_prompts
 from .commit import CommitRule, get_commit_rule
 from .sampling import Sampler
 from .settings import DEFAULT_COMMIT_RULE, DEFAULT_CONFIDENCE_THRESHOLD
 from .stopping import Stopper
+
+GUESS_ONLY = 1
 
 
 @dataclass
@@ -141,6 +144,7 @@ def generate_mask_diffusion(
     seed: int | None = None,
     commit_rule: str | CommitRule = DEFAULT_COMMIT_RULE,
     verify: bool = False,
+    fused: bool = False,
     attention_mask: torch.Tensor | None = None,
     step_callback: StepCallback | None = None,
     callback: TokenCallback | None = None,
@@ -159,6 +163,12 @@ def generate_mask_diffusion(
     ceil(block_size / steps_per_block) of them (``steps_per_block=1`` drafts whole blocks), then
     further targets while their confidence (the top probability) exceeds the threshold.
 
+    ``fused=True`` (with ``verify``, lora flavour) makes every step one forward of both towers:
+    the context tower checks the current draft while the denoiser, in the same pass, drafts the
+    next block as if the whole draft were accepted (model/fused.py); that draft is used when it
+    holds, and a step without a draft still yields the AR model's next token. The output is the
+    same as without fusion.
+
     A row ends at a stop token (``eos_token_id``, default the model's), at the token that
     completes one of ``stop_strings`` (read with ``tokenizer``) or at ``max_new_tokens``."""
     s = model.block_size if block_size is None else block_size
@@ -171,13 +181,19 @@ def generate_mask_diffusion(
     shift = 1 if model.config.token_shift else 0
     if verify and not shift:
         raise UsageError("verify=True needs the token-shift block layout")
+    if fused:
+        if not verify:
+            raise UsageError("fused=True needs verify=True (the fused pass checks a draft while drafting the next)")
+        if s < 2:
+            raise UsageError("fused=True needs block_size >= 2 (a pre-draft's first slot doubles as the check)")
+        check_fusable(model)
 
     context = model.context
     prompts = prepare_prompts(input_ids, attention_mask)
     # a context pass appends s tokens (a block's inputs) or, verified, up to s + 1 (the anchor
     # and a whole-block draft) to every row before rolling back, finished rows too: the last
     # block may overrun max_new_tokens by that much less the anchor
-    overrun = s if verify else s - 1
+    overrun = 2 * s if fused else s if verify else s - 1  # fused: a draft of s - 1, then the block after it
     check_generation_args(context, prompts, max_new_tokens, reserve=overrun,
                           why=f"the last {'draft' if verify else 'block'} of {s} may run past max_new_tokens")
     if prompts.attention_mask is None:
@@ -206,7 +222,7 @@ def generate_mask_diffusion(
         model, cache, Sampler(batch, temperature, top_k, top_p, seed, device), rule, s, steps, confidence_threshold,
         stopper, ids[:, -1].clone(), stats, callback, step_callback,
     )
-    (_verified_drafts if verify else _blocks)(run)
+    (_fused_drafts if fused else _verified_drafts if verify else _blocks)(run)
     stats.decode_seconds = time.perf_counter() - start
     stats.new_tokens = [len(r) for r in stopper.tokens]
     stats.row_nfe = [sum(steps) for steps in stats.block_steps]  # a row takes part while it has unknown targets
@@ -220,6 +236,7 @@ def _propose(run: _Decoding, block_in: torch.Tensor, unknown: torch.Tensor) -> t
     t = unknown.sum(1).float() / run.block_size
     logits = run.model.denoise_block(block_in, t, run.cache)
     run.stats.nfe += 1
+    run.stats.counted(block_in.shape[1])
     live = unknown.any(1).nonzero()[:, 0]
     proposal = torch.zeros(unknown.shape, dtype=torch.long, device=unknown.device)
     proposal[live] = run.sampler(logits[live], live)
@@ -258,6 +275,7 @@ def _blocks(run: _Decoding) -> None:
         before = run.cache.lengths.clone()
         run.model.context_forward(ext, run.cache, record=True)
         run.stats.context_passes += 1
+        run.stats.counted(ext.shape[1])
         appended = torch.zeros(batch, dtype=torch.long, device=active.device)
         for row in active.nonzero()[:, 0].tolist():
             appended[row] = run.emit(row, tokens[row].tolist())
@@ -292,6 +310,7 @@ def _verified_drafts(run: _Decoding) -> None:
         before = run.cache.lengths.clone()
         ar_logits = run.model.context_forward(ext, run.cache, record=True)
         run.stats.context_passes += 1
+        run.stats.counted(width)
         q = None if run.sampler.greedy else run.sampler.probs(logits[:, : int(drafted.max())])
         appended = torch.zeros(batch, dtype=torch.long, device=active.device)
         for row in active.nonzero()[:, 0].tolist():
@@ -302,6 +321,84 @@ def _verified_drafts(run: _Decoding) -> None:
             run.stats.accepted[row].append(int(appended[row]))
         run.settle_context(before, appended)
         draft_index += 1
+
+
+def _fused_drafts(run: _Decoding) -> None:
+    """Verified decoding, one forward per step (model/fused.py): the context tower checks the
+    current draft while the denoiser, in the same pass, drafts the block that follows it as if
+    the whole draft were accepted, which is all the next step drafts from.
+
+    A draft is d_1..d_k and a guess g for the target after it. The pass runs the context tower
+    over [anchor, d_1..d_k], whose last row checks g (in place of AR's free next token), and the
+    denoiser over [g, M, ...] placed after d_k: when the draft and the guess are all accepted,
+    that block is exactly the one the next step would draft from, so its proposals become the
+    next draft and guess. A row without a guess (its first step, or after a rejection) runs the
+    block [d_k, M, ...] placed before d_k instead: its first slot predicts AR's next token, and
+    when the two agree its further slots are the next draft and guess. Draft lengths follow the
+    commit rule on the proposals' top probabilities (never on the drawn tokens)."""
+    s = run.block_size
+    batch = run.batch
+    device = run.anchor.device
+    draft = torch.zeros(batch, s, dtype=torch.long, device=device)  # d_1..d_k, then the guess
+    drafted = torch.zeros(batch, dtype=torch.long, device=device)  # k
+    guessed = torch.zeros(batch, dtype=torch.bool, device=device)
+    q = None  # sampling: the denoiser's proposal distributions of every row's draft and guess
+    step = 0
+    while not run.stopper.all_finished:
+        active = run.active()
+        width = int(drafted.max()) + 1
+        cols = torch.arange(width, device=device)[None, :]
+        ctx_ids = torch.cat([run.anchor[:, None], draft[:, : width - 1]], dim=1)
+        ctx_ids = torch.where(active[:, None] & (cols <= drafted[:, None]), ctx_ids, 0)
+        block_in = run.fresh_block()
+        last = ctx_ids.gather(1, drafted[:, None])[:, 0]  # d_k, or the anchor
+        block_in[:, 0] = torch.where(guessed, draft.gather(1, drafted[:, None])[:, 0], last)
+        t = active.float()  # every target of the block is unknown (finished rows: nothing to draft)
+        before = run.cache.lengths.clone()
+        out = fused_forward(run.model, ctx_ids, block_in, t, drafted + guessed.long(), run.cache)
+        run.stats.nfe += 1
+        run.stats.context_passes += 1
+        run.stats.counted(width + s)
+        live = active.nonzero()[:, 0]
+        proposal = torch.zeros(batch, s, dtype=torch.long, device=device)
+        proposal[live] = run.sampler(out.den_logits[live], live)
+        confidence = out.den_logits.float().softmax(-1).max(-1).values
+        if run.step_callback is not None:
+            run.step_callback(StepEvent(step, 0, active[:, None].expand(batch, s).clone(),
+                                        torch.where(active[:, None], proposal, -1), t, out.den_logits))
+        probs = None if run.sampler.greedy else run.sampler.probs(out.den_logits)
+
+        appended = torch.zeros(batch, dtype=torch.long, device=device)
+        next_draft, next_drafted = torch.zeros_like(draft), torch.zeros_like(drafted)
+        next_guessed, next_q = torch.zeros_like(guessed), None if probs is None else torch.zeros_like(probs)
+        for row in active.nonzero()[:, 0].tolist():
+            k, guess = int(drafted[row]), bool(guessed[row])
+            checked = draft[row, : k + guess]
+            # the row's k + 1 context rows check d_1..d_k and the guess, or give AR's next token
+            new = _accept(run.sampler, row, checked, out.ar_logits[row, : k + 1], q)
+            appended[row] = kept = run.emit(row, new)
+            run.stats.block_steps[row].append(1)
+            run.stats.drafted[row].append(k + guess)
+            run.stats.accepted[row].append(kept)
+            if new[:k + guess] != checked.tolist() or len(new) != k + 1 or run.stopper.finished[row]:
+                continue  # a rejection (or the end): the block assumed that all was accepted
+            # the block's predictions beyond the accepted run: all its slots after a guess, the
+            # slots after the first otherwise, and then only if the first agrees with AR's token
+            first = 0 if guess else 1
+            if not guess and int(proposal[row, 0]) != new[-1]:
+                continue
+            unknown = torch.ones(1, s - first, dtype=torch.bool, device=device)
+            n = int(run.rule(confidence[row : row + 1, first:], unknown, run.steps, run.threshold).long().cumprod(1).sum())
+            if not guess:
+                n = min(n, GUESS_ONLY)
+            if n:
+                next_draft[row, :n] = proposal[row, first : first + n]
+                next_drafted[row], next_guessed[row] = n - 1, True
+                if next_q is not None:
+                    next_q[row, :n] = probs[row, first : first + n]
+        run.settle_context(before, appended)
+        draft, drafted, guessed, q = next_draft, next_drafted, next_guessed, next_q
+        step += 1
 
 
 def _accept(sampler: Sampler, row: int, draft: torch.Tensor, ar_logits: torch.Tensor, q: torch.Tensor | None) -> list[int]:
@@ -317,10 +414,12 @@ def _accept(sampler: Sampler, row: int, draft: torch.Tensor, ar_logits: torch.Te
         kept = int((draft == ar[:k]).long().cumprod(0).sum())
         return draft[:kept].tolist() + ar[kept : kept + 1].tolist()
     p = sampler.probs(ar_logits)
-    px = p[:k].gather(-1, draft[:, None])[:, 0]
-    qx = q[row, :k].gather(-1, draft[:, None])[:, 0]
-    u = sampler.uniform(row, (k,)).to(px.device)
-    rejected = (u * qx > px).nonzero()
+    rejected = []
+    if k:  # (no draft: AR's own next token)
+        px = p[:k].gather(-1, draft[:, None])[:, 0]
+        qx = q[row, :k].gather(-1, draft[:, None])[:, 0]
+        u = sampler.uniform(row, (k,)).to(px.device)
+        rejected = (u * qx > px).nonzero()
     if len(rejected):
         j = int(rejected[0])
         residual = (p[j] - q[row, j]).clamp_min(0)
@@ -329,7 +428,7 @@ def _accept(sampler: Sampler, row: int, draft: torch.Tensor, ar_logits: torch.Te
         j, target = k, p[k]
     else:
         return draft.tolist()
-    gumbel = -torch.log(-torch.log(sampler.uniform(row, target.shape).to(px.device).clamp_min(1e-20)))
+    gumbel = -torch.log(-torch.log(sampler.uniform(row, target.shape).to(p.device).clamp_min(1e-20)))
     return draft[:j].tolist() + [int((target.log() + gumbel).argmax())]
 
 

@@ -8,7 +8,8 @@
 3. for mask diffusion, the recommended preset (``verify``, ``steps_per_block``, ``block_size``,
    say verified whole-block drafts of 4 tokens) applies as one unit, unless the user gave any
    option of the dial (``verify``, ``steps_per_block``, ``confidence_threshold``): then the
-   plain dial applies. A ``block_size`` given alone replaces only the preset's block size.
+   plain dial applies. A ``block_size`` given alone replaces only the preset's block size, and
+   a ``fused`` given alone only the preset's fusion.
 """
 
 from __future__ import annotations
@@ -24,12 +25,12 @@ from .stopping import check_stop_strings
 
 DEFAULT_CONFIDENCE_THRESHOLD = 0.9  # the released model's default
 DEFAULT_COMMIT_RULE = "threshold"  # the released rule (DESIGN.md §1)
-PRESET_KEYS = ("verify", "steps_per_block", "block_size")  # a recommended preset of the dial
+PRESET_KEYS = ("verify", "fused", "steps_per_block", "block_size")  # a recommended preset of the dial
 DIAL_KEYS = ("verify", "steps_per_block", "confidence_threshold")  # any of these given: the plain dial
 # options that mean nothing for a mode (giving one is an error, not silently ignored)
 UNUSED_BY_MODE = {
-    "ar": ("block_size", "steps_per_block", "confidence_threshold", "commit_rule", "verify"),
-    "mock_ar": ("block_size", "steps_per_block", "confidence_threshold", "verify"),
+    "ar": ("block_size", "steps_per_block", "confidence_threshold", "commit_rule", "verify", "fused"),
+    "mock_ar": ("block_size", "steps_per_block", "confidence_threshold", "verify", "fused"),
 }
 
 
@@ -57,6 +58,7 @@ class DecodingSettings:
     confidence_threshold: float = DEFAULT_CONFIDENCE_THRESHOLD
     commit_rule: str = DEFAULT_COMMIT_RULE
     verify: bool = False  # drafts checked by the context tower: the output is AR's
+    fused: bool = False  # with verify: one forward of both towers per step (lora flavour)
     temperature: float = 0.0
     top_k: int | None = None
     top_p: float | None = None
@@ -77,6 +79,10 @@ class DecodingSettings:
             raise UsageError(f"unknown commit rule {self.commit_rule!r} (choose from {', '.join(COMMIT_RULES)})")
         if not isinstance(self.verify, bool):
             raise UsageError(f"verify must be True or False, got {self.verify!r}")
+        if not isinstance(self.fused, bool):
+            raise UsageError(f"fused must be True or False, got {self.fused!r}")
+        if self.fused and not self.verify:
+            raise UsageError("fused needs verify (the fused pass checks one draft while drafting the next)")
         _number("temperature", self.temperature, 0.0)
         _int("top_k", self.top_k, 1, optional=True)
         if self.top_p is not None:
@@ -90,7 +96,9 @@ class DecodingSettings:
     @property
     def strategy(self) -> str:
         """The registered strategy these settings select (see ``strategies.STRATEGIES``)."""
-        return "verified" if self.mode == "mask_diffusion" and self.verify else self.mode
+        if self.mode == "mask_diffusion" and self.verify:
+            return "fused" if self.fused else "verified"
+        return self.mode
 
     def replace(self, **changes) -> DecodingSettings:
         return dataclasses.replace(self, **changes)
@@ -105,10 +113,11 @@ class DecodingSettings:
         if self.mode == "mock_ar":
             return f"mock-AR, rule {self.commit_rule}"
         block = self.block_size or model_block_size
+        fused = ", one forward per step" if self.fused else ""
         if self.verify and self.steps_per_block == 1:  # one draft per block: the threshold plays no part
-            return f"verified drafts of {block} tokens, rule {self.commit_rule}"
+            return f"verified drafts of {block - 1 if self.fused else block} tokens, rule {self.commit_rule}{fused}"
         text = f"block {block}, threshold {self.confidence_threshold:g}, rule {self.commit_rule}"
-        return text + (", verified" if self.verify else "")
+        return text + (", verified" if self.verify else "") + fused
 
     def label(self, model_block_size: int) -> str:
         """A short name for tables and plots: e.g. "mask_diffusion S=16 t=0.9 verified"."""
@@ -117,7 +126,7 @@ class DecodingSettings:
         text = f"mask_diffusion S={self.block_size or model_block_size}"
         if self.steps_per_block != 1:  # with one step per block the threshold plays no part
             text += f" t={self.confidence_threshold:g}"
-        return text + (" verified" if self.verify else "")
+        return text + (" fused" if self.fused else " verified" if self.verify else "")
 
 
 def _ids(value) -> tuple[int, ...] | None:

@@ -85,7 +85,7 @@ def _diffusion(model, input_ids, settings: DecodingSettings, **common) -> Genera
     return generate_mask_diffusion(
         model, input_ids, block_size=settings.block_size, steps_per_block=settings.steps_per_block,
         confidence_threshold=settings.confidence_threshold, commit_rule=settings.commit_rule,
-        verify=settings.verify, **common,
+        verify=settings.verify, fused=settings.fused, **common,
     )
 
 
@@ -97,3 +97,6 @@ register(Strategy("mask_diffusion", "mask_diffusion", True,
 register(Strategy("verified", "mask_diffusion", True,
                   "verified drafting: each denoiser forward drafts, the context tower keeps what agrees (== AR)",
                   _diffusion))
+register(Strategy("fused", "mask_diffusion", True,
+                  "verified drafting in one forward per step: the check of a draft and the next draft share a pass "
+                  "(lora flavour; == AR)", _diffusion))

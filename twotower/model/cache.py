@@ -68,15 +68,21 @@ class MambaState:
         state.conv_window = state.ssm_history = state.boundary_ssm = None
         return state
 
-    def rollback(self, keep: torch.Tensor) -> None:
-        """Keep only the first ``keep[b]`` tokens of row b's last recorded extension."""
+    def after(self, keep: torch.Tensor) -> MambaState:
+        """A read-only state as it stood after the first ``keep[b]`` tokens of row b's last
+        recorded extension (a fused pass seeds the denoiser there)."""
         if self.conv_window is None or self.ssm_history is None:
             raise RuntimeError("Mamba state can only roll back inside an extension made with record=True")
         k = self.conv.shape[-1]
         rows = torch.arange(keep.shape[0], device=keep.device)
         idx = keep[:, None] + torch.arange(k, device=keep.device)  # (B, K-1)
-        self.conv = torch.gather(self.conv_window, 2, idx[:, None, :].expand(-1, self.conv.shape[1], -1)).contiguous()
-        self.ssm = self.ssm_history[rows, keep].contiguous()
+        conv = torch.gather(self.conv_window, 2, idx[:, None, :].expand(-1, self.conv.shape[1], -1)).contiguous()
+        return MambaState.view(conv, self.ssm_history[rows, keep].contiguous())
+
+    def rollback(self, keep: torch.Tensor) -> None:
+        """Keep only the first ``keep[b]`` tokens of row b's last recorded extension."""
+        kept = self.after(keep)
+        self.conv, self.ssm = kept.conv, kept.ssm
         self.conv_window = self.ssm_history = None  # positions changed: the record no longer applies
 
 

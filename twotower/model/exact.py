@@ -60,7 +60,6 @@ def depthwise_conv(window: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
 
 
 KEY_CHUNK = 64  # keys summed at a time; the chunk sums are then accumulated in key order
-QUERY_ELEMENTS = 1 << 21  # keys x head_dim x queries copied at a time
 
 
 def _in_key_order(chunks: torch.Tensor, dim: int) -> torch.Tensor:
@@ -115,26 +114,57 @@ def attention(
         mask = torch.arange(padded, device=q.device) < length if padded > length else None
     elif mask.shape[-1] < padded:
         mask = torch.cat([mask, mask.new_zeros(*mask.shape[:-1], padded - mask.shape[-1])], dim=-1)
-    if not gathered:  # every query reads the same keys: (B, Hkv, 1, L, D)
-        k, v = k[:, :, None], v[:, :, None]
     q = q.view(b, kv_heads, group, t, d).transpose(2, 3) * (1.0 / math.sqrt(d))  # (B, Hkv, T, g, D)
-    step = max(1, QUERY_ELEMENTS // (padded * d))  # queries at a time, to bound the copies below
-    out = []
-    for s in range(0, t, step):
-        rows = slice(s, min(s + step, t))
-        n = rows.stop - rows.start
-        # copied out whole (never a strided view nor a broadcast: either changes the product's
-        # kernel), so every query's (g, D) x (D, L) and (g, C) x (C, D) products are alike
-        keys_t = k[:, :, rows if gathered else slice(0, 1)].transpose(-1, -2).expand(-1, -1, n, -1, -1).contiguous()
-        values = v[:, :, rows if gathered else slice(0, 1)].unflatten(-2, (-1, KEY_CHUNK))
-        values = values.expand(-1, -1, n, -1, -1, -1).contiguous()  # (B, Hkv, t, chunks, C, D)
-        scores = torch.matmul(q[:, :, rows].contiguous(), keys_t)  # (B, Hkv, t, g, L)
-        if mask is not None:
-            seen = mask[:, :, rows, None] if mask.dim() == 4 else mask  # (B|1, 1, t, 1, L) or (L,)
-            scores = scores.masked_fill(~seen, float("-inf"))
-        weights = (scores - scores.amax(-1, keepdim=True)).exp()
-        chunks = weights.unflatten(-1, (-1, KEY_CHUNK)).transpose(-2, -3).contiguous()  # (B, Hkv, t, chunks, g, C)
-        numerator = _in_key_order(torch.matmul(chunks, values), -3)  # (B, Hkv, t, g, D)
-        out.append(numerator / _in_key_order(chunks.sum(-1), -2)[..., None])
-    y = out[0] if len(out) == 1 else torch.cat(out, dim=2)  # (B, Hkv, T, g, D)
+    if gathered:  # each query its own keys: (B, Hkv, T) problems of g query columns
+        seen = mask[:, :, :, None]  # (B|1, 1, T, 1, L)
+        y = _columns(q, k, v, seen)
+    else:  # one set of keys per row: (B, Hkv) problems of T * g query columns
+        seen = None if mask is None else mask if mask.dim() == 1 else \
+            mask[:, :, :, None].expand(-1, -1, -1, group, -1).reshape(mask.shape[0], 1, t * group, padded)
+        y = _columns(q.reshape(b, kv_heads, t * group, d), k, v, seen).view(b, kv_heads, t, group, d)
     return y.transpose(2, 3).reshape(b, hq, t, d).to(out_dtype)
+
+
+QUERY_COLUMNS = 16  # query columns per product: a fixed width, whatever the pass's query count
+
+
+def _columns(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Softmax attention of the query columns q (..., n, D) over the keys k, v (..., L, D), L a
+    whole number of chunks, ``mask`` broadcastable to (..., n, L) or None. Returns (..., n, D).
+
+    The scores are (L, D) x (D, QUERY_COLUMNS) products, the queries QUERY_COLUMNS at a time as
+    the columns (zero columns fill the last product), so keys are read in place, never copied
+    per query; the weighted values are (QUERY_COLUMNS, C) x (C, D) products per chunk of C keys.
+    A score depends neither on the number of keys (the product's rows) nor on its column, nor
+    a weighted value on its row (measured bitwise on torch 2.13's CPU kernels, fp32; the tests in
+    tests/test_exact.py check it wherever they run); the sums over keys run chunk by chunk in
+    key order, so trailing chunks of unseen keys leave the bits unchanged."""
+    *batch, n, d = q.shape
+    length = k.shape[-2]
+    blocks = -(-n // QUERY_COLUMNS)
+    pad = blocks * QUERY_COLUMNS - n
+
+    def in_blocks(x: torch.Tensor) -> torch.Tensor:  # (..., n, X) -> (..., blocks, QUERY_COLUMNS, X)
+        if pad:
+            x = torch.cat([x, x.new_zeros(*x.shape[:-2], pad, x.shape[-1])], dim=-2)
+        return x.unflatten(-2, (blocks, QUERY_COLUMNS))
+
+    def per_block(x: torch.Tensor) -> torch.Tensor:  # (..., A, B) -> (..., blocks, A, B), materialised
+        x = x.unsqueeze(-3)
+        return x.expand(*x.shape[:-3], blocks, *x.shape[-2:]).contiguous() if blocks > 1 else x
+
+    columns = in_blocks(q).transpose(-1, -2).contiguous()  # (..., blocks, D, Q)
+    scores = torch.matmul(per_block(k), columns)  # (..., blocks, L, Q)
+    scores = scores.transpose(-1, -2).reshape(*batch, blocks * QUERY_COLUMNS, length)[..., :n, :]
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    weights = (scores - scores.amax(-1, keepdim=True)).exp()  # (..., n, L)
+    chunks = length // KEY_CHUNK
+    denominator = _in_key_order(weights.unflatten(-1, (chunks, KEY_CHUNK)).sum(-1), -1)  # (..., n)
+    w = in_blocks(weights).unflatten(-1, (chunks, KEY_CHUNK)).transpose(-2, -3).contiguous()  # (.., blocks, chunks, Q, C)
+    values = v.unflatten(-2, (chunks, KEY_CHUNK))  # (..., chunks, C, D)
+    values = values.unsqueeze(-4).expand(*values.shape[:-3], blocks, *values.shape[-3:]).contiguous() \
+        if blocks > 1 else values.unsqueeze(-4)
+    numerator = _in_key_order(torch.matmul(w, values), -3)  # (..., blocks, Q, D)
+    numerator = numerator.reshape(*batch, blocks * QUERY_COLUMNS, d)[..., :n, :]
+    return numerator / denominator[..., None]

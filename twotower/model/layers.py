@@ -87,6 +87,12 @@ class Attention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor] | None,
         cache: KVCache | None,
     ) -> torch.Tensor:
+        return self.o_proj(self.attend_projected(*self.project(x, rope), ctx, cache))
+
+    def project(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q (B, Hq, T, D), k and v (B, Hkv, T, D) of the tokens x (B, T, H), rotated."""
         b, t, _ = x.shape
         qkv = self.qkv_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)  # (B, heads, T, D)
         qk, v = qkv.split([self.n_heads + self.n_kv, self.n_kv], dim=1)
@@ -96,6 +102,15 @@ class Attention(nn.Module):
         if rope is not None:
             qk = apply_rope(qk, *rope)  # q and k rotated together: half the small ops
         q, k = qk.split([self.n_heads, self.n_kv], dim=1)
+        return q, k, v
+
+    def attend_projected(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext, cache: KVCache | None
+    ) -> torch.Tensor:
+        """The attention output (B, T, Hq * D) before o_proj: the context tower stores its keys
+        in ``cache`` and reads all up to them; the denoiser (``ctx.write`` False) reads the
+        context keys of the cache and appends its block's own, unstored."""
+        b, _, t, _ = q.shape
         exactly = self.exact and not torch.is_grad_enabled()
         length = None  # real key slots, where exact attention reads whole chunks beyond them
         if cache is not None and ctx.write:
@@ -114,7 +129,7 @@ class Attention(nn.Module):
             y = exact.attention(q, k, v, ctx.attn_mask, ctx.is_causal, length)
         else:
             y = attend(q, k, v, ctx.attn_mask, ctx.is_causal)
-        return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
+        return y.transpose(1, 2).reshape(b, t, -1)
 
 
 def attend(

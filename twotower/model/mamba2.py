@@ -134,13 +134,18 @@ class Mamba2(nn.Module):
         self.exact = True  # inference token by token (see forward); False: the chunked scan
 
     def forward(self, hidden: torch.Tensor, ctx: ForwardContext, state: MambaState | None) -> torch.Tensor:
+        return self.out_proj(self.scan_projected(self.in_proj(hidden), ctx, state))
+
+    def scan_projected(self, projected: torch.Tensor, ctx: ForwardContext, state: MambaState | None) -> torch.Tensor:
+        """The gated, normed scan output (B, T, d_inner) of in_proj's output (B, T, ·): conv and
+        SSM continue from ``state`` and, where ``ctx.write``, are stored back into it."""
         m = self.m
-        rows, length, width = hidden.shape
+        rows, length, width = projected.shape
         if ctx.blocks > 1:  # independent blocks (denoiser training): one scan row per block
-            hidden = hidden.reshape(rows * ctx.blocks, length // ctx.blocks, width)
-        b, t, _ = hidden.shape
-        valid = ctx.valid[..., None].to(hidden.dtype) if ctx.valid is not None else None
-        z, xbc, dt = self.in_proj(hidden).split([self.d_inner, self.conv_dim, m.num_heads], dim=-1)
+            projected = projected.reshape(rows * ctx.blocks, length // ctx.blocks, width)
+        b, t, _ = projected.shape
+        valid = ctx.valid[..., None].to(projected.dtype) if ctx.valid is not None else None
+        z, xbc, dt = projected.split([self.d_inner, self.conv_dim, m.num_heads], dim=-1)
         if valid is not None:
             # Zero the conv inputs at padding (not just the hidden states: in_proj may have a
             # bias), so a padded row sees the same zero history as the row alone.
@@ -194,5 +199,5 @@ class Mamba2(nn.Module):
             state.conv_window = window.detach() if ctx.record or boundaries is not None else None
             state.ssm_history = torch.cat([h0[:, None], states], dim=1).detach() if ctx.record else None
             state.boundary_ssm = torch.cat([boundaries, final[:, None]], dim=1).detach() if boundaries is not None else None
-        y = self.norm(y.reshape(b, t, self.d_inner).to(hidden.dtype), z)
-        return self.out_proj(y).reshape(rows, length, width)
+        y = self.norm(y.reshape(b, t, self.d_inner).to(projected.dtype), z)
+        return y.reshape(rows, length, self.d_inner)

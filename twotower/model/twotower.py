@@ -22,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 from ..errors import UsageError
 from .backbone import Backbone
 from .cache import ForwardContext, MambaState, ModelCache
+from .lora_rows import lora_delta_on_rows
 from .timecond import TimeConditioning
 
 LORA_TARGETS = ["qkv_proj", "o_proj", "up_proj", "down_proj", "in_proj", "out_proj"]
@@ -120,6 +121,8 @@ class TwoTower(nn.Module):
         layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
         if not all(hasattr(layer, "_disable_adapters") for layer in layers):
             raise RuntimeError("this PEFT version does not expose BaseTunerLayer._disable_adapters")
+        for layer in layers:
+            layer.register_forward_hook(lora_delta_on_rows)  # inert outside a fused pass (model/fused.py)
         _switch_adapters(layers, False)  # the backbone is the context tower unless told otherwise
         return layers
 
@@ -222,11 +225,13 @@ class TwoTower(nn.Module):
         x = den.norm(x)
         return den.lm_head(x) if head else x
 
-    def block_context(self, cache: ModelCache, width: int) -> ForwardContext:
-        """Where a block of ``width`` inputs sits after each row's cached tokens: positions
-        continue the row, every input sees all of the row's context and the whole block."""
+    def block_context(self, cache: ModelCache, width: int, lengths: torch.Tensor | None = None) -> ForwardContext:
+        """Where a block of ``width`` inputs sits after each row's cached tokens (or its first
+        ``lengths[b]`` slots): positions continue the row, every input sees all of the row's
+        context and the whole block."""
         device = self.denoiser.device  # the denoiser may sit on another device than the context cache
-        lengths, starts = cache.lengths.to(device), cache.starts.to(device)
+        lengths = (cache.lengths if lengths is None else lengths).to(device)
+        starts = cache.starts.to(device)
         rows, prefix = lengths.shape[0], int(lengths.max())
         keys = torch.arange(prefix, device=lengths.device)
         seen = (keys >= starts[:, None]) & (keys < lengths[:, None])  # (R, prefix)
