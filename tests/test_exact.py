@@ -120,8 +120,9 @@ def test_verified_decoding_is_ar_in_every_dtype(kind, dtype, perturb):
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
 def test_the_shipped_preset_is_lossless_on_the_default_model(dtype):
-    """The recommended preset (verified whole-block drafts of 4) gives AR's greedy text on the
-    real model, batched, in fp32 and in bf16 (bf16 used to match on 9 of 12 prompts)."""
+    """The recommended preset (verified whole-block drafts of 4), and its fused twin, give AR's
+    greedy text on the real model, batched, in fp32 and in bf16 (bf16 used to match on 9 of 12
+    prompts)."""
     from twotower.checkpoints.two_tower import load_model
     from twotower.generate import decode, resolve_settings
     from twotower.generate.prompts import encode_messages
@@ -135,3 +136,4 @@ def test_the_shipped_preset_is_lossless_on_the_default_model(dtype):
     solo = [decode(loaded.model, [r], ar).tokens[0] for r in rows]
     assert decode(loaded.model, rows, ar).tokens == solo  # AR itself is batch-invariant
     assert decode(loaded.model, rows, preset).tokens == solo
+    assert decode(loaded.model, rows, preset.replace(fused=True)).tokens == solo  # one forward a step

@@ -160,14 +160,30 @@ def test_fused_sampling_keeps_the_ar_distribution():
         assert 0.5 * float((empirical - p).abs().sum()) < 0.045, i
 
 
-def test_fusion_needs_a_shared_backbone_and_verification():
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("kind", ALL_KINDS)
+def test_the_fused_dial_is_the_dial(kind, dtype):
+    """The dial with a block's context pass and the next block's first step in one forward:
+    the same tokens as the unfused dial (greedy and sampling), one forward fewer per block."""
+    model = lora(kind, dtype, perturb=PERTURB)
+    for kwargs in (dict(), dict(temperature=1.0, seed=3)):
+        dial = dict(max_new_tokens=13, confidence_threshold=0.5, **NO_EOS, **kwargs)
+        plain = generate_mask_diffusion(model, PROMPTS, **dial)
+        fused = generate_mask_diffusion(model, PROMPTS, fused=True, return_cache=True, **dial)
+        assert fused.tokens == plain.tokens
+        assert fused.stats.nfe == plain.stats.nfe and fused.stats.forwards < plain.stats.forwards
+        assert fused.stats.forwards == plain.stats.forwards - plain.stats.context_passes + 1
+        assert_cache_is_fresh(model, PROMPTS, fused)
+
+
+def test_fusion_needs_a_shared_backbone():
     with pytest.raises(UsageError, match="lora flavour"):
         generate_mask_diffusion(two_tower("attention", "full"), [1, 2, 3], max_new_tokens=4, **FUSED)
-    model = lora("attention")
-    with pytest.raises(UsageError, match="verify"):
-        generate_mask_diffusion(model, [1, 2, 3], max_new_tokens=4, fused=True)
+    with pytest.raises(UsageError, match="lora flavour"):
+        generate_mask_diffusion(two_tower("attention", "full"), [1, 2, 3], max_new_tokens=4, fused=True)
+    with pytest.raises(UsageError, match="token.shift"):
+        generate_mask_diffusion(lora("attention", token_shift=False), [1, 2, 3], max_new_tokens=4, fused=True)
     with pytest.raises(UsageError, match="block_size"):
-        generate_mask_diffusion(model, [1, 2, 3], max_new_tokens=4, block_size=1, **FUSED)
-    with pytest.raises(UsageError, match="verify"):
-        DecodingSettings(fused=True)
+        generate_mask_diffusion(lora("attention"), [1, 2, 3], max_new_tokens=4, block_size=1, **FUSED)
     assert DecodingSettings(verify=True, fused=True).strategy == "fused"
+    assert DecodingSettings(fused=True).strategy == "fused_dial"

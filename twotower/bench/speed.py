@@ -56,7 +56,7 @@ from .report import markdown, plot
 from .timing import Timings, interleaved
 
 BATCH_SIZES = (1, 4, 16)
-# "fused": the one-forward-per-step twin of every verified mask-diffusion setting (lora flavour)
+# "fused": the twin of every mask-diffusion setting with (or without) shared forwards (lora flavour)
 MODES = ("ar", "mock_ar", "mask_diffusion", "fused", "transformers", "prompt_lookup", "llama_cpp")
 
 
@@ -262,6 +262,8 @@ def run_speed_bench(
     verify: bool | None = None,
     steps_per_block: int | None = None,
     exact: bool = True,
+    fused: bool | None = None,
+    prompts_file: str | Path | None = None,
 ) -> dict:
     """Mask diffusion runs the model's recommended preset unless a dial option is given
     (``thresholds``, ``verify``, ``steps_per_block``): then the plain dial at every (block
@@ -276,8 +278,9 @@ def run_speed_bench(
     warn_untrained(loaded)
     tt, context = loaded.model, loaded.context
     dials = settings_grid(loaded.recommended, thresholds, block_sizes, verify=verify, steps_per_block=steps_per_block,
-                          commit_rule=commit_rule, max_new_tokens=max_new_tokens)
-    texts = load_prompt_set(count=prompts)
+                          commit_rule=commit_rule, fused=fused, max_new_tokens=max_new_tokens)
+    prompt_set = Path(prompts_file) if prompts_file is not None else PROMPT_SET
+    texts = load_prompt_set(prompt_set, count=prompts)
     encoded, chat = encode_prompts(loaded.tokenizer, texts)
     eos = eos_set(context, None)
     pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
@@ -295,12 +298,12 @@ def run_speed_bench(
 
         if "mock_ar" in modes:
             add("mock_ar", "mock_ar", ours(tt, mock_ar, eos), decoding=mock_ar.to_dict())
-        lossless = []
+        twins = []
         if "fused" in modes and tt.config.flavour != "lora":
             skipped.append("fused: needs the lora flavour (both towers on one set of weights)")
         elif "fused" in modes:
-            lossless = [d.replace(fused=not d.fused) for d in dials if d.verify]
-        for settings in (dials if "mask_diffusion" in modes else []) + lossless:
+            twins = [d.replace(fused=not d.fused) for d in dials]
+        for settings in (dials if "mask_diffusion" in modes else []) + twins:
             size = settings.block_size or tt.block_size
             add(settings.label(tt.block_size), "mask_diffusion", ours(tt, settings, eos), block_size=size,
                 threshold=settings.confidence_threshold, commit_rule=settings.commit_rule, verify=settings.verify,
@@ -360,7 +363,7 @@ def run_speed_bench(
         "recommended": loaded.recommended,  # each run's "decoding" holds the settings it ran
         "repeats": repeats,
         "warmup": warmup,
-        "prompts": {"file": PROMPT_SET.name, "count": len(texts), "kinds": [p["kind"] for p in texts],
+        "prompts": {"file": prompt_set.name, "count": len(texts), "kinds": [p["kind"] for p in texts],
                     "chat_template": chat},
         "memory_method": PeakMemory.method,
         "box": box,

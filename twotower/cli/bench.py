@@ -42,7 +42,10 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
                     help="a sweep of the plain dial, e.g. 0.5 0.7 0.9 (default: the model's recommended preset)")
     sp.add_argument("--block-sizes", type=int, nargs="+", default=None, help="default: the model's (or its preset's)")
     sp.add_argument("--batch-sizes", type=int, nargs="+", default=list(speed.BATCH_SIZES))
-    sp.add_argument("--prompts", type=int, default=None, help="the first N shipped prompts (default: all)")
+    sp.add_argument("--prompts", type=int, default=None, help="the first N prompts (default: all)")
+    sp.add_argument("--prompts-file", default=None,
+                    help="JSONL with \"kind\" and \"text\" (default: the shipped bench prompts; "
+                         "twotower/bench/prompts_confirm.jsonl is a second set, kept out of tuning)")
     sp.add_argument("--max-new-tokens", type=int, default=128)
     sp.add_argument("--repeats", type=int, default=3, help="timed rounds per pair, after the warm-up")
     sp.add_argument("--warmup", type=int, default=1, help="untimed rounds per pair")
@@ -75,5 +78,5 @@ def run_speed(args: argparse.Namespace) -> None:
             max_new_tokens=args.max_new_tokens, repeats=args.repeats, warmup=args.warmup,
             prompt_lookup_tokens=args.prompt_lookup_tokens, output_dir=args.output_dir, untrained=args.untrained_denoiser,
             device=args.device, commit_rule=args.commit_rule, verify=args.verify, steps_per_block=args.steps_per_block,
-            exact=args.exact,
+            fused=args.fused, exact=args.exact, prompts_file=args.prompts_file,
         )

@@ -45,7 +45,7 @@ def run_quality(args: argparse.Namespace) -> None:
             model=args.model, dtype=args.dtype, device=args.device, untrained=args.untrained_denoiser, exact=args.exact,
             prompts_file=args.prompts_file, prompts=args.prompts, chat=not args.no_chat,
             thresholds=args.thresholds, block_sizes=args.block_sizes, steps_per_block=args.steps_per_block,
-            commit_rule=args.commit_rule, verify=args.verify, max_new_tokens=args.max_new_tokens,
+            commit_rule=args.commit_rule, verify=args.verify, fused=args.fused, max_new_tokens=args.max_new_tokens,
             batch_size=args.batch_size, judge=None if args.judge == "none" else args.judge, nll_t=args.nll_t,
             nll_window=args.nll_window, heldout=args.heldout, humaneval_problems=args.humaneval_problems,
             humaneval_max_new_tokens=args.humaneval_max_new_tokens, output_dir=args.output_dir,

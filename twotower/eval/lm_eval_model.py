@@ -34,6 +34,7 @@ class TwoTowerLM(LM):
         confidence_threshold: float | None = None,
         commit_rule: str | None = None,
         verify: bool | None = None,
+        fused: bool | None = None,
         max_gen_toks: int = 256,
         batch_size: int | str = 1,  # accepted for lm_eval's CLI; requests run one at a time
         exact: bool = True,
@@ -48,7 +49,7 @@ class TwoTowerLM(LM):
         # checked here, once: max_new_tokens and the stop strings come with each request
         self.settings = resolve_settings(loaded.recommended, mode=mode, block_size=block_size,
                                          steps_per_block=steps_per_block, confidence_threshold=confidence_threshold,
-                                         commit_rule=commit_rule, verify=verify)
+                                         commit_rule=commit_rule, verify=verify, fused=fused)
         self.max_gen_toks = max_gen_toks
         config = self.model.context.config
         self.max_length = config.max_position_embeddings

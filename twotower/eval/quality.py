@@ -58,6 +58,7 @@ class QualitySettings:
     steps_per_block: int | None = None
     commit_rule: str | None = None  # None: the model's recommendation, else the released rule
     verify: bool | None = None
+    fused: bool | None = None  # with verify: one forward of both towers per step (the same output)
     max_new_tokens: int = 64
     batch_size: int = 8
     judge: str | None = DEFAULT_JUDGE  # None: skip judge perplexity
@@ -168,8 +169,8 @@ def run_quality(settings: QualitySettings) -> dict:
     prompt_ids = [encode_prompt(tokenizer, t, chat) for t in texts]
     dials = settings_grid(loaded.recommended, settings.thresholds, settings.block_sizes, verify=settings.verify,
                           steps_per_block=settings.steps_per_block, commit_rule=settings.commit_rule,
-                          max_new_tokens=settings.max_new_tokens)
-    settings = replace(settings, commit_rule=dials[0].commit_rule, verify=dials[0].verify,
+                          fused=settings.fused, max_new_tokens=settings.max_new_tokens)
+    settings = replace(settings, commit_rule=dials[0].commit_rule, verify=dials[0].verify, fused=dials[0].fused,
                        steps_per_block=dials[0].steps_per_block)
     ar_settings = resolve_settings(mode="ar", max_new_tokens=settings.max_new_tokens)
     judge = Judge(settings.judge) if settings.judge else None

@@ -163,11 +163,12 @@ def generate_mask_diffusion(
     ceil(block_size / steps_per_block) of them (``steps_per_block=1`` drafts whole blocks), then
     further targets while their confidence (the top probability) exceeds the threshold.
 
-    ``fused=True`` (with ``verify``, lora flavour) makes every step one forward of both towers:
-    the context tower checks the current draft while the denoiser, in the same pass, drafts the
-    next block as if the whole draft were accepted (model/fused.py); that draft is used when it
-    holds, and a step without a draft still yields the AR model's next token. The output is the
-    same as without fusion.
+    ``fused=True`` (lora flavour) shares forwards between the towers (model/fused.py). Verified:
+    every step is one forward, the context tower checking the current draft while the denoiser
+    drafts the next block as if the whole draft were accepted; that draft is used when it holds,
+    and a step without a draft still yields the AR model's next token; the output is AR's as
+    without fusion. The dial: a block's context pass and the next block's first denoiser step
+    are one forward; the output is the unfused dial's.
 
     A row ends at a stop token (``eos_token_id``, default the model's), at the token that
     completes one of ``stop_strings`` (read with ``tokenizer``) or at ``max_new_tokens``."""
@@ -182,10 +183,8 @@ def generate_mask_diffusion(
     if verify and not shift:
         raise UsageError("verify=True needs the token-shift block layout")
     if fused:
-        if not verify:
-            raise UsageError("fused=True needs verify=True (the fused pass checks a draft while drafting the next)")
-        if s < 2:
-            raise UsageError("fused=True needs block_size >= 2 (a pre-draft's first slot doubles as the check)")
+        if verify and s < 2:
+            raise UsageError("fused=True with verify needs block_size >= 2 (a draft and the guess after it)")
         check_fusable(model)
 
     context = model.context
@@ -193,7 +192,8 @@ def generate_mask_diffusion(
     # a context pass appends s tokens (a block's inputs) or, verified, up to s + 1 (the anchor
     # and a whole-block draft) to every row before rolling back, finished rows too: the last
     # block may overrun max_new_tokens by that much less the anchor
-    overrun = 2 * s if fused else s if verify else s - 1  # fused: a draft of s - 1, then the block after it
+    # fused: a draft and a guess of s, then the block after them (the dial: a block, then the next)
+    overrun = 2 * s if fused else s if verify else s - 1
     check_generation_args(context, prompts, max_new_tokens, reserve=overrun,
                           why=f"the last {'draft' if verify else 'block'} of {s} may run past max_new_tokens")
     if prompts.attention_mask is None:
@@ -222,32 +222,44 @@ def generate_mask_diffusion(
         model, cache, Sampler(batch, temperature, top_k, top_p, seed, device), rule, s, steps, confidence_threshold,
         stopper, ids[:, -1].clone(), stats, callback, step_callback,
     )
-    (_fused_drafts if fused else _verified_drafts if verify else _blocks)(run)
+    if verify:
+        (_fused_drafts if fused else _verified_drafts)(run)
+    else:
+        _blocks(run, fused)
     stats.decode_seconds = time.perf_counter() - start
     stats.new_tokens = [len(r) for r in stopper.tokens]
     stats.row_nfe = [sum(steps) for steps in stats.block_steps]  # a row takes part while it has unknown targets
     return DiffusionOutput(stopper.tokens, stats, stopper.reasons, cache if return_cache else None)
 
 
-def _propose(run: _Decoding, block_in: torch.Tensor, unknown: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """One denoiser forward (1 NFE): its noise levels t, the logits and a proposal for every
-    target of the rows with unknown targets (the others draw nothing: a row's random stream
-    must not depend on how many steps its batch mates need)."""
-    t = unknown.sum(1).float() / run.block_size
-    logits = run.model.denoise_block(block_in, t, run.cache)
-    run.stats.nfe += 1
-    run.stats.counted(block_in.shape[1])
+def _propose(run: _Decoding, block_in: torch.Tensor, unknown: torch.Tensor,
+             computed: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
+    """One denoiser forward (1 NFE), or the (t, logits) a fused pass ``computed`` already: its
+    noise levels t, the logits and a proposal for every target of the rows with unknown targets
+    (the others draw nothing: a row's random stream must not depend on how many steps its batch
+    mates need)."""
+    if computed is None:
+        t = unknown.sum(1).float() / run.block_size
+        logits = run.model.denoise_block(block_in, t, run.cache)
+        run.stats.nfe += 1
+        run.stats.counted(block_in.shape[1])
+    else:
+        t, logits = computed
     live = unknown.any(1).nonzero()[:, 0]
     proposal = torch.zeros(unknown.shape, dtype=torch.long, device=unknown.device)
     proposal[live] = run.sampler(logits[live], live)
     return t, logits, proposal
 
 
-def _blocks(run: _Decoding) -> None:
-    """Mask diffusion: fill each block over denoiser steps, then extend the context over it."""
+def _blocks(run: _Decoding, fused: bool = False) -> None:
+    """Mask diffusion: fill each block over denoiser steps, then extend the context over it.
+    ``fused``: the context pass over a block and the next block's first denoiser step are one
+    forward of both towers (model/fused.py), the next block placed after the whole block (its
+    first input is the block's last target); the tokens are those of the two forwards."""
     s, shift = run.block_size, 1 if run.model.config.token_shift else 0
     batch = run.batch
     block = 0
+    first_step = None  # (t, logits) of this block's first denoiser step, from the fused pass before it
     while not run.stopper.all_finished:
         active = run.active()
         tokens = torch.full((batch, s), -1, dtype=torch.long, device=active.device)
@@ -256,7 +268,7 @@ def _blocks(run: _Decoding) -> None:
         steps_used = torch.zeros(batch, dtype=torch.long)
         step = 0
         while bool(unknown.any()):
-            t, logits, proposal = _propose(run, block_in, unknown)
+            t, logits, proposal = _propose(run, block_in, unknown, first_step if step == 0 else None)
             confidence = logits.float().softmax(-1).gather(-1, proposal[..., None])[..., 0]
             commit = run.rule(confidence, unknown, max(run.steps - step, 1), run.threshold)
             tokens = torch.where(commit, proposal, tokens)
@@ -272,14 +284,24 @@ def _blocks(run: _Decoding) -> None:
         # the context tower advances over the block's inputs (recorded: a row may finish early)
         ext = torch.cat([run.anchor[:, None], tokens[:, : s - 1]], dim=1) if shift else tokens
         ext = torch.where(active[:, None], ext, 0)
-        before = run.cache.lengths.clone()
-        run.model.context_forward(ext, run.cache, record=True)
-        run.stats.context_passes += 1
-        run.stats.counted(ext.shape[1])
         appended = torch.zeros(batch, dtype=torch.long, device=active.device)
         for row in active.nonzero()[:, 0].tolist():
             appended[row] = run.emit(row, tokens[row].tolist())
             run.stats.block_steps[row].append(int(steps_used[row]))
+        before = run.cache.lengths.clone()
+        going_on = run.active()
+        if fused and bool(going_on.any()):  # and the next block, [last target, M, ...], after this one
+            next_in = torch.full_like(tokens, run.model.mask_token_id)
+            next_in[:, 0] = torch.where(going_on, tokens[:, -1], 0)
+            t_next = going_on.float()  # every target unknown
+            out = fused_forward(run.model, ext, next_in, t_next, torch.full_like(before, s), run.cache)
+            first_step = (t_next, out.den_logits)
+            run.stats.nfe += 1
+            run.stats.counted(2 * s)
+        else:
+            run.model.context_forward(ext, run.cache, record=True)
+            run.stats.counted(ext.shape[1])
+        run.stats.context_passes += 1
         run.settle_context(before, appended)
         block += 1
 

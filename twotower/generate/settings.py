@@ -58,7 +58,7 @@ class DecodingSettings:
     confidence_threshold: float = DEFAULT_CONFIDENCE_THRESHOLD
     commit_rule: str = DEFAULT_COMMIT_RULE
     verify: bool = False  # drafts checked by the context tower: the output is AR's
-    fused: bool = False  # with verify: one forward of both towers per step (lora flavour)
+    fused: bool = False  # towers share forwards (lora flavour): verified, one per step; the dial, one per block
     temperature: float = 0.0
     top_k: int | None = None
     top_p: float | None = None
@@ -81,8 +81,6 @@ class DecodingSettings:
             raise UsageError(f"verify must be True or False, got {self.verify!r}")
         if not isinstance(self.fused, bool):
             raise UsageError(f"fused must be True or False, got {self.fused!r}")
-        if self.fused and not self.verify:
-            raise UsageError("fused needs verify (the fused pass checks one draft while drafting the next)")
         _number("temperature", self.temperature, 0.0)
         _int("top_k", self.top_k, 1, optional=True)
         if self.top_p is not None:
@@ -98,6 +96,8 @@ class DecodingSettings:
         """The registered strategy these settings select (see ``strategies.STRATEGIES``)."""
         if self.mode == "mask_diffusion" and self.verify:
             return "fused" if self.fused else "verified"
+        if self.mode == "mask_diffusion" and self.fused:
+            return "fused_dial"
         return self.mode
 
     def replace(self, **changes) -> DecodingSettings:
@@ -126,7 +126,7 @@ class DecodingSettings:
         text = f"mask_diffusion S={self.block_size or model_block_size}"
         if self.steps_per_block != 1:  # with one step per block the threshold plays no part
             text += f" t={self.confidence_threshold:g}"
-        return text + (" fused" if self.fused else " verified" if self.verify else "")
+        return text + (" verified" if self.verify else "") + (" fused" if self.fused else "")
 
 
 def _ids(value) -> tuple[int, ...] | None:

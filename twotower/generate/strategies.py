@@ -100,3 +100,6 @@ register(Strategy("verified", "mask_diffusion", True,
 register(Strategy("fused", "mask_diffusion", True,
                   "verified drafting in one forward per step: the check of a draft and the next draft share a pass "
                   "(lora flavour; == AR)", _diffusion))
+register(Strategy("fused_dial", "mask_diffusion", True,
+                  "block diffusion with a block's context pass and the next block's first step in one forward "
+                  "(lora flavour; == mask_diffusion)", _diffusion))
