@@ -16,6 +16,7 @@ from twotower.bench.decoders import Decoded, ForwardCounter, counted, ours, tran
 from twotower.bench.report import markdown, pareto_frontier
 from twotower.bench.speed import Contender, batches_of, summarise
 from twotower.bench.timing import interleaved
+from twotower.generate.ar import shape_rows
 from twotower.cli import main
 from twotower.generate import DecodingSettings, generate_ar
 from twotower.generate.prompts import load_prompt_set
@@ -232,14 +233,17 @@ def test_bench_speed_verified_drafting_reproduces_ar(tiny_dir, tmp_path):
     assert fused["label"] == "mask_diffusion S=4 fused" and fused["fused"] is True and fused["exact_match"] == 1.0
     assert fused["forwards_per_token"] == fused["nfe_per_token"]
     assert diffusion["forwards_per_token"] > diffusion["nfe_per_token"]  # a draft forward and a check a step
+    assert {s.split()[0] for s in diffusion["forward_shapes"]} == {"denoiser", "context"}
+    assert {s.split()[0] for s in fused["forward_shapes"]} == {"fused"}
     for r in (diffusion, fused):
-        rows = sum(int(w) * n for w, n in r["forward_widths"].items()) / sum(r["forward_widths"].values())
+        forwards = sum(r["forward_shapes"].values())
+        rows = sum(shape_rows(s) * n for s, n in r["forward_shapes"].items()) / forwards
         assert r["rows_per_forward"] == pytest.approx(rows) and r["predicted_speedup"] > 0
         # a forward costs one AR step up to 64 rows: the prediction is tokens per forward
-        assert r["predicted_speedup_flat64"] == pytest.approx(r["generated_tokens"] / sum(r["forward_widths"].values()))
-    widths = {int(w) for r in (diffusion, fused) for w in r["forward_widths"]}
-    assert set(map(int, data["cost_model"]["forward_ms"])) == widths | {1}
-    assert data["cost_model"]["relative_to_one_row"]["1"] == 1.0
+        assert r["predicted_speedup_flat64"] == pytest.approx(r["generated_tokens"] / forwards)
+    shapes = {s for r in (diffusion, fused) for s in r["forward_shapes"]}
+    assert set(data["cost_model"]["forward_ms"]) == shapes | {"context 1"}
+    assert data["cost_model"]["relative_to_ar_step"]["context 1"] == 1.0
     table = (out / "speed.md").read_text()
     assert "verified against the context tower, 1 denoiser step(s) per block" in table
     assert "| 1 | mask_diffusion verified | 4 | – |" in table and "| 1 | mask_diffusion fused | 4 | – |" in table

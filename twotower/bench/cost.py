@@ -1,74 +1,85 @@
-"""A cost model of decoding: what one forward over n token rows costs on this device, relative to
-one AR step, and the speed-up over AR that a strategy's pass counts predict from it.
+"""A cost model of decoding: what one forward of each shape costs on this device, relative to one
+AR step, and the speed-up over AR that a strategy's pass counts predict from it.
 
-A strategy's decode is a sequence of forwards of different widths (AR: 1 row each; verified
-drafting: a denoiser block of S rows, then the context tower over the anchor and the draft; the
-fused step: both at once). Its predicted speed-up is
+A strategy's decode is a sequence of forwards of a few shapes (``GenerationStats.forward_shapes``):
+AR, "context 1" each; verified drafting, "denoiser S" (a block) then "context k+1" (the anchor and
+the draft); the fused step, "fused W+S" (both at once). Its predicted speed-up is
 
-    tokens x cost(1) / sum over its forwards of cost(rows)
+    tokens x cost("context 1") / sum over its forwards of cost(shape)
 
 (the prompt pass and the per-step Python are left out: they are what the prediction misses). On
 a GPU a forward's cost is flat up to far more rows than these passes use, so there the
-prediction is tokens / forwards; ``flat`` predicts that for any device whose cost is flat up to
-``FLAT_ROWS`` rows.
+prediction is tokens / forwards; ``flat`` gives those costs for a device that is flat up to
+FLAT_ROWS rows.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..model.backbone import Backbone
+from ..generate.ar import shape_rows
+from ..model.fused import fused_forward
+from ..model.twotower import TwoTower
 from .timing import interleaved
 
 FLAT_ROWS = 64  # a GPU forward costs about the same up to here (DESIGN.md §2)
+AR_STEP = "context 1"
 
 
-def measure_row_costs(backbone: Backbone, widths: list[int], context_tokens: int = 256, repeats: int = 5,
-                      synchronize=None) -> dict[int, float]:
-    """Median seconds of a cached forward over each number of new tokens in ``widths`` after a
-    ``context_tokens`` context, interleaved (every width once per round), batch 1."""
+def measure_forward_costs(model: TwoTower, shapes: set[str], context_tokens: int = 256, repeats: int = 5,
+                          synchronize=None) -> dict[str, float]:
+    """Median seconds of a forward of each shape (and of one AR step) after a ``context_tokens``
+    context, batch 1, interleaved (every shape once per round): the context tower over n new
+    tokens, the denoiser over a block of n (as decoding runs it, merged adapters included), or
+    the fused pass over w context rows and a block."""
+    shapes = set(shapes) | {AR_STEP}
+    widest = max(shape_rows(s) for s in shapes)
+    backbone = model.context
+    context_tokens = min(context_tokens, backbone.config.max_position_embeddings - 2 * widest)  # a tiny model's
     gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, backbone.config.vocab_size, (1, context_tokens + max(widths)), generator=gen)
+    ids = torch.randint(0, backbone.config.vocab_size, (1, context_tokens + widest), generator=gen)
     ids = ids.to(backbone.device)
-    cache = backbone.new_cache(1, context_tokens + max(widths))
+    cache = backbone.new_cache(1, context_tokens + 2 * widest)
     with torch.inference_mode():
         backbone(ids[:, :context_tokens], cache)
     base = cache.lengths.clone()
+    new = ids[:, context_tokens:]
 
-    def forward(width: int):
+    def block(n: int) -> torch.Tensor:
+        out = torch.full((1, n), model.mask_token_id, device=ids.device)
+        out[0, 0] = new[0, 0]
+        return out
+
+    def forward(shape: str):
+        kind, size = shape.split()
+        rows = [int(n) for n in size.split("+")]
+
         def run() -> None:
             with torch.inference_mode():
-                backbone(ids[:, context_tokens : context_tokens + width], cache, last_only=width == 1, record=True)
+                if kind == "context":
+                    backbone(new[:, : rows[0]], cache, last_only=rows[0] == 1, record=True)
+                elif kind == "denoiser":
+                    model.denoise_block(block(rows[0]), torch.ones(1, device=ids.device), cache)
+                else:
+                    fused_forward(model, new[:, : rows[0]], block(rows[1]), torch.ones(1, device=ids.device),
+                                  torch.tensor([rows[0] - 1], device=ids.device), cache)
             if synchronize is not None:
                 synchronize()
-            cache.rollback(base)
+            if bool((cache.lengths != base).any()):
+                cache.rollback(base)
 
         return run
 
-    timings = interleaved({w: forward(w) for w in widths}, repeats, warmup=1)
-    return {w: timings.median(w) for w in widths}
+    timings = interleaved({s: forward(s) for s in sorted(shapes)}, repeats, warmup=1)
+    return {s: timings.median(s) for s in sorted(shapes)}
 
 
-def cost_of(width: int, costs: dict[int, float]) -> float:
-    """The cost of a forward of ``width`` rows: measured, or linearly interpolated (and
-    extrapolated from the two widest) between measured widths."""
-    if width in costs:
-        return costs[width]
-    known = sorted(costs)
-    lower = max((w for w in known if w < width), default=known[0])
-    upper = min((w for w in known if w > width), default=None)
-    if upper is None:  # beyond the widest: continue the last slope
-        lower, upper = known[-2], known[-1]
-    slope = (costs[upper] - costs[lower]) / (upper - lower)
-    return costs[lower] + slope * (width - lower)
+def predicted_speedup(forward_shapes: dict[str, int], tokens: float, costs: dict[str, float]) -> float | None:
+    """AR's predicted time for ``tokens`` over the predicted time of the strategy's forwards."""
+    spent = sum(n * costs[shape] for shape, n in forward_shapes.items())
+    return tokens * costs[AR_STEP] / spent if spent else None
 
 
-def predicted_speedup(forward_widths: dict[int, int], tokens_per_row: float, costs: dict[int, float]) -> float | None:
-    """AR's predicted time for the tokens over the strategy's predicted time for its forwards."""
-    spent = sum(n * cost_of(width, costs) for width, n in forward_widths.items())
-    return tokens_per_row * cost_of(1, costs) / spent if spent else None
-
-
-def flat(forward_widths: dict[int, int]) -> dict[int, float]:
-    """Relative costs of a device where every forward up to FLAT_ROWS rows costs one AR step."""
-    return {w: 1.0 if w <= FLAT_ROWS else w / FLAT_ROWS for w in set(forward_widths) | {1}}
+def flat(forward_shapes: dict[str, int]) -> dict[str, float]:
+    """Relative costs on a device where any forward up to FLAT_ROWS rows costs one AR step."""
+    return {s: max(1.0, shape_rows(s) / FLAT_ROWS) for s in set(forward_shapes) | {AR_STEP}}

@@ -18,8 +18,8 @@ from ..generate import DecodingSettings, decode, prepare_prompts
 class Decoded:
     tokens: list[list[int]]  # per row, counted tokens only
     nfe: int | None  # forward passes of the call; None where the engine does not tell
-    # ours: every forward after the prompt pass, by its tokens per batch row (stats.forward_widths)
-    forward_widths: dict[int, int] | None = None
+    # ours: every forward after the prompt pass, by its shape (stats.forward_shapes)
+    forward_shapes: dict[str, int] | None = None
 
 
 Decoder = Callable[[list[list[int]]], Decoded]
@@ -40,7 +40,7 @@ def ours(model, settings: DecodingSettings, eos: set[int]) -> Decoder:
 
     def run(batch: list[list[int]]) -> Decoded:
         out = decode(model, batch, settings)
-        return Decoded([counted(row, eos) for row in out.tokens], out.stats.nfe, dict(out.stats.forward_widths))
+        return Decoded([counted(row, eos) for row in out.tokens], out.stats.nfe, dict(out.stats.forward_shapes))
 
     return run
 

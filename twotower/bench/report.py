@@ -69,9 +69,9 @@ def markdown(results: dict) -> str:
         )
     cost = results.get("cost_model")
     if cost:
-        lines += ["", "Cost model: one forward over n new tokens after a 256-token context, batch 1, relative to "
-                  "n = 1 (" + f"{float(cost['forward_ms']['1']):.1f} ms" + "): "
-                  + ", ".join(f"n={w} {float(v):.2f}x" for w, v in cost["relative_to_one_row"].items()) + "."]
+        lines += ["", "Cost model: one forward of each shape after a 256-token context, batch 1, relative to an AR "
+                  f"step ({cost['forward_ms']['context 1']:.1f} ms): "
+                  + ", ".join(f"{s} {v:.2f}x" for s, v in cost["relative_to_ar_step"].items()) + "."]
     lines += [f"- skipped: {s}" for s in results["skipped"]]
     return "\n".join(lines) + "\n"
 

@@ -44,12 +44,13 @@ from ..checkpoints.two_tower import load_model, warn_untrained
 from ..errors import UsageError
 from ..eval.metrics import exact_match, token_agreement
 from ..files import atomic_write, prepare_output_dir
-from ..generate.ar import eos_set
+from ..generate.ar import eos_set, shape_rows
 from ..generate.prompts import PROMPT_SET, encode_prompt, load_prompt_set
 from ..generate.settings import resolve_settings, settings_grid
 from ..model.devices import torch_dtype
+from ..model.twotower import TwoTower
 from .box import describe_box
-from .cost import FLAT_ROWS, flat, measure_row_costs, predicted_speedup
+from .cost import AR_STEP, FLAT_ROWS, flat, measure_forward_costs, predicted_speedup
 from .decoders import Decoder, ForwardCounter, llama_cpp_decoder, ours, transformers_decoder
 from .memory import PeakMemory
 from .report import markdown, plot
@@ -85,7 +86,7 @@ class Pass:
     peak_mb: float
     over_start_mb: float
     gpu_peak_mb: float | None  # torch's CUDA allocator peak over the pass (None on the CPU)
-    forward_widths: dict[int, int] | None = None  # ours: forwards by tokens per batch row, all batches
+    forward_shapes: dict[str, int] | None = None  # ours: forwards by shape (stats.forward_shapes), all batches
 
 
 @dataclass
@@ -103,7 +104,7 @@ class Contender:
 
     def __call__(self) -> None:
         seconds, tokens, nfe, longest, peak, over = [], [], 0, 0, 0.0, 0.0
-        widths: dict[int, int] | None = {}
+        shapes: dict[str, int] | None = {}
         cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
         if cuda:
             torch.cuda.synchronize()
@@ -117,15 +118,15 @@ class Contender:
                 seconds.append(time.perf_counter() - start)
             tokens.extend(out.tokens)
             nfe = None if nfe is None or out.nfe is None else nfe + out.nfe
-            if widths is not None and out.forward_widths is not None:
-                for width, n in out.forward_widths.items():
-                    widths[width] = widths.get(width, 0) + n
+            if shapes is not None and out.forward_shapes is not None:
+                for shape, n in out.forward_shapes.items():
+                    shapes[shape] = shapes.get(shape, 0) + n
             else:
-                widths = None
+                shapes = None
             longest += max(len(row) for row in out.tokens)
             peak, over = max(peak, mem.peak_mb), max(over, mem.over_start_mb)
         gpu_peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
-        self._passes.append(Pass(seconds, tokens, nfe, longest, peak, over, gpu_peak, widths))
+        self._passes.append(Pass(seconds, tokens, nfe, longest, peak, over, gpu_peak, shapes))
 
     def keep(self, timings: Timings, warmup: int) -> None:
         self.kept.extend(self._passes[warmup:])
@@ -138,8 +139,8 @@ def summarise(c: Contender, time_ratio: float, reference: list[list[int]]) -> di
     ``reference``: our AR's tokens for the same requests."""
     last = c.kept[-1]
     generated = sum(len(row) for row in last.tokens)
-    widths = last.forward_widths
-    forwards = sum(widths.values()) if widths else None
+    shapes = last.forward_shapes
+    forwards = sum(shapes.values()) if shapes else None
     latencies = [s for p in c.kept for s, batch in zip(p.batch_seconds, c.batches) for _ in batch]
     return {
         **c.settings,
@@ -151,8 +152,8 @@ def summarise(c: Contender, time_ratio: float, reference: list[list[int]]) -> di
         "nfe_per_token": last.nfe / last.longest_rows if last.nfe is not None and last.longest_rows else None,
         # every forward of either tower (or both at once), per position decoded, and its width
         "forwards_per_token": forwards / last.longest_rows if forwards and last.longest_rows else None,
-        "rows_per_forward": sum(w * n for w, n in widths.items()) / forwards if forwards else None,
-        "forward_widths": {str(w): n for w, n in sorted(widths.items())} if widths else None,
+        "rows_per_forward": sum(shape_rows(s) * n for s, n in shapes.items()) / forwards if forwards else None,
+        "forward_shapes": dict(sorted(shapes.items())) if shapes else None,
         "latency_s": {"median": float(np.median(latencies)), "p90": float(np.percentile(latencies, 90))},
         "peak_rss_mb": max(p.peak_mb for p in c.kept),
         "peak_rss_over_start_mb": max(p.over_start_mb for p in c.kept),
@@ -223,24 +224,21 @@ def _baselines(modes: Sequence[str], backbone: str | None, dtype: str, device: s
     return hf, forwards, llama
 
 
-def _cost_model(context, runs: list[dict], device: str) -> dict:
-    """Forward cost by width measured here (batch 1, after a 256-token context), and each of our
-    runs' speed-up predicted from its forwards: with these costs, and on a device whose forward
-    costs the same up to 64 rows (a GPU's regime)."""
-    ours_ = [r for r in runs if r.get("forward_widths")]
-    if not ours_:
+def _cost_model(model, runs: list[dict], device: str) -> dict:
+    """The cost of each forward shape our runs used, measured here (batch 1, after a 256-token
+    context), and each batch-1 run's speed-up predicted from its forwards: with these costs, and
+    on a device whose forward costs the same up to 64 rows (a GPU's regime)."""
+    ours_ = [r for r in runs if r.get("forward_shapes") and r["batch_size"] == 1]
+    if not ours_ or not isinstance(model, TwoTower):
         return {}
-    widths = sorted({1} | {int(w) for r in ours_ for w in r["forward_widths"]})
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else None
-    costs = measure_row_costs(context, widths, synchronize=sync)
-    for r in ours_:  # batch 1 only: the costs were measured for one row
-        widths_ = {int(w): n for w, n in r["forward_widths"].items()}
-        single = r["batch_size"] == 1
-        r["predicted_speedup"] = predicted_speedup(widths_, r["generated_tokens"], costs) if single else None
-        r["predicted_speedup_flat64"] = predicted_speedup(widths_, r["generated_tokens"], flat(widths_)) \
-            if single else None
-    return {"context_tokens": 256, "batch": 1, "forward_ms": {str(w): 1000 * c for w, c in costs.items()},
-            "relative_to_one_row": {str(w): c / costs[1] for w, c in costs.items()}, "flat_rows": FLAT_ROWS}
+    costs = measure_forward_costs(model, {s for r in ours_ for s in r["forward_shapes"]}, synchronize=sync)
+    for r in ours_:
+        r["predicted_speedup"] = predicted_speedup(r["forward_shapes"], r["generated_tokens"], costs)
+        r["predicted_speedup_flat64"] = predicted_speedup(r["forward_shapes"], r["generated_tokens"],
+                                                          flat(r["forward_shapes"]))
+    return {"context_tokens": 256, "batch": 1, "forward_ms": {s: 1000 * c for s, c in costs.items()},
+            "relative_to_ar_step": {s: c / costs[AR_STEP] for s, c in costs.items()}, "flat_rows": FLAT_ROWS}
 
 
 def run_speed_bench(
@@ -347,7 +345,7 @@ def run_speed_bench(
         runs.append(summarise(ar, 1.0, reference))
         runs.extend(summarise(c, ratios[c.name], reference) for c in others)
     bar.close()
-    cost_model = _cost_model(context, runs, device)
+    cost_model = _cost_model(tt, runs, device)
 
     box = describe_box() | {"dtype": dtype, "device": device}
     dial = dials[0]  # the commit rule, verification and steps are given once for every block size

@@ -19,6 +19,11 @@ from .stopping import Stopper
 TokenCallback = Callable[[int, int], None]  # (row, token), called as each row's tokens are final
 
 
+def shape_rows(shape: str) -> int:
+    """Token rows per batch row of a forward shape ("context 5", "fused 1+4": 5)."""
+    return sum(int(n) for n in shape.split()[1].split("+"))
+
+
 @dataclass
 class GenerationStats:
     nfe: int = 0  # batched forward passes that produced new tokens (the prompt pass yields the first one)
@@ -29,16 +34,20 @@ class GenerationStats:
     # every forward after the prompt pass, of either tower or of both at once (a fused pass), and
     # the tokens each computed per batch row: what a step costs, beside what it yields
     forwards: int = 0
-    forward_widths: dict[int, int] = field(default_factory=dict)  # tokens per batch row -> forwards
+    # forwards by shape, "context 5" / "denoiser 4" / "fused 1+4" (tokens per batch row of each
+    # tower): what a cost model needs to price them (bench/cost.py)
+    forward_shapes: dict[str, int] = field(default_factory=dict)
 
-    def counted(self, rows: int) -> None:
-        """One more forward over ``rows`` tokens per batch row."""
+    def counted(self, kind: str, rows: int, block: int = 0) -> None:
+        """One more forward: the context tower over ``rows`` tokens per batch row, the denoiser
+        over a block of ``rows``, or both at once ("fused": ``rows`` context rows and ``block``)."""
         self.forwards += 1
-        self.forward_widths[rows] = self.forward_widths.get(rows, 0) + 1
+        shape = f"{kind} {rows}+{block}" if kind == "fused" else f"{kind} {rows}"
+        self.forward_shapes[shape] = self.forward_shapes.get(shape, 0) + 1
 
     @property
     def forward_rows(self) -> int:
-        return sum(width * n for width, n in self.forward_widths.items())
+        return sum(shape_rows(shape) * n for shape, n in self.forward_shapes.items())
 
     @property
     def forwards_per_token(self) -> float:
@@ -245,7 +254,7 @@ def generate_ar(
             break
         logits = model(tokens[:, None], cache, last_only=True)
         stats.nfe += 1
-        stats.counted(1)
+        stats.counted("context", 1)
     stats.decode_seconds = time.perf_counter() - start
     stats.new_tokens = [len(r) for r in stopper.tokens]
     stats.row_nfe = list(stats.new_tokens)  # one pass per token, the prompt pass included

@@ -32,9 +32,6 @@ from .sampling import Sampler
 from .settings import DEFAULT_COMMIT_RULE, DEFAULT_CONFIDENCE_THRESHOLD
 from .stopping import Stopper
 
-GUESS_ONLY = 1
-
-
 @dataclass
 class StepEvent:
     """What one denoiser step decided, for visualisation and streaming."""
@@ -242,7 +239,7 @@ def _propose(run: _Decoding, block_in: torch.Tensor, unknown: torch.Tensor,
         t = unknown.sum(1).float() / run.block_size
         logits = run.model.denoise_block(block_in, t, run.cache)
         run.stats.nfe += 1
-        run.stats.counted(block_in.shape[1])
+        run.stats.counted("denoiser", block_in.shape[1])
     else:
         t, logits = computed
     live = unknown.any(1).nonzero()[:, 0]
@@ -297,10 +294,10 @@ def _blocks(run: _Decoding, fused: bool = False) -> None:
             out = fused_forward(run.model, ext, next_in, t_next, torch.full_like(before, s), run.cache)
             first_step = (t_next, out.den_logits)
             run.stats.nfe += 1
-            run.stats.counted(2 * s)
+            run.stats.counted("fused", s, s)
         else:
             run.model.context_forward(ext, run.cache, record=True)
-            run.stats.counted(ext.shape[1])
+            run.stats.counted("context", ext.shape[1])
         run.stats.context_passes += 1
         run.settle_context(before, appended)
         block += 1
@@ -332,7 +329,7 @@ def _verified_drafts(run: _Decoding) -> None:
         before = run.cache.lengths.clone()
         ar_logits = run.model.context_forward(ext, run.cache, record=True)
         run.stats.context_passes += 1
-        run.stats.counted(width)
+        run.stats.counted("context", width)
         q = None if run.sampler.greedy else run.sampler.probs(logits[:, : int(drafted.max())])
         appended = torch.zeros(batch, dtype=torch.long, device=active.device)
         for row in active.nonzero()[:, 0].tolist():
@@ -343,6 +340,13 @@ def _verified_drafts(run: _Decoding) -> None:
             run.stats.accepted[row].append(int(appended[row]))
         run.settle_context(before, appended)
         draft_index += 1
+
+
+# Slots of a block placed before the last draft token that the next draft may take (its first
+# slot predicts AR's own next token, which the block does not see): with the shipped denoiser, drafts
+# of 2-3 such slots were rejected at their first token in most steps (SmolLM2, 2026-12-01), so
+# only one, the guess, is taken; a fully accepted draft and guess then give a block that sees all.
+UNSEEN_SLOTS = 1
 
 
 def _fused_drafts(run: _Decoding) -> None:
@@ -356,8 +360,9 @@ def _fused_drafts(run: _Decoding) -> None:
     that block is exactly the one the next step would draft from, so its proposals become the
     next draft and guess. A row without a guess (its first step, or after a rejection) runs the
     block [d_k, M, ...] placed before d_k instead: its first slot predicts AR's next token, and
-    when the two agree its further slots are the next draft and guess. Draft lengths follow the
-    commit rule on the proposals' top probabilities (never on the drawn tokens)."""
+    when the two agree its second slot is the next guess (at most UNSEEN_SLOTS of its slots
+    are used: they predict past a target they do not see). Draft lengths follow the commit rule
+    on the proposals' top probabilities (never on the drawn tokens)."""
     s = run.block_size
     batch = run.batch
     device = run.anchor.device
@@ -380,7 +385,7 @@ def _fused_drafts(run: _Decoding) -> None:
         out = fused_forward(run.model, ctx_ids, block_in, t, drafted + guessed.long(), run.cache)
         run.stats.nfe += 1
         run.stats.context_passes += 1
-        run.stats.counted(width + s)
+        run.stats.counted("fused", width, s)
         live = active.nonzero()[:, 0]
         proposal = torch.zeros(batch, s, dtype=torch.long, device=device)
         proposal[live] = run.sampler(out.den_logits[live], live)
@@ -412,7 +417,7 @@ def _fused_drafts(run: _Decoding) -> None:
             unknown = torch.ones(1, s - first, dtype=torch.bool, device=device)
             n = int(run.rule(confidence[row : row + 1, first:], unknown, run.steps, run.threshold).long().cumprod(1).sum())
             if not guess:
-                n = min(n, GUESS_ONLY)
+                n = min(n, UNSEEN_SLOTS)
             if n:
                 next_draft[row, :n] = proposal[row, first : first + n]
                 next_drafted[row], next_guessed[row] = n - 1, True

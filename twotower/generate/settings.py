@@ -115,7 +115,8 @@ class DecodingSettings:
         block = self.block_size or model_block_size
         fused = ", one forward per step" if self.fused else ""
         if self.verify and self.steps_per_block == 1:  # one draft per block: the threshold plays no part
-            return f"verified drafts of {block - 1 if self.fused else block} tokens, rule {self.commit_rule}{fused}"
+            size = f"up to {block}" if self.fused else str(block)  # fused: as long as the last pass allowed
+            return f"verified drafts of {size} tokens, rule {self.commit_rule}{fused}"
         text = f"block {block}, threshold {self.confidence_threshold:g}, rule {self.commit_rule}"
         return text + (", verified" if self.verify else "") + fused
 
