@@ -50,8 +50,9 @@ def add_dial_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps-per-block", type=int, default=None,
                         help="denoiser steps per block (default: the block size); 1 with --verify drafts whole blocks")
     parser.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
-                        help="with --verify: one forward of both towers per step (lora flavour), the check of "
-                             "one draft and the next draft in the same pass; the output is the same "
+                        help="the towers share forwards (lora flavour): with --verify one forward per step, "
+                             "the check of one draft and the next draft in the same pass; without, a block's "
+                             "context pass and the next block's first step in one. The output is the same "
                              "(default: the model's recommendation)")
 
 
