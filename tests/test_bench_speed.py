@@ -185,8 +185,13 @@ def test_bench_speed_end_to_end(tiny_dir, tmp_path, capsys):
     assert "untrained denoiser" in capsys.readouterr().err
     data = json.loads((out / "speed.json").read_text())
     runs = {(r["batch_size"], r["label"]): r for r in data["runs"]}
-    labels = {"ar", "mock_ar", "mask_diffusion S=4 t=0.5", "mask_diffusion S=4 t=0.9", "transformers"}
+    dials = {"mask_diffusion S=4 t=0.5", "mask_diffusion S=4 t=0.9"}
+    labels = {"ar", "mock_ar", "transformers"} | dials | {f"{d} fused" for d in dials}  # fused twins: lora
     assert {(1, x) for x in labels | {"prompt_lookup"}} | {(2, x) for x in labels} == set(runs)
+    for batch in (1, 2):  # the fused dial is the dial, with a forward fewer a block
+        for d in dials:
+            plain, fused = runs[(batch, d)], runs[(batch, f"{d} fused")]
+            assert fused["tokens"] == plain["tokens"] and fused["forwards_per_token"] < plain["forwards_per_token"]
     assert any("prompt_lookup at batch 2" in s for s in data["skipped"])
     for r in data["runs"]:
         # repeats only, the warm-up round dropped; our AR ran beside every other contender
@@ -230,7 +235,7 @@ def test_bench_speed_verified_drafting_reproduces_ar(tiny_dir, tmp_path):
     assert diffusion["label"] == "mask_diffusion S=4 verified" and diffusion["steps_per_block"] == 1
     assert diffusion["exact_match"] == 1.0 and diffusion["verify"] is True
     # the fused twin: one forward a step, both towers' rows in it, the same output
-    assert fused["label"] == "mask_diffusion S=4 fused" and fused["fused"] is True and fused["exact_match"] == 1.0
+    assert fused["label"] == "mask_diffusion S=4 verified fused" and fused["fused"] is True and fused["exact_match"] == 1.0
     assert fused["forwards_per_token"] == fused["nfe_per_token"]
     assert diffusion["forwards_per_token"] > diffusion["nfe_per_token"]  # a draft forward and a check a step
     assert {s.split()[0] for s in diffusion["forward_shapes"]} == {"denoiser", "context"}
