@@ -149,9 +149,11 @@ def _columns(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tens
             x = torch.cat([x, x.new_zeros(*x.shape[:-2], pad, x.shape[-1])], dim=-2)
         return x.unflatten(-2, (blocks, QUERY_COLUMNS))
 
-    def per_block(x: torch.Tensor) -> torch.Tensor:  # (..., A, B) -> (..., blocks, A, B), materialised
-        x = x.unsqueeze(-3)
-        return x.expand(*x.shape[:-3], blocks, *x.shape[-2:]).contiguous() if blocks > 1 else x
+    def per_block(x: torch.Tensor, inner: int = 2) -> torch.Tensor:
+        """A blocks axis before x's last ``inner`` dims, materialised (a broadcast would change
+        the product's kernel)."""
+        x = x.unsqueeze(-inner - 1)
+        return x.expand(*x.shape[:-inner - 1], blocks, *x.shape[-inner:]).contiguous() if blocks > 1 else x
 
     columns = in_blocks(q).transpose(-1, -2).contiguous()  # (..., blocks, D, Q)
     scores = torch.matmul(per_block(k), columns)  # (..., blocks, L, Q)
@@ -162,9 +164,7 @@ def _columns(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tens
     chunks = length // KEY_CHUNK
     denominator = _in_key_order(weights.unflatten(-1, (chunks, KEY_CHUNK)).sum(-1), -1)  # (..., n)
     w = in_blocks(weights).unflatten(-1, (chunks, KEY_CHUNK)).transpose(-2, -3).contiguous()  # (.., blocks, chunks, Q, C)
-    values = v.unflatten(-2, (chunks, KEY_CHUNK))  # (..., chunks, C, D)
-    values = values.unsqueeze(-4).expand(*values.shape[:-3], blocks, *values.shape[-3:]).contiguous() \
-        if blocks > 1 else values.unsqueeze(-4)
+    values = per_block(v.unflatten(-2, (chunks, KEY_CHUNK)), inner=3)  # (..., blocks, chunks, C, D)
     numerator = _in_key_order(torch.matmul(w, values), -3)  # (..., blocks, Q, D)
     numerator = numerator.reshape(*batch, blocks * QUERY_COLUMNS, d)[..., :n, :]
     return numerator / denominator[..., None]
