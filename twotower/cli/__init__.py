@@ -1,4 +1,4 @@
-"""Command line: ``twotower generate | bench | eval | train | data``.
+"""Command line: ``twotower generate | serve | bench | eval | train | data``.
 
 The offline guard comes first: huggingface_hub reads HF_HUB_OFFLINE once, when it is imported,
 so it is set before anything can import it."""
@@ -15,14 +15,14 @@ from ..errors import TwoTowerError  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import bench, data, evaluate, generate, train
+    from . import bench, data, evaluate, generate, serve, train
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     common.add_argument("-v", "--verbose", action="store_true", help="log progress")
     parser = argparse.ArgumentParser(prog="twotower", description="Two-tower block-diffusion language models.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for command in (generate, bench, evaluate, train, data):
+    for command in (generate, serve, bench, evaluate, train, data):
         command.add_parser(sub, common)
     return parser
 

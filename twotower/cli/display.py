@@ -10,6 +10,7 @@ from rich.live import Live
 from rich.text import Text
 
 from ..generate.diffusion import StepEvent
+from ..generate.trace import AR_TOKEN, RowTrace
 
 PALETTE = ["green", "cyan", "yellow", "magenta", "blue", "bright_green", "bright_cyan", "bright_yellow"]
 MASK = "\u2591"  # light shade: a position still masked
@@ -22,9 +23,7 @@ class StepDisplay:
         self.tokenizer = tokenizer
         self.console = console or Console(stderr=False, highlight=False)
         self.done = Text()  # committed text of finished blocks
-        self.block_tokens: list[int] = []
-        self.block_steps: list[int] = []
-        self.accepted_in_block = 0
+        self.trace = RowTrace(0)
         self.live = Live(self.done, console=self.console, refresh_per_second=20, transient=False)
 
     def __enter__(self) -> StepDisplay:
@@ -39,30 +38,20 @@ class StepDisplay:
         return self.tokenizer.decode([token], skip_special_tokens=True)
 
     def on_step(self, event: StepEvent) -> None:
-        tokens = event.tokens[0].tolist()
-        if event.step == 0:  # a new block
-            self.block_steps = [-1] * len(tokens)
-            self.accepted_in_block = 0
-        for j, committed in enumerate(event.committed[0].tolist()):
-            if committed:
-                self.block_steps[j] = event.step
-        self.block_tokens = tokens
+        self.trace.on_step(event)
         view = self.done.copy()
-        for j, tok in enumerate(tokens):
+        for tok, step in zip(self.trace.tokens, self.trace.steps):
             if tok < 0:
                 view.append(MASK, style="dim")
             else:
-                view.append(self._piece(tok), style=PALETTE[self.block_steps[j] % len(PALETTE)])
+                view.append(self._piece(tok), style=PALETTE[step % len(PALETTE)])
         self.live.update(view)
 
     def on_token(self, row: int, token: int) -> None:
         if row != 0:
             return
-        j = self.accepted_in_block
-        self.accepted_in_block += 1
-        if j < len(self.block_tokens) and self.block_tokens[j] == token:
-            style = PALETTE[self.block_steps[j] % len(PALETTE)]
-        else:
-            style = "reverse"  # the AR model's token: at a rejected position or after the draft
+        step = self.trace.on_token(token)
+        # the AR model's own token (at a rejected position or after the draft) in reverse video
+        style = "reverse" if step == AR_TOKEN else PALETTE[step % len(PALETTE)]
         self.done.append(self._piece(token), style=style)
         self.live.update(self.done)

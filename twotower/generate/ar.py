@@ -14,7 +14,7 @@ import torch
 from ..errors import UsageError
 from ..model.backbone import Backbone
 from .sampling import Sampler
-from .stopping import Stopper
+from .stopping import ShouldStop, Stopper, row_limits
 
 TokenCallback = Callable[[int, int], None]  # (row, token), called as each row's tokens are final
 
@@ -173,20 +173,23 @@ def prepare_prompts(
     return Prompts(ids, None if bool(mask.all()) else mask, lengths)
 
 
-def check_generation_args(model: Backbone, prompts: Prompts, max_new_tokens: int, reserve: int = 0,
-                          why: str = "") -> None:
-    """``reserve`` positions past max_new_tokens that the decoding needs too (``why``)."""
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
-        raise UsageError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+def check_generation_args(model: Backbone, prompts: Prompts, max_new_tokens: int | Sequence[int], reserve: int = 0,
+                          why: str = "") -> list[int]:
+    """Every row's prompt + its ``max_new_tokens`` (one for all rows, or one per row) + ``reserve``
+    positions that the decoding needs too (``why``) must fit the model's context; returns the
+    per-row limits."""
+    limits = row_limits(max_new_tokens, len(prompts.lengths))
     context = model.config.max_position_embeddings
-    longest = max(prompts.lengths)
-    if longest + max_new_tokens + reserve > context:
-        extra = f" + {reserve} ({why})" if reserve else ""
-        raise UsageError(
-            f"the longest prompt ({longest} tokens) + max_new_tokens={max_new_tokens}{extra} exceeds the model's "
-            f"context of {context} tokens"
-        )
+    for i, (length, limit) in enumerate(zip(prompts.lengths, limits)):
+        if length + limit + reserve > context:
+            extra = f" + {reserve} ({why})" if reserve else ""
+            which = "the longest prompt" if len(set(limits)) == 1 and length == max(prompts.lengths) else f"prompt {i}"
+            raise UsageError(
+                f"{which} ({length} tokens) + max_new_tokens={limit}{extra} exceeds the model's "
+                f"context of {context} tokens"
+            )
     model.check_token_ids(prompts.input_ids)
+    return limits
 
 
 def eos_set(model: Backbone, eos_token_id: int | Sequence[int] | None) -> set[int]:
@@ -204,37 +207,40 @@ def eos_set(model: Backbone, eos_token_id: int | Sequence[int] | None) -> set[in
     return set(ids)
 
 
-def new_stopper(model: Backbone, batch: int, max_new_tokens: int, eos_token_id, stop_strings: Sequence[str] = (),
-                tokenizer=None) -> Stopper:
-    return Stopper(batch, max_new_tokens, eos_set(model, eos_token_id), stop_strings, tokenizer)
+def new_stopper(model: Backbone, batch: int, max_new_tokens: int | Sequence[int], eos_token_id,
+                stop_strings: Sequence = (), tokenizer=None, should_stop: ShouldStop | None = None) -> Stopper:
+    return Stopper(batch, max_new_tokens, eos_set(model, eos_token_id), stop_strings, tokenizer, should_stop)
 
 
 @torch.inference_mode()
 def generate_ar(
     model: Backbone,
     input_ids,
-    max_new_tokens: int = 128,
+    max_new_tokens: int | Sequence[int] = 128,
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
     eos_token_id: int | Sequence[int] | None = None,
     attention_mask: torch.Tensor | None = None,
-    seed: int | None = None,
+    seed: int | Sequence[int | None] | None = None,
     callback: TokenCallback | None = None,
-    stop_strings: Sequence[str] = (),
+    stop_strings: Sequence = (),
     tokenizer=None,
+    should_stop: ShouldStop | None = None,
 ) -> GenerationOutput:
     """Decode token by token with the cache; every row stops at its own EOS.
 
     ``eos_token_id`` defaults to the model's EOS ids; pass ``[]`` to never stop early. A row
-    also ends at the token that completes one of ``stop_strings`` (read with ``tokenizer``)."""
+    also ends at the token that completes one of ``stop_strings`` (read with ``tokenizer``).
+    ``max_new_tokens``, ``seed`` and ``stop_strings`` may be given per row (rows that came from
+    different requests); ``should_stop(row)`` may end a row early with the reason it returns."""
     prompts = prepare_prompts(input_ids, attention_mask)
-    check_generation_args(model, prompts, max_new_tokens)
+    limits = check_generation_args(model, prompts, max_new_tokens)
     batch = len(prompts.lengths)
     device = model.device
     sampler = Sampler(batch, temperature, top_k, top_p, seed, device)
-    stopper = new_stopper(model, batch, max_new_tokens, eos_token_id, stop_strings, tokenizer)
-    cache = model.new_cache(batch, prompts.input_ids.shape[1] + max_new_tokens)
+    stopper = new_stopper(model, batch, limits, eos_token_id, stop_strings, tokenizer, should_stop)
+    cache = model.new_cache(batch, prompts.input_ids.shape[1] + max(limits))
     stats = GenerationStats(new_tokens=[0] * batch)
 
     start = time.perf_counter()

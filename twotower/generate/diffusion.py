@@ -30,7 +30,8 @@ from .ar import GenerationStats, TokenCallback, check_generation_args, new_stopp
 from .commit import CommitRule, get_commit_rule
 from .sampling import Sampler
 from .settings import DEFAULT_COMMIT_RULE, DEFAULT_CONFIDENCE_THRESHOLD
-from .stopping import Stopper
+from .stopping import ShouldStop, Stopper
+
 
 @dataclass
 class StepEvent:
@@ -125,11 +126,21 @@ class _Decoding:
             self.cache.rollback(target)
 
 
+def overrun_positions(block_size: int, verify: bool, fused: bool) -> int:
+    """Positions past a row's max_new_tokens that its cache may need. A context pass appends s
+    tokens (a block's inputs) or, verified, up to s + 1 (the anchor and a whole-block draft) to
+    every row before rolling back, finished rows too: the last block may overrun max_new_tokens
+    by that much less the anchor. Fused: a draft and a guess of s, then the block after them
+    (the dial: a block, then the next)."""
+    s = block_size
+    return 2 * s if fused else s if verify else s - 1
+
+
 @torch.inference_mode()
 def generate_mask_diffusion(
     model: TwoTower,
     input_ids,
-    max_new_tokens: int = 128,
+    max_new_tokens: int | Sequence[int] = 128,
     block_size: int | None = None,
     steps_per_block: int | None = None,
     mask_token_id: int | None = None,
@@ -138,7 +149,7 @@ def generate_mask_diffusion(
     eos_token_id: int | Sequence[int] | None = None,
     top_k: int | None = None,
     top_p: float | None = None,
-    seed: int | None = None,
+    seed: int | Sequence[int | None] | None = None,
     commit_rule: str | CommitRule = DEFAULT_COMMIT_RULE,
     verify: bool = False,
     fused: bool = False,
@@ -146,8 +157,9 @@ def generate_mask_diffusion(
     step_callback: StepCallback | None = None,
     callback: TokenCallback | None = None,
     return_cache: bool = False,
-    stop_strings: Sequence[str] = (),
+    stop_strings: Sequence = (),
     tokenizer=None,
+    should_stop: ShouldStop | None = None,
 ) -> DiffusionOutput:
     """Fill blocks of ``block_size`` targets (default: the model's), at most ``steps_per_block``
     denoiser forwards each (default: block_size). ``confidence_threshold`` is the dial: lower
@@ -168,7 +180,9 @@ def generate_mask_diffusion(
     are one forward; the output is the unfused dial's.
 
     A row ends at a stop token (``eos_token_id``, default the model's), at the token that
-    completes one of ``stop_strings`` (read with ``tokenizer``) or at ``max_new_tokens``."""
+    completes one of ``stop_strings`` (read with ``tokenizer``) or at ``max_new_tokens``; these
+    three and ``seed`` may be given per row, and ``should_stop(row)`` may end a row early (see
+    ``generate_ar``)."""
     s = model.block_size if block_size is None else block_size
     steps = s if steps_per_block is None else steps_per_block
     _check(s, steps, confidence_threshold)
@@ -186,13 +200,9 @@ def generate_mask_diffusion(
 
     context = model.context
     prompts = prepare_prompts(input_ids, attention_mask)
-    # a context pass appends s tokens (a block's inputs) or, verified, up to s + 1 (the anchor
-    # and a whole-block draft) to every row before rolling back, finished rows too: the last
-    # block may overrun max_new_tokens by that much less the anchor
-    # fused: a draft and a guess of s, then the block after them (the dial: a block, then the next)
-    overrun = 2 * s if fused else s if verify else s - 1
-    check_generation_args(context, prompts, max_new_tokens, reserve=overrun,
-                          why=f"the last {'draft' if verify else 'block'} of {s} may run past max_new_tokens")
+    overrun = overrun_positions(s, verify, fused)
+    limits = check_generation_args(context, prompts, max_new_tokens, reserve=overrun,
+                                   why=f"the last {'draft' if verify else 'block'} of {s} may run past max_new_tokens")
     if prompts.attention_mask is None:
         in_prompt = prompts.input_ids == model.mask_token_id
     else:
@@ -205,11 +215,11 @@ def generate_mask_diffusion(
     mask = prompts.attention_mask.to(device) if prompts.attention_mask is not None else None
 
     start = time.perf_counter()
-    cache = context.new_cache(batch, width + max_new_tokens + overrun)
+    cache = context.new_cache(batch, width + max(limits) + overrun)
     if width > shift:  # with token shift the last prompt token is the first block's input
         prefix_mask = None if mask is None else mask[:, : width - shift]
         model.context_forward(ids[:, : width - shift], cache, attention_mask=prefix_mask)
-    stopper = new_stopper(context, batch, max_new_tokens, eos_token_id, stop_strings, tokenizer)
+    stopper = new_stopper(context, batch, limits, eos_token_id, stop_strings, tokenizer, should_stop)
     stats = DiffusionStats(block_steps=[[] for _ in range(batch)], drafted=[[] for _ in range(batch)],
                            accepted=[[] for _ in range(batch)])
     stats.prefill_seconds = time.perf_counter() - start

@@ -4,6 +4,7 @@ generator per row, so that a row's samples never depend on its batch mates."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from transformers.generation.logits_process import LogitsProcessorList, TopKLogitsWarper, TopPLogitsWarper
@@ -27,9 +28,11 @@ class Sampler:
         temperature: float = 0.0,
         top_k: int | None = None,
         top_p: float | None = None,
-        seed: int | None = None,
+        seed: int | Sequence[int | None] | None = None,
         device: str | torch.device = "cpu",
     ) -> None:
+        """``seed``: row i draws from seed + i; or a list of one seed per row (rows that came from
+        different requests: each draws what it would alone); None draws a random seed."""
         check_sampling_args(temperature, top_k, top_p)
         self.temperature = temperature
         warpers = []
@@ -39,10 +42,21 @@ class Sampler:
             warpers.append(TopPLogitsWarper(top_p))
         self.warpers = LogitsProcessorList(warpers)
         self.generators = []
+        if isinstance(seed, Sequence):
+            if len(seed) != batch:
+                raise UsageError(f"seed: {len(seed)} seeds for {batch} rows")
+            seeds = list(seed)
+        else:
+            seeds = [None if seed is None else seed + i for i in range(batch)]
+        for s in seeds:
+            if s is not None and (isinstance(s, bool) or not isinstance(s, int) or s < 0):
+                raise UsageError(f"a seed must be a non-negative integer, got {s!r}")
         if temperature > 0:
-            base = seed if seed is not None else int(torch.randint(0, 2**62, ()).item())
             # Row i draws from its own stream: batch mates cannot shift its random numbers.
-            self.generators = [torch.Generator(device=device).manual_seed(base + i) for i in range(batch)]
+            self.generators = [
+                torch.Generator(device=device).manual_seed(s if s is not None else int(torch.randint(0, 2**62, ())))
+                for s in seeds
+            ]
 
     @property
     def greedy(self) -> bool:

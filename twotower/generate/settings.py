@@ -10,6 +10,8 @@
    option of the dial (``verify``, ``steps_per_block``, ``confidence_threshold``): then the
    plain dial applies. A ``block_size`` given alone replaces only the preset's block size, and
    a ``fused`` given alone only the preset's fusion.
+4. a strategy named instead of mode, verify and fused (a server's ``strategy`` field) sets those
+   three; the recommended preset still applies when it is that strategy's.
 """
 
 from __future__ import annotations
@@ -146,9 +148,35 @@ def _ids(value) -> tuple[int, ...] | None:
 FIELDS = tuple(f.name for f in dataclasses.fields(DecodingSettings))
 
 
-def resolve_settings(recommended: Mapping | None = None, **given) -> DecodingSettings:
+# what each registered strategy's name means in settings (the inverse of DecodingSettings.strategy)
+STRATEGY_OPTIONS = {
+    "ar": {"mode": "ar"},
+    "mock_ar": {"mode": "mock_ar"},
+    "mask_diffusion": {"mode": "mask_diffusion", "verify": False, "fused": False},
+    "verified": {"mode": "mask_diffusion", "verify": True, "fused": False},
+    "fused": {"mode": "mask_diffusion", "verify": True, "fused": True},
+    "fused_dial": {"mode": "mask_diffusion", "verify": False, "fused": True},
+}
+
+
+def _strategy_given(recommended: Mapping, strategy: str, given: dict) -> dict:
+    if not isinstance(strategy, str) or strategy not in STRATEGY_OPTIONS:
+        raise UsageError(f"unknown strategy {strategy!r} (choose from {', '.join(STRATEGY_OPTIONS)})")
+    options = STRATEGY_OPTIONS[strategy]
+    clash = [k for k, v in options.items() if given.get(k) is not None and given[k] != v]
+    if clash:
+        raise UsageError(f"strategy {strategy} contradicts {', '.join(clash)}")
+    if options.get("verify") == bool(recommended.get("verify")):
+        # the recommended preset is of this kind: it applies as a unit, with this fusion
+        options = {"mode": "mask_diffusion", "fused": options["fused"]}
+    return {**given, **options}
+
+
+def resolve_settings(recommended: Mapping | None = None, *, strategy: str | None = None, **given) -> DecodingSettings:
     """Settings from a model's recommendation and the options a user gave (see the module
     docstring for the rule)."""
+    if strategy is not None:
+        given = _strategy_given(recommended or {}, strategy, given)
     unknown = sorted(set(given) - set(FIELDS))
     if unknown:
         raise UsageError(f"unknown decoding option(s) {', '.join(unknown)} (known: {', '.join(FIELDS)})")

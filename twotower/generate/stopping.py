@@ -8,12 +8,15 @@ found wherever it falls: inside a block, or across the boundary of two blocks or
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from ..errors import UsageError
 
 STOP = "stop"  # finish reasons, as OpenAI-style APIs name them
 LENGTH = "length"
+CANCELLED = "cancelled"  # ended from outside (a server's client left, a deadline passed)
+
+ShouldStop = Callable[[int], str | None]  # (row) -> a finish reason to end the row now, or None
 
 
 def check_stop_strings(value) -> tuple[str, ...]:
@@ -25,24 +28,59 @@ def check_stop_strings(value) -> tuple[str, ...]:
     return tuple(value)
 
 
+def row_stop_strings(value, batch: int) -> list[tuple[str, ...]]:
+    """Stop strings per row: one set for every row (a string or a list of strings), or a list
+    of ``batch`` such sets (rows of one call that came from different requests)."""
+    if isinstance(value, str) or (isinstance(value, Sequence) and all(isinstance(s, str) for s in value)):
+        return [check_stop_strings(value)] * batch
+    if not isinstance(value, Sequence) or len(value) != batch:
+        raise UsageError(f"stop strings must be strings, or one list of them per row ({batch} rows), got {value!r}")
+    return [check_stop_strings(v) for v in value]
+
+
+def row_limits(max_new_tokens, batch: int) -> list[int]:
+    """``max_new_tokens`` per row: one positive integer for every row, or a list of ``batch``."""
+    values = max_new_tokens if isinstance(max_new_tokens, Sequence) else [max_new_tokens] * batch
+    if len(values) != batch:
+        raise UsageError(f"max_new_tokens: {len(values)} values for {batch} rows")
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise UsageError(f"max_new_tokens must be a positive integer, got {v!r}")
+    return list(values)
+
+
 class Stopper:
-    def __init__(self, batch: int, max_new_tokens: int, stop_ids: set[int], stop_strings: Sequence[str] = (),
-                 tokenizer=None) -> None:
-        self.stop_strings = check_stop_strings(stop_strings)
-        if self.stop_strings and tokenizer is None:
+    """Every row's final tokens and, once it has ended, why. ``max_new_tokens`` and
+    ``stop_strings`` may differ per row (see ``row_limits``, ``row_stop_strings``);
+    ``should_stop`` may end a row from outside, read whenever a loop asks which rows go on."""
+
+    def __init__(self, batch: int, max_new_tokens: int | Sequence[int], stop_ids: set[int],
+                 stop_strings: Sequence[str] | Sequence[Sequence[str]] = (), tokenizer=None,
+                 should_stop: ShouldStop | None = None) -> None:
+        self.stop_strings = row_stop_strings(stop_strings, batch)
+        if any(self.stop_strings) and tokenizer is None:
             raise UsageError("stop strings need a tokenizer to read the text")
-        self.max_new_tokens = max_new_tokens
+        self.max_new_tokens = row_limits(max_new_tokens, batch)
         self.stop_ids = stop_ids
         self.tokenizer = tokenizer
+        self.should_stop = should_stop
         self.tokens: list[list[int]] = [[] for _ in range(batch)]
         self.reasons: list[str | None] = [None] * batch  # set when the row has finished
 
+    def _poll(self) -> None:
+        if self.should_stop is not None:
+            for row, reason in enumerate(self.reasons):
+                if reason is None:
+                    self.reasons[row] = self.should_stop(row)
+
     @property
     def finished(self) -> list[bool]:
+        self._poll()
         return [r is not None for r in self.reasons]
 
     @property
     def all_finished(self) -> bool:
+        self._poll()
         return all(r is not None for r in self.reasons)
 
     def extend(self, row: int, new: Sequence[int]) -> list[int]:
@@ -53,14 +91,15 @@ class Stopper:
                 break
             self.tokens[row].append(tok)
             kept.append(tok)
-            if tok in self.stop_ids or (self.stop_strings and self._stop_string_at(row) is not None):
+            if tok in self.stop_ids or (self.stop_strings[row] and self._stop_string_at(row) is not None):
                 self.reasons[row] = STOP
-            elif len(self.tokens[row]) >= self.max_new_tokens:
+            elif len(self.tokens[row]) >= self.max_new_tokens[row]:
                 self.reasons[row] = LENGTH
         return kept
 
     def _stop_string_at(self, row: int) -> int | None:
-        return stop_string_at(self.tokenizer.decode(self.tokens[row], skip_special_tokens=True), self.stop_strings)
+        text = self.tokenizer.decode(self.tokens[row], skip_special_tokens=True)
+        return stop_string_at(text, self.stop_strings[row])
 
 
 def stop_string_at(text: str, stop_strings: Sequence[str]) -> int | None:

@@ -9,7 +9,7 @@ front end.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +20,7 @@ from ..model.twotower import TwoTower
 from .ar import GenerationOutput, TokenCallback, generate_ar
 from .diffusion import StepCallback, generate_mask_diffusion, generate_mock_ar
 from .settings import DecodingSettings
+from .stopping import ShouldStop
 
 Decoder = Callable[..., GenerationOutput]
 
@@ -56,17 +57,24 @@ def select(settings: DecodingSettings) -> Strategy:
 
 
 def decode_with(
-    strategy: Strategy, model: TwoTower | Backbone, input_ids, settings: DecodingSettings, *,
-    attention_mask: torch.Tensor | None = None, tokenizer=None, on_token: TokenCallback | None = None,
-    on_step: StepCallback | None = None,
+    strategy: Strategy, model: TwoTower | Backbone, input_ids, settings: DecodingSettings | Sequence[DecodingSettings],
+    *, attention_mask: torch.Tensor | None = None, tokenizer=None, on_token: TokenCallback | None = None,
+    on_step: StepCallback | None = None, should_stop: ShouldStop | None = None,
 ) -> GenerationOutput:
+    """``settings``: one for every row, or one per row that differ only in their length limit,
+    seed and stop strings (``decode.row_settings`` checks that)."""
     if strategy.needs_denoiser and not isinstance(model, TwoTower):
         raise UsageError(f"mode {strategy.mode} needs a two-tower model; this is a backbone alone (AR only)")
+    rows = [settings] if isinstance(settings, DecodingSettings) else list(settings)
+    settings = rows[0]
+    per_row = len(rows) > 1
     common = dict(
-        max_new_tokens=settings.max_new_tokens, temperature=settings.temperature, top_k=settings.top_k,
-        top_p=settings.top_p, seed=settings.seed, attention_mask=attention_mask, callback=on_token,
+        max_new_tokens=[s.max_new_tokens for s in rows] if per_row else settings.max_new_tokens,
+        temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p,
+        seed=[s.seed for s in rows] if per_row else settings.seed, attention_mask=attention_mask, callback=on_token,
         eos_token_id=None if settings.stop_token_ids is None else list(settings.stop_token_ids),
-        stop_strings=settings.stop_strings, tokenizer=tokenizer,
+        stop_strings=[s.stop_strings for s in rows] if per_row else settings.stop_strings, tokenizer=tokenizer,
+        should_stop=should_stop,
     )
     if strategy.needs_denoiser:
         common["step_callback"] = on_step

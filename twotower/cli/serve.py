@@ -1,0 +1,55 @@
+"""``twotower serve``: the OpenAI-compatible server on one model (see twotower/serve)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..errors import UsageError
+from .options import add_model_options
+
+
+def add_parser(sub, common: argparse.ArgumentParser) -> None:
+    s = sub.add_parser("serve", parents=[common], help="serve a model over an OpenAI-compatible HTTP API")
+    add_model_options(s)
+    s.add_argument("--served-model-name", default=None, help="the model's name in the API (default: --model)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--max-batch", type=int, default=8, help="rows decoded together at most")
+    s.add_argument("--max-queue", type=int, default=64, help="requests waiting at most; more get 429")
+    s.add_argument("--timeout", type=float, default=600.0, help="seconds a request may take, queue included")
+    s.add_argument("--max-tokens-default", type=int, default=256,
+                   help="max_tokens of a request that gives none")
+    s.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1 endpoints")
+    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    s.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    import torch
+    import uvicorn
+
+    from ..checkpoints.two_tower import load_model, warn_untrained
+    from ..serve import Engine, create_app
+
+    for name in ("max_batch", "max_queue", "max_tokens_default"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
+    if not 0 < args.port < 65536:
+        raise UsageError("--port must be in 1..65535")
+    if args.timeout <= 0:
+        raise UsageError("--timeout must be > 0")
+    if args.api_key is not None and not args.api_key:
+        raise UsageError("--api-key is empty")
+    loaded = load_model(args.model, args.dtype, untrained=args.untrained_denoiser, exact=args.exact)
+    warn_untrained(loaded)
+    if loaded.tokenizer is None:
+        raise UsageError(f"{args.model} has no tokenizer: the server takes text")
+    name = args.served_model_name or args.model
+    engine = Engine(loaded.model, loaded.tokenizer, max_batch=args.max_batch, max_queue=args.max_queue)
+    app = create_app(engine, name, loaded.recommended, api_key=args.api_key, timeout_s=args.timeout,
+                     default_max_tokens=args.max_tokens_default, description=loaded.source)
+    print(f"twotower serve: {name} ({loaded.source}, {args.dtype}, {torch.get_num_threads()} threads) on "
+          f"http://{args.host}:{args.port}  (max batch {args.max_batch}, queue {args.max_queue})",
+          file=sys.stderr, flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)

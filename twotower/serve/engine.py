@@ -1,0 +1,239 @@
+"""The one worker that owns the model, and its scheduler.
+
+Requests become ``Job``s in a bounded queue. The worker takes the oldest job and every queued
+job that can share its batch (the same strategy, dial and sampling: rows may differ only in
+their length limit, seed and stop strings, see ``decode.row_settings``), up to ``max_batch``,
+and decodes them in one call. Every row's decisions are its own and the inference is batch
+invariant (model/exact.py), so each answer equals the same request run alone.
+
+A row that ends (its stop token or string, its limit) is answered at once, without waiting for
+its batch mates; a cancelled row (its client left, its deadline passed) stops taking part at
+the next step. Jobs that arrive while a batch runs wait for the next batch.
+
+Tokens reach a job as they become final: an accepted draft run under verification, and under
+the plain dial each block's committed left prefix as soon as the denoiser commits it (those
+tokens never change, so they are sent before the block ends, cut exactly where the decoder's
+own stopper will cut). Events go to the asyncio side through ``loop.call_soon_threadsafe``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..errors import TwoTowerError
+from ..generate.ar import eos_set
+from ..generate.decode import DecodeCallbacks, batch_key, decode
+from ..generate.diffusion import StepEvent
+from ..generate.settings import DecodingSettings
+from ..generate.stopping import CANCELLED, Stopper
+from ..generate.trace import RowTrace
+
+log = logging.getLogger(__name__)
+
+TIMEOUT = "timeout"  # a job's finish reason when its deadline passed
+EARLY_STRATEGIES = ("mask_diffusion", "fused_dial")  # committed tokens are final before the block ends
+
+
+class QueueFull(Exception):
+    """The queue holds max_queue jobs already."""
+
+
+@dataclass
+class Job:
+    """One request's row: its prompt, its settings, and the events its response reads."""
+
+    prompt_ids: list[int]
+    settings: DecodingSettings
+    loop: asyncio.AbstractEventLoop
+    show_steps: bool = False
+    deadline: float | None = None  # time.monotonic() after which the row is ended
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: bool = False
+    created: float = field(default_factory=time.monotonic)
+    started: float | None = None
+    # worker side
+    stopper: Stopper | None = None  # mirrors the decoder's stopper for this row (early tokens)
+    trace: RowTrace | None = None
+    sent: int = 0  # tokens sent to the response
+    final: int = 0  # tokens the decoder has made final
+    nfe: int = 0  # denoiser forwards this row took part in (AR: one a token)
+    done: bool = False
+
+    def key(self) -> DecodingSettings:
+        """What rows of one batch must share."""
+        return batch_key(self.settings)
+
+    def put(self, kind: str, payload: Any = None) -> None:
+        self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class Engine:
+    def __init__(self, model, tokenizer, *, max_batch: int = 8, max_queue: int = 64, metrics=None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.metrics = metrics
+        self.queue: deque[Job] = deque()
+        self.running: list[Job] = []
+        self.lock = threading.Condition()
+        self.stopping = False
+        self.context = model.context if hasattr(model, "context") else model
+        self.thread = threading.Thread(target=self._work, name="twotower-engine", daemon=True)
+        self.threads = torch.get_num_threads()
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        """Let the running batch finish, fail what is queued, and end the worker."""
+        with self.lock:
+            self.stopping = True
+            left = list(self.queue)
+            self.queue.clear()
+            self.lock.notify_all()
+        for job in left:
+            job.put("error", (503, "the server is shutting down"))
+        self.thread.join(timeout=60)
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self.queue)
+
+    def submit(self, job: Job) -> None:
+        with self.lock:
+            if self.stopping:
+                raise QueueFull("the server is shutting down")
+            if len(self.queue) >= self.max_queue:
+                raise QueueFull(f"the queue is full ({self.max_queue} requests waiting)")
+            self.queue.append(job)
+            self._gauge()
+            self.lock.notify()
+
+    def _gauge(self) -> None:
+        if self.metrics is not None:
+            self.metrics.queue_depth.set(len(self.queue))
+
+    def _take(self) -> list[Job] | None:
+        with self.lock:
+            while not self.queue and not self.stopping:
+                self.lock.wait()
+            if self.stopping and not self.queue:
+                return None
+            now = time.monotonic()
+            batch: list[Job] = []
+            kept: deque[Job] = deque()
+            for job in self.queue:
+                if job.cancelled or (job.deadline is not None and now > job.deadline):
+                    job.put("error", (504 if not job.cancelled else 499, "the request timed out in the queue"))
+                elif len(batch) < self.max_batch and (not batch or job.key() == batch[0].key()):
+                    batch.append(job)
+                else:
+                    kept.append(job)
+            self.queue = kept
+            self._gauge()
+            return batch
+
+    def _work(self) -> None:
+        torch.set_num_threads(self.threads)  # a new thread's own setting
+        while True:
+            batch = self._take()
+            if batch is None:
+                return
+            if batch:
+                self._run(batch)
+
+    def _run(self, jobs: list[Job]) -> None:
+        eos = eos_set(self.context, None if jobs[0].settings.stop_token_ids is None
+                      else list(jobs[0].settings.stop_token_ids))
+        strategy = jobs[0].settings.strategy
+        early = strategy in EARLY_STRATEGIES
+        now = time.monotonic()
+        for row, job in enumerate(jobs):
+            job.started = now
+            job.stopper = Stopper(1, job.settings.max_new_tokens, eos, job.settings.stop_strings, self.tokenizer)
+            job.trace = RowTrace(row)
+        if self.metrics is not None:
+            self.metrics.batch_size.observe(len(jobs))
+            self.metrics.running.set(len(jobs))
+        self.running = jobs
+
+        def should_stop(row: int) -> str | None:
+            job = jobs[row]
+            if job.cancelled:
+                return CANCELLED
+            if job.deadline is not None and time.monotonic() > job.deadline:
+                return TIMEOUT
+            return None
+
+        def on_step(event: StepEvent) -> None:
+            for job in jobs:
+                if job.done or not job.trace.on_step(event):
+                    continue
+                job.nfe += 1
+                if job.show_steps:
+                    job.put("step", {"block": event.block, "step": event.step,
+                                     "tokens": list(job.trace.tokens), "steps": list(job.trace.steps)})
+                if early:  # the block's left prefix is final: send what was not sent yet
+                    prefix = job.trace.committed_prefix()
+                    self._send(job, prefix[job.sent - job.final:])
+
+        def on_token(row: int, token: int) -> None:
+            job = jobs[row]
+            if job.done:
+                return
+            origin = job.trace.on_token(token)
+            job.final += 1
+            if job.show_steps:
+                job.put("commit", {"token": token, "step": origin})
+            if job.final > job.sent:
+                self._send(job, [token])
+            if strategy == "ar":  # one forward a token (the two-tower strategies count their steps)
+                job.nfe += 1
+
+        try:
+            decode(self.model, [j.prompt_ids for j in jobs], [j.settings for j in jobs],
+                   DecodeCallbacks(on_token, on_step, should_stop), tokenizer=self.tokenizer)
+        except TwoTowerError as e:
+            for job in jobs:
+                if not job.done:
+                    job.done = True
+                    job.put("error", (400, str(e)))
+        except Exception:  # a bug: answer every row of the batch, keep serving
+            log.exception("twotower serve: decoding failed")
+            for job in jobs:
+                if not job.done:
+                    job.done = True
+                    job.put("error", (500, "internal error while decoding (see the server's log)"))
+        finally:
+            for job in jobs:
+                if not job.done:  # cancelled or timed out
+                    job.done = True
+                    reason = TIMEOUT if not job.cancelled else CANCELLED
+                    job.put("end", {"reason": reason, "tokens": list(job.stopper.tokens[0]), "nfe": job.nfe})
+            self.running = []
+            if self.metrics is not None:
+                self.metrics.running.set(0)
+
+    def _send(self, job: Job, tokens: list[int]) -> None:
+        """Tokens that are final for this row, through its own stopper (the decoder's rule)."""
+        if job.done or not tokens:
+            return
+        kept = job.stopper.extend(0, tokens)
+        job.sent += len(tokens)
+        if kept:
+            job.put("tokens", kept)
+        if job.stopper.all_finished:
+            job.done = True
+            job.put("end", {"reason": job.stopper.reasons[0], "tokens": list(job.stopper.tokens[0]), "nfe": job.nfe})
