@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from ..errors import UsageError
@@ -52,4 +53,12 @@ def run(args: argparse.Namespace) -> None:
     print(f"twotower serve: {name} ({loaded.source}, {args.dtype}, {torch.get_num_threads()} threads) on "
           f"http://{args.host}:{args.port}  (max batch {args.max_batch}, queue {args.max_queue})",
           file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    # uvicorn drains the open requests on SIGTERM or Ctrl-C, then raises the signal again for
+    # the handler it found: a graceful stop, so that handler only lets the command return (exit 0)
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    print("twotower serve: stopped after the open requests finished", file=sys.stderr)

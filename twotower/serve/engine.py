@@ -219,9 +219,7 @@ class Engine:
         finally:
             for job in jobs:
                 if not job.done:  # cancelled or timed out
-                    job.done = True
-                    reason = TIMEOUT if not job.cancelled else CANCELLED
-                    job.put("end", {"reason": reason, "tokens": list(job.stopper.tokens[0]), "nfe": job.nfe})
+                    self._end(job, CANCELLED if job.cancelled else TIMEOUT)
             self.running = []
             if self.metrics is not None:
                 self.metrics.running.set(0)
@@ -235,5 +233,10 @@ class Engine:
         if kept:
             job.put("tokens", kept)
         if job.stopper.all_finished:
-            job.done = True
-            job.put("end", {"reason": job.stopper.reasons[0], "tokens": list(job.stopper.tokens[0]), "nfe": job.nfe})
+            self._end(job, job.stopper.reasons[0])
+
+    def _end(self, job: Job, reason: str) -> None:
+        job.done = True
+        job.put("end", {"reason": reason, "tokens": list(job.stopper.tokens[0]), "nfe": job.nfe})
+        if self.metrics is not None:
+            self.metrics.rows_ended.labels(reason).inc()

@@ -17,6 +17,8 @@ class ServerMetrics:
                                 ["endpoint", "status"], registry=r)
         self.queue_depth = Gauge("twotower_queue_depth", "requests waiting for a batch", registry=r)
         self.running = Gauge("twotower_running_rows", "rows of the batch being decoded", registry=r)
+        self.rows_ended = Counter("twotower_rows_ended", "decoded rows by how they ended (stop, length, "
+                                  "cancelled: the client left, timeout)", ["reason"], registry=r)
         self.batch_size = Histogram("twotower_batch_size", "rows per decoding batch", registry=r,
                                     buckets=(1, 2, 4, 8, 16, 32, 64))
         self.generated_tokens = Counter("twotower_generated_tokens", "tokens generated", registry=r)
