@@ -129,6 +129,8 @@ def test_multibyte_characters_arrive_whole(scripted):
         whole = c.chat.completions.create(model="scripted", messages=[{"role": "user", "content": "Hello"}],
                                           max_tokens=40, extra_body={"strategy": strategy})
         assert whole.choices[0].message.content == SCRIPT
+        if strategy == "ar":  # one forward a token, the end token included
+            assert whole.usage.model_extra["nfe"] == whole.usage.completion_tokens == 10
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -149,6 +151,42 @@ def test_stop_strings_across_tokens_and_chunks(scripted, stream, strategy):
         assert (text, got_reason) == (expected, reason), stop
     out = c.completions.create(model="scripted", prompt="Hi", max_tokens=3, extra_body={"strategy": strategy})
     assert out.choices[0].finish_reason == "length" and out.usage.completion_tokens == 3
+
+
+def _events(url: str, body: dict) -> list[tuple[str, dict]]:
+    """A stream's events in order: ("chunk", data) or (the event's name, data)."""
+    out = []
+    with httpx.Client(timeout=120) as h, h.stream("POST", url + "/v1/chat/completions", json=body) as r:
+        name = "chunk"
+        for line in r.iter_lines():
+            if line.startswith("event: "):
+                name = line[7:]
+            elif line.startswith("data: ") and line != "data: [DONE]":
+                out.append((name, json.loads(line[6:])))
+                name = "chunk"
+    return out
+
+
+def test_the_dial_streams_a_blocks_committed_prefix_before_the_block_ends(tiny):
+    loaded, server = tiny
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Count with me."}], "max_tokens": 16,
+            "strategy": "mask_diffusion", "stream": True, "show_steps": True}
+    events = _events(server.url, body)
+    early = False
+    for i, (name, data) in enumerate(events):
+        if name == "chunk" and data["choices"] and data["choices"][0]["delta"].get("content"):
+            last = [d for n, d in events[:i] if n == "twotower.step"][-1]
+            later = [d for n, d in events[i:] if n == "twotower.step"]
+            early |= bool(later) and later[0]["block"] == last["block"] and later[0]["step"] > last["step"]
+    assert early, "no content arrived while its block was still being denoised"
+    text = "".join(d["choices"][0]["delta"].get("content") or "" for n, d in events if n == "chunk" and d["choices"])
+    settings = resolve_settings(loaded.recommended, strategy="mask_diffusion", max_new_tokens=16)
+    ref = decode(loaded.model, [body["messages"]], settings, tokenizer=loaded.tokenizer)
+    assert text == ref.texts[0]
+    commits = [d for n, d in events if n == "twotower.commit"]
+    assert [c["token"] for c in commits] == ref.tokens[0]
+    steps = [d for n, d in events if n == "twotower.step"]
+    assert len(steps) == sum(ref.stats.block_steps[0]) and all(len(d["pieces"]) == 4 for d in steps)
 
 
 def _request(i: int) -> dict:

@@ -1,5 +1,5 @@
-"""``twotower bench ar | step | speed``: benchmarks that write JSON (and, for speed, a table and
-a plot)."""
+"""``twotower bench ar | step | speed | serve``: benchmarks that write JSON (and, for speed and
+serve, a table and a plot)."""
 
 from __future__ import annotations
 
@@ -52,6 +52,28 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
     sp.add_argument("--prompt-lookup-tokens", type=int, default=10, help="draft length of prompt-lookup decoding")
     sp.add_argument("--output-dir", default="bench_results/speed")
     sp.set_defaults(func=run_speed)
+
+    sv = bsub.add_parser("serve", parents=[common], help="throughput and latency of twotower serve under concurrent "
+                         "clients: our AR vs the recommended preset (and llama.cpp's server where installed)")
+    add_model_options(sv)
+    sv.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 32])
+    sv.add_argument("--requests", type=int, default=8, help="requests per level (at least the concurrency)")
+    sv.add_argument("--max-tokens", type=int, default=64)
+    sv.add_argument("--max-batch", type=int, default=16, help="the server's --max-batch")
+    sv.add_argument("--prompts-file", default=None, help="JSONL with \"text\" (default: the shipped bench prompts)")
+    sv.add_argument("--llama-cpp-python", default=None,
+                    help="a Python interpreter with llama-cpp-python[server] (default: this one, if it has it)")
+    sv.add_argument("--output-dir", default="bench_results/serve")
+    sv.set_defaults(func=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> None:
+    from ..bench.serve import run_serve_bench
+
+    run_serve_bench(model=args.model, dtype=args.dtype, concurrency=args.concurrency, requests=args.requests,
+                    max_tokens=args.max_tokens, max_batch=args.max_batch, threads=args.threads,
+                    output_dir=args.output_dir, prompts_file=args.prompts_file,
+                    llama_cpp_python=args.llama_cpp_python, exact=args.exact)
 
 
 def run_ar(args: argparse.Namespace) -> None:

@@ -187,7 +187,8 @@ class Engine:
                                      "tokens": list(job.trace.tokens), "steps": list(job.trace.steps)})
                 if early:  # the block's left prefix is final: send what was not sent yet
                     prefix = job.trace.committed_prefix()
-                    self._send(job, prefix[job.sent - job.final:])
+                    new = slice(job.sent - job.final, len(prefix))
+                    self._send(job, prefix[new], job.trace.steps[new])
 
         def on_token(row: int, token: int) -> None:
             job = jobs[row]
@@ -195,12 +196,10 @@ class Engine:
                 return
             origin = job.trace.on_token(token)
             job.final += 1
-            if job.show_steps:
-                job.put("commit", {"token": token, "step": origin})
-            if job.final > job.sent:
-                self._send(job, [token])
             if strategy == "ar":  # one forward a token (the two-tower strategies count their steps)
                 job.nfe += 1
+            if job.final > job.sent:
+                self._send(job, [token], [origin])
 
         try:
             decode(self.model, [j.prompt_ids for j in jobs], [j.settings for j in jobs],
@@ -224,14 +223,18 @@ class Engine:
             if self.metrics is not None:
                 self.metrics.running.set(0)
 
-    def _send(self, job: Job, tokens: list[int]) -> None:
-        """Tokens that are final for this row, through its own stopper (the decoder's rule)."""
+    def _send(self, job: Job, tokens: list[int], origins: list[int]) -> None:
+        """Tokens that are final for this row, through its own stopper (the decoder's rule), with
+        the step that committed each (RowTrace's origins) for the live view."""
         if job.done or not tokens:
             return
         kept = job.stopper.extend(0, tokens)
         job.sent += len(tokens)
         if kept:
             job.put("tokens", kept)
+            if job.show_steps:
+                for token, origin in zip(kept, origins):
+                    job.put("commit", {"token": token, "step": origin})
         if job.stopper.all_finished:
             self._end(job, job.stopper.reasons[0])
 
