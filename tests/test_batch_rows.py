@@ -8,6 +8,7 @@ import pytest
 
 from twotower import DecodeCallbacks, decode, load_model, resolve_settings
 from twotower.errors import UsageError
+from twotower.generate.rows import NewRow
 from twotower.generate.stopping import CANCELLED
 
 STRATEGIES = ["ar", "verified", "fused", "mask_diffusion", "fused_dial", "mock_ar"]
@@ -76,3 +77,38 @@ def test_a_row_that_does_not_fit_is_named(loaded):
     long = a.replace(max_new_tokens=loaded.context.config.max_position_embeddings)
     with pytest.raises(UsageError, match="prompt 1"):
         decode(loaded.model, PROMPTS[:2], [a, long], tokenizer=loaded.tokenizer)
+
+
+@pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "sampled"])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_rows_that_join_and_leave_get_their_solo_answers(loaded, strategy, sampled):
+    """Rows 2 and 3 join at the 2nd and 3rd boundary, and a fifth row once the batch has emptied;
+    finished rows leave; every row's tokens are its solo tokens."""
+    rows = _row_settings(loaded, strategy, sampled)
+    rows.append(rows[0].replace(max_new_tokens=6, seed=None if rows[0].seed is None else 999))
+    prompts = PROMPTS + ["The end"]
+    ids = [loaded.tokenizer(p)["input_ids"] for p in prompts]
+    calls: list[list[int]] = []
+
+    lengths: list[dict[int, list[int]]] = []  # each row's tokens at each boundary
+
+    def on_boundary(going_on: list[int]) -> list[NewRow]:
+        calls.append(list(going_on))
+        lengths.append({r: list(streamed.get(r, [])) for r in going_on})
+        join = {2: [2], 3: [3]}.get(len(calls), [])
+        if not going_on and 4 not in [r for c in calls for r in c] and len(calls) > 3:
+            join = [4]
+        return [NewRow(ids[i], rows[i].max_new_tokens, rows[i].seed, rows[i].stop_strings) for i in join]
+
+    streamed: dict[int, list[int]] = {}
+    callbacks = DecodeCallbacks(on_token=lambda row, tok: streamed.setdefault(row, []).append(tok),
+                                on_boundary=on_boundary)
+    out = decode(loaded.model, prompts[:2], rows[:2], callbacks, tokenizer=loaded.tokenizer)
+    assert sorted(streamed) == [0, 1, 2, 3, 4]
+    for i, (prompt, settings) in enumerate(zip(prompts, rows)):
+        alone = decode(loaded.model, [prompt], settings, tokenizer=loaded.tokenizer)
+        assert streamed[i] == out.tokens[i] == alone.tokens[0], (strategy, i)
+        assert out.finish_reasons[i] == alone.finish_reasons[0]
+    # finished rows left: none at its limit was among the rows going on, and at the end none is
+    assert all(len(lengths[n][r]) < rows[r].max_new_tokens for n, c in enumerate(calls) for r in c)
+    assert calls[-1] == [] and [] in calls[:-1]  # the batch emptied once, and the fifth row joined it then

@@ -13,6 +13,8 @@ import torch
 
 from ..errors import UsageError
 from ..model.backbone import Backbone
+from ..model.cache import ModelCache
+from .rows import OnBoundary
 from .sampling import Sampler
 from .stopping import ShouldStop, Stopper, row_limits
 
@@ -227,41 +229,70 @@ def generate_ar(
     stop_strings: Sequence = (),
     tokenizer=None,
     should_stop: ShouldStop | None = None,
+    on_boundary: OnBoundary | None = None,
 ) -> GenerationOutput:
     """Decode token by token with the cache; every row stops at its own EOS.
 
     ``eos_token_id`` defaults to the model's EOS ids; pass ``[]`` to never stop early. A row
     also ends at the token that completes one of ``stop_strings`` (read with ``tokenizer``).
     ``max_new_tokens``, ``seed`` and ``stop_strings`` may be given per row (rows that came from
-    different requests); ``should_stop(row)`` may end a row early with the reason it returns."""
+    different requests); ``should_stop(row)`` may end a row early with the reason it returns.
+    ``on_boundary`` lets finished rows leave and new ones join between tokens (rows.py)."""
     prompts = prepare_prompts(input_ids, attention_mask)
     limits = check_generation_args(model, prompts, max_new_tokens)
     batch = len(prompts.lengths)
     device = model.device
     sampler = Sampler(batch, temperature, top_k, top_p, seed, device)
     stopper = new_stopper(model, batch, limits, eos_token_id, stop_strings, tokenizer, should_stop)
-    cache = model.new_cache(batch, prompts.input_ids.shape[1] + max(limits))
     stats = GenerationStats(new_tokens=[0] * batch)
 
     start = time.perf_counter()
-    mask = prompts.attention_mask.to(device) if prompts.attention_mask is not None else None
-    logits = model(prompts.input_ids.to(device), cache, attention_mask=mask, last_only=True)
+    cache, logits = _prefill(model, prompts, limits)
     stats.nfe = 1
     stats.prefill_seconds = time.perf_counter() - start
     start = time.perf_counter()
+    rows = list(range(batch))  # the row id of each batch row (rows leave and join with on_boundary)
     while True:
-        tokens = sampler(logits[:, -1])
+        tokens = sampler(logits[:, -1], rows)
         # one transfer per step, then plain Python: per-row tensor indexing costs milliseconds
         # a step at distillation's batch sizes
-        for row, tok in enumerate(tokens.tolist()):
+        for row, tok in zip(rows, tokens.tolist()):
             if stopper.extend(row, [tok]) and callback is not None:
                 callback(row, tok)
-        if stopper.all_finished:
+        if on_boundary is None:
+            if stopper.all_finished:
+                break
+        else:  # finished rows leave; new ones join after the step of those that go on
+            finished = stopper.finished
+            keep = [i for i, row in enumerate(rows) if not finished[row]]
+            rows = [rows[i] for i in keep]
+            joining = list(on_boundary(list(rows)))
+            if len(keep) < len(tokens):
+                cache.regroup(torch.tensor(keep, dtype=torch.long))
+                tokens = tokens[keep]
+        if rows:
+            logits = model(tokens[:, None], cache, last_only=True)
+            stats.nfe += 1
+            stats.counted("context", 1)
+        if on_boundary is not None and joining:
+            joined = prepare_prompts([list(r.prompt_ids) for r in joining])
+            new_limits = check_generation_args(model, joined, [r.max_new_tokens for r in joining])
+            going_on = len(rows)  # rows of the cache (and of logits, when there are any)
+            rows += stopper.add(new_limits, [r.stop_strings for r in joining])
+            sampler.add([r.seed for r in joining])
+            new_cache, new_logits = _prefill(model, joined, new_limits)
+            cache.regroup(torch.arange(going_on), new_cache)
+            logits = torch.cat([logits, new_logits]) if going_on else new_logits
+        if not rows:
             break
-        logits = model(tokens[:, None], cache, last_only=True)
-        stats.nfe += 1
-        stats.counted("context", 1)
     stats.decode_seconds = time.perf_counter() - start
     stats.new_tokens = [len(r) for r in stopper.tokens]
     stats.row_nfe = list(stats.new_tokens)  # one pass per token, the prompt pass included
     return GenerationOutput(stopper.tokens, stats, stopper.reasons)
+
+
+def _prefill(model: Backbone, prompts: Prompts, limits: list[int]) -> tuple[ModelCache, torch.Tensor]:
+    """A cache for ``prompts`` and the logits of the next token after each."""
+    cache = model.new_cache(len(prompts.lengths), prompts.input_ids.shape[1] + max(limits))
+    mask = prompts.attention_mask.to(model.device) if prompts.attention_mask is not None else None
+    return cache, model(prompts.input_ids.to(model.device), cache, attention_mask=mask, last_only=True)

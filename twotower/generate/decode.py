@@ -30,6 +30,7 @@ from ..model.twotower import TwoTower
 from .ar import GenerationStats, TokenCallback, check_generation_args, prepare_prompts
 from .diffusion import StepCallback, overrun_positions
 from .prompts import encode_prompts
+from .rows import OnBoundary
 from .settings import DecodingSettings
 from .stopping import ShouldStop, visible_text
 from .strategies import decode_with, select
@@ -42,11 +43,14 @@ class DecodeCallbacks:
     on_token: TokenCallback | None = None  # (row, token) as each row's tokens become final
     on_step: StepCallback | None = None  # a StepEvent for every denoiser step (two-tower strategies)
     should_stop: ShouldStop | None = None  # (row) -> a finish reason to end that row now (cancelled), or None
+    # between steps: (ids of the rows going on) -> NewRows to join the call (rows.py); finished
+    # rows leave the batch. Rows are named by ids: the prompts 0..B-1, then joined rows in order
+    on_boundary: OnBoundary | None = None
 
 
 @dataclass
 class DecodeOutput:
-    tokens: list[list[int]]  # per row: the generated tokens, up to and including the one that ended it
+    tokens: list[list[int]]  # per row (joined rows too): the generated tokens, up to and including the one that ended it
     finish_reasons: list[str]  # per row: "stop" (a stop token or string), "length", or should_stop's reason
     texts: list[str] | None  # per row, special tokens skipped and stop strings cut; None without a tokenizer
     prompt_ids: list[list[int]]
@@ -103,9 +107,10 @@ def decode(
     strategy = select(rows[0])
     with getattr(model, "decode_lock", None) or nullcontext():
         out = decode_with(strategy, model, ids, rows, attention_mask=attention_mask, tokenizer=tokenizer,
-                          on_token=callbacks.on_token, on_step=callbacks.on_step, should_stop=callbacks.should_stop)
+                          on_token=callbacks.on_token, on_step=callbacks.on_step, should_stop=callbacks.should_stop,
+                          on_boundary=callbacks.on_boundary)
     texts = None
-    if tokenizer is not None:
+    if tokenizer is not None:  # (rows that joined the call are the callback's to read)
         texts = [visible_text(tokenizer, row, s.stop_strings) for row, s in zip(out.tokens, rows)]
     prompt_rows = [row[-n:].tolist() for row, n in zip(prompt_ids.input_ids, prompt_ids.lengths)]
     return DecodeOutput(out.tokens, out.finish_reasons, texts, prompt_rows, rows[0], strategy.name, out.stats)

@@ -26,8 +26,9 @@ from ..errors import UsageError
 from ..model.cache import ModelCache
 from ..model.fused import check_fusable, fused_forward
 from ..model.twotower import TwoTower
-from .ar import GenerationStats, TokenCallback, check_generation_args, new_stopper, prepare_prompts
+from .ar import GenerationStats, Prompts, TokenCallback, check_generation_args, new_stopper, prepare_prompts
 from .commit import CommitRule, get_commit_rule
+from .rows import NewRow, OnBoundary, regrouped
 from .sampling import Sampler
 from .settings import DEFAULT_COMMIT_RULE, DEFAULT_CONFIDENCE_THRESHOLD
 from .stopping import ShouldStop, Stopper
@@ -43,6 +44,7 @@ class StepEvent:
     tokens: torch.Tensor  # (B, S) the block's targets committed so far, -1 where unknown
     t: torch.Tensor | None = None  # (B,) the noise level the step's denoiser forward saw
     logits: torch.Tensor | None = None  # (B, S, V) that forward's logits
+    rows: list[int] | None = None  # the row id of each of the B rows (rows.py); None: 0 .. B-1
 
 
 StepCallback = Callable[[StepEvent], None]
@@ -91,13 +93,40 @@ class _Decoding:
     stats: DiffusionStats
     callback: TokenCallback | None
     step_callback: StepCallback | None
+    rows: list[int]  # the row id of each batch row: rows leave and join between steps with on_boundary
+    on_boundary: OnBoundary | None = None
+    join: Callable[[list[NewRow]], tuple[ModelCache, torch.Tensor, list[int]]] | None = None
 
     @property
     def batch(self) -> int:
         return len(self.anchor)
 
     def active(self) -> torch.Tensor:
-        return torch.tensor([not d for d in self.stopper.finished], device=self.anchor.device)
+        finished = self.stopper.finished
+        return torch.tensor([not finished[r] for r in self.rows], dtype=torch.bool, device=self.anchor.device)
+
+    def ids(self, batch_rows: torch.Tensor) -> list[int]:
+        """The row ids of some batch rows (what the sampler's streams and the stopper go by)."""
+        return [self.rows[i] for i in batch_rows.tolist()]
+
+    def boundary(self, carried: Sequence[torch.Tensor | None] = ()) -> tuple[bool, bool, list]:
+        """Between steps: whether any row goes on, whether rows joined, and the ``carried``
+        per-row tensors regrouped. With on_boundary finished rows leave (and their carried
+        state with them) and new rows join (zeros: a fresh row's state)."""
+        if self.on_boundary is None:
+            return not self.stopper.all_finished, False, list(carried)
+        finished = self.stopper.finished
+        keep = [i for i, r in enumerate(self.rows) if not finished[r]]
+        self.rows = [self.rows[i] for i in keep]
+        joining = list(self.on_boundary(list(self.rows)))
+        if len(keep) == self.batch and not joining:
+            return bool(keep), False, list(carried)
+        keep_t = torch.tensor(keep, dtype=torch.long, device=self.anchor.device)
+        new_cache, new_anchor, new_rows = self.join(joining) if joining else (None, self.anchor[:0], [])
+        self.cache.regroup(keep_t, new_cache)
+        self.anchor = torch.cat([self.anchor[keep_t], new_anchor])
+        self.rows += new_rows
+        return bool(self.rows), bool(joining), [regrouped(c, keep_t, len(new_rows)) for c in carried]
 
     def fresh_block(self) -> torch.Tensor:
         """(B, S) inputs of a block with every target masked."""
@@ -109,12 +138,12 @@ class _Decoding:
         return block_in
 
     def emit(self, row: int, new: list[int]) -> int:
-        """Append a row's newly final tokens (cut where the row ends: see Stopper); return how
-        many were kept."""
-        kept = self.stopper.extend(row, new)
+        """Append a batch row's newly final tokens (cut where the row ends: see Stopper); return
+        how many were kept."""
+        kept = self.stopper.extend(self.rows[row], new)
         if self.callback is not None:
             for tok in kept:
-                self.callback(row, tok)
+                self.callback(self.rows[row], tok)
         if kept:
             self.anchor[row] = kept[-1]
         return len(kept)
@@ -160,6 +189,7 @@ def generate_mask_diffusion(
     stop_strings: Sequence = (),
     tokenizer=None,
     should_stop: ShouldStop | None = None,
+    on_boundary: OnBoundary | None = None,
 ) -> DiffusionOutput:
     """Fill blocks of ``block_size`` targets (default: the model's), at most ``steps_per_block``
     denoiser forwards each (default: block_size). ``confidence_threshold`` is the dial: lower
@@ -182,7 +212,8 @@ def generate_mask_diffusion(
     A row ends at a stop token (``eos_token_id``, default the model's), at the token that
     completes one of ``stop_strings`` (read with ``tokenizer``) or at ``max_new_tokens``; these
     three and ``seed`` may be given per row, and ``should_stop(row)`` may end a row early (see
-    ``generate_ar``)."""
+    ``generate_ar``); ``on_boundary`` lets finished rows leave and new ones join between blocks
+    or drafts (rows.py)."""
     s = model.block_size if block_size is None else block_size
     steps = s if steps_per_block is None else steps_per_block
     _check(s, steps, confidence_threshold)
@@ -199,35 +230,34 @@ def generate_mask_diffusion(
         check_fusable(model)
 
     context = model.context
-    prompts = prepare_prompts(input_ids, attention_mask)
     overrun = overrun_positions(s, verify, fused)
-    limits = check_generation_args(context, prompts, max_new_tokens, reserve=overrun,
-                                   why=f"the last {'draft' if verify else 'block'} of {s} may run past max_new_tokens")
-    if prompts.attention_mask is None:
-        in_prompt = prompts.input_ids == model.mask_token_id
-    else:
-        in_prompt = (prompts.input_ids == model.mask_token_id) & prompts.attention_mask
-    if bool(in_prompt.any()):
-        raise UsageError(f"the prompt contains the mask token id {model.mask_token_id}")
+    why = f"the last {'draft' if verify else 'block'} of {s} may run past max_new_tokens"
+    prompts = prepare_prompts(input_ids, attention_mask)
+    limits = _check_prompts(model, prompts, max_new_tokens, overrun, why)
     device = context.device
-    batch, width = prompts.input_ids.shape
-    ids = prompts.input_ids.to(device)
-    mask = prompts.attention_mask.to(device) if prompts.attention_mask is not None else None
+    batch = len(prompts.lengths)
 
     start = time.perf_counter()
-    cache = context.new_cache(batch, width + max(limits) + overrun)
-    if width > shift:  # with token shift the last prompt token is the first block's input
-        prefix_mask = None if mask is None else mask[:, : width - shift]
-        model.context_forward(ids[:, : width - shift], cache, attention_mask=prefix_mask)
+    cache, anchor = _prefill(model, prompts, limits, overrun)
     stopper = new_stopper(context, batch, limits, eos_token_id, stop_strings, tokenizer, should_stop)
     stats = DiffusionStats(block_steps=[[] for _ in range(batch)], drafted=[[] for _ in range(batch)],
                            accepted=[[] for _ in range(batch)])
     stats.prefill_seconds = time.perf_counter() - start
     start = time.perf_counter()
+    sampler = Sampler(batch, temperature, top_k, top_p, seed, device)
+
+    def join(rows: list[NewRow]) -> tuple[ModelCache, torch.Tensor, list[int]]:
+        joined = prepare_prompts([list(r.prompt_ids) for r in rows])
+        new_limits = _check_prompts(model, joined, [r.max_new_tokens for r in rows], overrun, why)
+        ids = stopper.add(new_limits, [r.stop_strings for r in rows])
+        sampler.add([r.seed for r in rows])
+        for per_row in (stats.block_steps, stats.drafted, stats.accepted):
+            per_row += [[] for _ in rows]
+        return (*_prefill(model, joined, new_limits, overrun), ids)
 
     run = _Decoding(
-        model, cache, Sampler(batch, temperature, top_k, top_p, seed, device), rule, s, steps, confidence_threshold,
-        stopper, ids[:, -1].clone(), stats, callback, step_callback,
+        model, cache, sampler, rule, s, steps, confidence_threshold, stopper, anchor, stats, callback, step_callback,
+        list(range(batch)), on_boundary, join,
     )
     if verify:
         (_fused_drafts if fused else _verified_drafts)(run)
@@ -236,7 +266,33 @@ def generate_mask_diffusion(
     stats.decode_seconds = time.perf_counter() - start
     stats.new_tokens = [len(r) for r in stopper.tokens]
     stats.row_nfe = [sum(steps) for steps in stats.block_steps]  # a row takes part while it has unknown targets
-    return DiffusionOutput(stopper.tokens, stats, stopper.reasons, cache if return_cache else None)
+    return DiffusionOutput(stopper.tokens, stats, stopper.reasons, run.cache if return_cache else None)
+
+
+def _check_prompts(model: TwoTower, prompts: Prompts, max_new_tokens, overrun: int, why: str) -> list[int]:
+    limits = check_generation_args(model.context, prompts, max_new_tokens, reserve=overrun, why=why)
+    if prompts.attention_mask is None:
+        in_prompt = prompts.input_ids == model.mask_token_id
+    else:
+        in_prompt = (prompts.input_ids == model.mask_token_id) & prompts.attention_mask
+    if bool(in_prompt.any()):
+        raise UsageError(f"the prompt contains the mask token id {model.mask_token_id}")
+    return limits
+
+
+def _prefill(model: TwoTower, prompts: Prompts, limits: list[int], overrun: int) -> tuple[ModelCache, torch.Tensor]:
+    """A context cache over the prompts and each row's anchor (its last prompt token, the first
+    block's first input: with token shift the context tower lags it by one)."""
+    shift = 1 if model.config.token_shift else 0
+    context = model.context
+    batch, width = prompts.input_ids.shape
+    ids = prompts.input_ids.to(context.device)
+    cache = context.new_cache(batch, width + max(limits) + overrun)
+    if width > shift:  # with token shift the last prompt token is the first block's input
+        mask = prompts.attention_mask
+        prefix_mask = None if mask is None else mask.to(context.device)[:, : width - shift]
+        model.context_forward(ids[:, : width - shift], cache, attention_mask=prefix_mask)
+    return cache, ids[:, -1].clone()
 
 
 def _propose(run: _Decoding, block_in: torch.Tensor, unknown: torch.Tensor,
@@ -254,7 +310,7 @@ def _propose(run: _Decoding, block_in: torch.Tensor, unknown: torch.Tensor,
         t, logits = computed
     live = unknown.any(1).nonzero()[:, 0]
     proposal = torch.zeros(unknown.shape, dtype=torch.long, device=unknown.device)
-    proposal[live] = run.sampler(logits[live], live)
+    proposal[live] = run.sampler(logits[live], run.ids(live))
     return t, logits, proposal
 
 
@@ -264,10 +320,16 @@ def _blocks(run: _Decoding, fused: bool = False) -> None:
     forward of both towers (model/fused.py), the next block placed after the whole block (its
     first input is the block's last target); the tokens are those of the two forwards."""
     s, shift = run.block_size, 1 if run.model.config.token_shift else 0
-    batch = run.batch
     block = 0
     first_step = None  # (t, logits) of this block's first denoiser step, from the fused pass before it
-    while not run.stopper.all_finished:
+    while True:
+        more, joined, carried = run.boundary(first_step or ())
+        if not more:
+            break
+        # rows that joined have no first step yet: one denoiser forward for all (the rows that
+        # go on get the fused pass's logits again: the two are bitwise equal, model/fused.py)
+        first_step = None if joined or first_step is None else tuple(carried)
+        batch = run.batch
         active = run.active()
         tokens = torch.full((batch, s), -1, dtype=torch.long, device=active.device)
         unknown = active[:, None].expand(batch, s).clone()
@@ -285,7 +347,7 @@ def _blocks(run: _Decoding, fused: bool = False) -> None:
             written = tokens[:, : s - shift] if shift else tokens
             block_in[:, shift:] = torch.where(written >= 0, written, block_in[:, shift:])
             if run.step_callback is not None:
-                run.step_callback(StepEvent(block, step, commit.clone(), tokens.clone(), t, logits))
+                run.step_callback(StepEvent(block, step, commit.clone(), tokens.clone(), t, logits, list(run.rows)))
             step += 1
 
         # the context tower advances over the block's inputs (recorded: a row may finish early)
@@ -294,7 +356,7 @@ def _blocks(run: _Decoding, fused: bool = False) -> None:
         appended = torch.zeros(batch, dtype=torch.long, device=active.device)
         for row in active.nonzero()[:, 0].tolist():
             appended[row] = run.emit(row, tokens[row].tolist())
-            run.stats.block_steps[row].append(int(steps_used[row]))
+            run.stats.block_steps[run.rows[row]].append(int(steps_used[row]))
         before = run.cache.lengths.clone()
         going_on = run.active()
         if fused and bool(going_on.any()):  # and the next block, [last target, M, ...], after this one
@@ -316,9 +378,9 @@ def _blocks(run: _Decoding, fused: bool = False) -> None:
 def _verified_drafts(run: _Decoding) -> None:
     """Verified decoding: one denoiser forward drafts, one context pass checks the draft."""
     s = run.block_size
-    batch = run.batch
     draft_index = 0
-    while not run.stopper.all_finished:
+    while run.boundary()[0]:
+        batch = run.batch
         active = run.active()
         unknown = active[:, None].expand(batch, s)
         t, logits, proposal = _propose(run, run.fresh_block(), unknown)
@@ -329,7 +391,8 @@ def _verified_drafts(run: _Decoding) -> None:
         drafted = commit.long().cumprod(1).sum(1)  # targets after a gap cannot be checked yet
         in_draft = torch.arange(s, device=active.device)[None, :] < drafted[:, None]
         if run.step_callback is not None:
-            run.step_callback(StepEvent(draft_index, 0, in_draft, torch.where(in_draft, proposal, -1), t, logits))
+            run.step_callback(StepEvent(draft_index, 0, in_draft, torch.where(in_draft, proposal, -1), t, logits,
+                                        list(run.rows)))
 
         # the context pass over the anchor and the draft: AR's token for every drafted target
         # and for the one after the draft
@@ -343,11 +406,13 @@ def _verified_drafts(run: _Decoding) -> None:
         q = None if run.sampler.greedy else run.sampler.probs(logits[:, : int(drafted.max())])
         appended = torch.zeros(batch, dtype=torch.long, device=active.device)
         for row in active.nonzero()[:, 0].tolist():
-            new = _accept(run.sampler, row, proposal[row, : int(drafted[row])], ar_logits[row], q)
+            new = _accept(run.sampler, run.rows[row], proposal[row, : int(drafted[row])], ar_logits[row],
+                          None if q is None else q[row])
             appended[row] = run.emit(row, new)
-            run.stats.block_steps[row].append(1)
-            run.stats.drafted[row].append(int(drafted[row]))
-            run.stats.accepted[row].append(int(appended[row]))
+            rid = run.rows[row]
+            run.stats.block_steps[rid].append(1)
+            run.stats.drafted[rid].append(int(drafted[row]))
+            run.stats.accepted[rid].append(int(appended[row]))
         run.settle_context(before, appended)
         draft_index += 1
 
@@ -374,14 +439,17 @@ def _fused_drafts(run: _Decoding) -> None:
     are used: they predict past a target they do not see). Draft lengths follow the commit rule
     on the proposals' top probabilities (never on the drawn tokens)."""
     s = run.block_size
-    batch = run.batch
     device = run.anchor.device
-    draft = torch.zeros(batch, s, dtype=torch.long, device=device)  # d_1..d_k, then the guess
-    drafted = torch.zeros(batch, dtype=torch.long, device=device)  # k
-    guessed = torch.zeros(batch, dtype=torch.bool, device=device)
+    draft = torch.zeros(run.batch, s, dtype=torch.long, device=device)  # d_1..d_k, then the guess
+    drafted = torch.zeros(run.batch, dtype=torch.long, device=device)  # k
+    guessed = torch.zeros(run.batch, dtype=torch.bool, device=device)
     q = None  # sampling: the denoiser's proposal distributions of every row's draft and guess
     step = 0
-    while not run.stopper.all_finished:
+    while True:
+        more, _, (draft, drafted, guessed, q) = run.boundary((draft, drafted, guessed, q))
+        if not more:
+            break
+        batch = run.batch
         active = run.active()
         width = int(drafted.max()) + 1
         cols = torch.arange(width, device=device)[None, :]
@@ -398,11 +466,11 @@ def _fused_drafts(run: _Decoding) -> None:
         run.stats.counted("fused", width, s)
         live = active.nonzero()[:, 0]
         proposal = torch.zeros(batch, s, dtype=torch.long, device=device)
-        proposal[live] = run.sampler(out.den_logits[live], live)
+        proposal[live] = run.sampler(out.den_logits[live], run.ids(live))
         confidence = out.den_logits.float().softmax(-1).max(-1).values
         if run.step_callback is not None:
             run.step_callback(StepEvent(step, 0, active[:, None].expand(batch, s).clone(),
-                                        torch.where(active[:, None], proposal, -1), t, out.den_logits))
+                                        torch.where(active[:, None], proposal, -1), t, out.den_logits, list(run.rows)))
         probs = None if run.sampler.greedy else run.sampler.probs(out.den_logits)
 
         appended = torch.zeros(batch, dtype=torch.long, device=device)
@@ -412,12 +480,14 @@ def _fused_drafts(run: _Decoding) -> None:
             k, guess = int(drafted[row]), bool(guessed[row])
             checked = draft[row, : k + guess]
             # the row's k + 1 context rows check d_1..d_k and the guess, or give AR's next token
-            new = _accept(run.sampler, row, checked, out.ar_logits[row, : k + 1], q)
+            new = _accept(run.sampler, run.rows[row], checked, out.ar_logits[row, : k + 1],
+                          None if q is None else q[row])
             appended[row] = kept = run.emit(row, new)
-            run.stats.block_steps[row].append(1)
-            run.stats.drafted[row].append(k + guess)
-            run.stats.accepted[row].append(kept)
-            if new[:k + guess] != checked.tolist() or len(new) != k + 1 or run.stopper.finished[row]:
+            rid = run.rows[row]
+            run.stats.block_steps[rid].append(1)
+            run.stats.drafted[rid].append(k + guess)
+            run.stats.accepted[rid].append(kept)
+            if new[:k + guess] != checked.tolist() or len(new) != k + 1 or run.stopper.finished[rid]:
                 continue  # a rejection (or the end): the block assumed that all was accepted
             # the block's predictions beyond the accepted run: all its slots after a guess, the
             # slots after the first otherwise, and then only if the first agrees with AR's token
@@ -442,8 +512,8 @@ def _accept(sampler: Sampler, row: int, draft: torch.Tensor, ar_logits: torch.Te
     """A row's draft (k,) checked against the AR logits of its targets (k rows, or k + 1 with
     the target after the draft): the accepted prefix, then the AR model's token at the first
     rejection or after the draft. Greedy: accept while equal to the AR argmax. Sampling:
-    speculative-sampling acceptance with the denoiser's proposal distribution q and the AR
-    distribution p."""
+    speculative-sampling acceptance with the denoiser's proposal distributions q (k, V) of the
+    row and the AR distribution p, with the row id ``row``'s random stream."""
     k = len(draft)
     ar_logits = ar_logits[: k + 1]
     if sampler.greedy:
@@ -454,12 +524,12 @@ def _accept(sampler: Sampler, row: int, draft: torch.Tensor, ar_logits: torch.Te
     rejected = []
     if k:  # (no draft: AR's own next token)
         px = p[:k].gather(-1, draft[:, None])[:, 0]
-        qx = q[row, :k].gather(-1, draft[:, None])[:, 0]
+        qx = q[:k].gather(-1, draft[:, None])[:, 0]
         u = sampler.uniform(row, (k,)).to(px.device)
         rejected = (u * qx > px).nonzero()
     if len(rejected):
         j = int(rejected[0])
-        residual = (p[j] - q[row, j]).clamp_min(0)
+        residual = (p[j] - q[j]).clamp_min(0)
         target = residual if float(residual.sum()) > 0 else p[j]
     elif k < len(p):
         j, target = k, p[k]

@@ -48,13 +48,18 @@ class Sampler:
             seeds = list(seed)
         else:
             seeds = [None if seed is None else seed + i for i in range(batch)]
+        self.device = device
+        self.add(seeds)
+
+    def add(self, seeds: Sequence[int | None]) -> None:
+        """Streams for rows that join (a server's batch), after every row so far."""
         for s in seeds:
             if s is not None and (isinstance(s, bool) or not isinstance(s, int) or s < 0):
                 raise UsageError(f"a seed must be a non-negative integer, got {s!r}")
-        if temperature > 0:
+        if self.temperature > 0:
             # Row i draws from its own stream: batch mates cannot shift its random numbers.
-            self.generators = [
-                torch.Generator(device=device).manual_seed(s if s is not None else int(torch.randint(0, 2**62, ())))
+            self.generators += [
+                torch.Generator(device=self.device).manual_seed(s if s is not None else int(torch.randint(0, 2**62, ())))
                 for s in seeds
             ]
 
@@ -77,13 +82,13 @@ class Sampler:
         """Uniform numbers from row ``row``'s own stream (acceptance tests of verified decoding)."""
         return torch.rand(shape, generator=self.generators[row], device=self.generators[row].device)
 
-    def __call__(self, logits: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(self, logits: torch.Tensor, rows: torch.Tensor | list[int] | None = None) -> torch.Tensor:
         """Choose one token per row of ``logits`` (R, ..., V). ``rows`` maps logits rows to batch
         rows (default: identity), so subsets of the batch keep their own random streams."""
         if self.greedy:
             return logits.argmax(-1)
         flat = self.warped(logits).reshape(logits.shape[0], -1, logits.shape[-1])
-        row_ids = range(logits.shape[0]) if rows is None else rows.tolist()
+        row_ids = range(logits.shape[0]) if rows is None else rows.tolist() if isinstance(rows, torch.Tensor) else rows
         noise = torch.stack(
             [torch.rand(flat.shape[1:], generator=self.generators[r], device=flat.device) for r in row_ids]
         )

@@ -67,6 +67,18 @@ class Stopper:
         self.tokens: list[list[int]] = [[] for _ in range(batch)]
         self.reasons: list[str | None] = [None] * batch  # set when the row has finished
 
+    def add(self, max_new_tokens: Sequence[int], stop_strings: Sequence[Sequence[str]]) -> list[int]:
+        """Rows that join (a server's batch): their ids, after every row so far."""
+        first = len(self.tokens)
+        strings = row_stop_strings(list(stop_strings), len(max_new_tokens))
+        if any(strings) and self.tokenizer is None:
+            raise UsageError("stop strings need a tokenizer to read the text")
+        self.max_new_tokens += row_limits(list(max_new_tokens), len(max_new_tokens))
+        self.stop_strings += strings
+        self.tokens += [[] for _ in max_new_tokens]
+        self.reasons += [None] * len(max_new_tokens)
+        return list(range(first, len(self.tokens)))
+
     def _poll(self) -> None:
         if self.should_stop is not None:
             for row, reason in enumerate(self.reasons):

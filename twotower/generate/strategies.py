@@ -19,6 +19,7 @@ from ..model.backbone import Backbone
 from ..model.twotower import TwoTower
 from .ar import GenerationOutput, TokenCallback, generate_ar
 from .diffusion import StepCallback, generate_mask_diffusion, generate_mock_ar
+from .rows import OnBoundary
 from .settings import DecodingSettings
 from .stopping import ShouldStop
 
@@ -59,7 +60,7 @@ def select(settings: DecodingSettings) -> Strategy:
 def decode_with(
     strategy: Strategy, model: TwoTower | Backbone, input_ids, settings: DecodingSettings | Sequence[DecodingSettings],
     *, attention_mask: torch.Tensor | None = None, tokenizer=None, on_token: TokenCallback | None = None,
-    on_step: StepCallback | None = None, should_stop: ShouldStop | None = None,
+    on_step: StepCallback | None = None, should_stop: ShouldStop | None = None, on_boundary: OnBoundary | None = None,
 ) -> GenerationOutput:
     """``settings``: one for every row, or one per row that differ only in their length limit,
     seed and stop strings (``decode.row_settings`` checks that)."""
@@ -74,7 +75,7 @@ def decode_with(
         seed=[s.seed for s in rows] if per_row else settings.seed, attention_mask=attention_mask, callback=on_token,
         eos_token_id=None if settings.stop_token_ids is None else list(settings.stop_token_ids),
         stop_strings=[s.stop_strings for s in rows] if per_row else settings.stop_strings, tokenizer=tokenizer,
-        should_stop=should_stop,
+        should_stop=should_stop, on_boundary=on_boundary,
     )
     if strategy.needs_denoiser:
         common["step_callback"] = on_step

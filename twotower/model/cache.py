@@ -39,6 +39,15 @@ class KVCache:
             self.v[rows, :, ctx.slots] = v.transpose(1, 2)
         return self.k[:, :, : ctx.kv_len], self.v[:, :, : ctx.kv_len]
 
+    def rows(self, keep: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys/values of the rows ``keep``, in a slot space of ``capacity`` whole chunks."""
+        k, v = self.k[keep], self.v[keep]
+        pad = capacity - k.shape[2]
+        if pad > 0:
+            k = torch.nn.functional.pad(k, (0, 0, 0, pad))
+            v = torch.nn.functional.pad(v, (0, 0, 0, pad))
+        return k, v
+
     def whole_chunks(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys/values of the first ``length`` slots and what follows them up to a whole number
         of KEY_CHUNK slots (the rest is to be masked)."""
@@ -187,6 +196,30 @@ class ModelCache:
 
     def advance(self, num_new: int) -> None:
         self.lengths += num_new
+
+    def regroup(self, keep: torch.Tensor, joining: ModelCache | None = None) -> None:
+        """Keep the rows ``keep`` (in that order), then append the rows of ``joining`` (a cache of
+        the same model, prefilled apart): how a server's batch lets finished rows leave and new
+        requests join between steps. Slot spaces stay per row, so every row's tokens, positions
+        and masks are what they were; Mamba records of the last extension are dropped."""
+        keep = keep.to(self.lengths.device)
+        caches = [self] if joining is None else [self, joining]
+        self.max_len = max(c.max_len for c in caches)
+        capacity = -(-self.max_len // KEY_CHUNK) * KEY_CHUNK
+        every = [torch.arange(c.batch_size, device=keep.device) for c in caches]
+        every[0] = keep
+        self.lengths = torch.cat([c.lengths[i] for c, i in zip(caches, every)])
+        self.starts = torch.cat([c.starts[i] for c, i in zip(caches, every)])
+        for n, layer in enumerate(self.layers):
+            parts = [c.layers[n] for c in caches]
+            if isinstance(layer, KVCache):
+                rows = [part.rows(i, capacity) for part, i in zip(parts, every)]
+                layer.k = torch.cat([r[0] for r in rows])
+                layer.v = torch.cat([r[1] for r in rows])
+            elif isinstance(layer, MambaState):
+                layer.conv = torch.cat([part.conv[i] for part, i in zip(parts, every)])
+                layer.ssm = torch.cat([part.ssm[i] for part, i in zip(parts, every)])
+                layer.conv_window = layer.ssm_history = layer.boundary_ssm = None
 
     def rollback(self, lengths: torch.Tensor) -> None:
         """Return every row to ``lengths[b]`` tokens (slots). Mamba layers need the last
