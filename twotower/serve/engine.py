@@ -1,14 +1,14 @@
-"""The one worker that owns the model, and its scheduler.
+"""The one worker that owns the model, and its scheduler (continuous batching).
 
-Requests become ``Job``s in a bounded queue. The worker takes the oldest job and every queued
-job that can share its batch (the same strategy, dial and sampling: rows may differ only in
+Requests become ``Job``s in a bounded queue. The worker takes the oldest job and the queued
+jobs that can share its batch (the same strategy, dial and sampling: rows may differ only in
 their length limit, seed and stop strings, see ``decode.row_settings``), up to ``max_batch``,
-and decodes them in one call. Every row's decisions are its own and the inference is batch
-invariant (model/exact.py), so each answer equals the same request run alone.
-
-A row that ends (its stop token or string, its limit) is answered at once, without waiting for
-its batch mates; a cancelled row (its client left, its deadline passed) stops taking part at
-the next step. Jobs that arrive while a batch runs wait for the next batch.
+and decodes them in one call. While it runs, compatible jobs join at the next boundary (AR:
+the next token; verified: the next draft; the dial: the next block), and rows that end (their
+stop token or string, their limit, a client that left, a deadline) leave the batch at once
+(generate/rows.py). Every row's decisions are its own and the inference is batch invariant
+(model/exact.py), so each answer equals the same request run alone. Jobs of another kind wait
+until the running call ends; compatible jobs queued behind them do not overtake them.
 
 Tokens reach a job as they become final: an accepted draft run under verification, and under
 the plain dial each block's committed left prefix as soon as the denoiser commits it (those
@@ -32,6 +32,7 @@ from ..errors import TwoTowerError
 from ..generate.ar import eos_set
 from ..generate.decode import DecodeCallbacks, batch_key, decode
 from ..generate.diffusion import StepEvent
+from ..generate.rows import NewRow
 from ..generate.settings import DecodingSettings
 from ..generate.stopping import CANCELLED, Stopper
 from ..generate.trace import RowTrace
@@ -125,49 +126,80 @@ class Engine:
         if self.metrics is not None:
             self.metrics.queue_depth.set(len(self.queue))
 
-    def _take(self) -> list[Job] | None:
+    def _take(self, key: DecodingSettings | None, room: int, wait: bool) -> list[Job] | None:
+        """Up to ``room`` queued jobs that can share a batch: the oldest job's kind (or ``key``'s,
+        the running batch's), taken from the front of the queue up to the first job of another
+        kind, so that a stream of compatible jobs cannot keep an older one waiting forever.
+        Jobs cancelled or past their deadline in the queue are answered here. ``wait``: block
+        until there is a job (None once the engine stops)."""
         with self.lock:
-            while not self.queue and not self.stopping:
+            while wait and not self.queue and not self.stopping:
                 self.lock.wait()
-            if self.stopping and not self.queue:
+            if wait and self.stopping and not self.queue:
                 return None
             now = time.monotonic()
-            batch: list[Job] = []
+            taken: list[Job] = []
             kept: deque[Job] = deque()
+            blocked = False
             for job in self.queue:
                 if job.cancelled or (job.deadline is not None and now > job.deadline):
-                    job.put("error", (504 if not job.cancelled else 499, "the request timed out in the queue"))
-                elif len(batch) < self.max_batch and (not batch or job.key() == batch[0].key()):
-                    batch.append(job)
+                    job.put("error", (499, "the client left") if job.cancelled else
+                            (504, "the request timed out in the queue"))
+                    continue
+                key = job.key() if key is None else key
+                if not blocked and len(taken) < room and job.key() == key:
+                    taken.append(job)
                 else:
+                    blocked = blocked or job.key() != key
                     kept.append(job)
             self.queue = kept
             self._gauge()
-            return batch
+            return taken
 
     def _work(self) -> None:
         torch.set_num_threads(self.threads)  # a new thread's own setting
         while True:
-            batch = self._take()
-            if batch is None:
+            jobs = self._take(None, self.max_batch, wait=True)
+            if jobs is None:
                 return
-            if batch:
-                self._run(batch)
+            if jobs:
+                self._run(jobs)
 
-    def _run(self, jobs: list[Job]) -> None:
+    def _begin(self, jobs: list[Job], first_row: int) -> None:
+        if not jobs:
+            return
         eos = eos_set(self.context, None if jobs[0].settings.stop_token_ids is None
                       else list(jobs[0].settings.stop_token_ids))
-        strategy = jobs[0].settings.strategy
-        early = strategy in EARLY_STRATEGIES
         now = time.monotonic()
-        for row, job in enumerate(jobs):
+        for row, job in enumerate(jobs, start=first_row):
             job.started = now
             job.stopper = Stopper(1, job.settings.max_new_tokens, eos, job.settings.stop_strings, self.tokenizer)
             job.trace = RowTrace(row)
-        if self.metrics is not None:
-            self.metrics.batch_size.observe(len(jobs))
-            self.metrics.running.set(len(jobs))
-        self.running = jobs
+
+    def _run(self, first: list[Job]) -> None:
+        """Decode ``first`` and every compatible job that joins while it runs (at the next token,
+        draft or block boundary) until no row is left; the row id of a job is its index here."""
+        jobs = list(first)
+        key = first[0].key()
+        strategy = first[0].settings.strategy
+        early = strategy in EARLY_STRATEGIES
+        self._begin(jobs, 0)
+        self.running = list(jobs)
+
+        def on_boundary(going_on: list[int]) -> list[NewRow]:
+            room = self.max_batch - len(going_on)
+            joining = self._take(key, room, wait=False) if room > 0 and not self.stopping else []
+            self._begin(joining, len(jobs))
+            jobs.extend(joining)
+            self.running = [jobs[r] for r in going_on] + joining
+            if self.metrics is not None:
+                self.metrics.running.set(len(self.running))
+                if self.running:
+                    self.metrics.batch_size.observe(len(self.running))
+                if joining:
+                    self.metrics.rows_joined.inc(len(joining))
+            return [NewRow(j.prompt_ids, j.settings.max_new_tokens, j.settings.seed, j.settings.stop_strings)
+                    for j in joining]
 
         def should_stop(row: int) -> str | None:
             job = jobs[row]
@@ -178,7 +210,8 @@ class Engine:
             return None
 
         def on_step(event: StepEvent) -> None:
-            for job in jobs:
+            for row in event.rows:
+                job = jobs[row]
                 if job.done or not job.trace.on_step(event):
                     continue
                 job.nfe += 1
@@ -201,9 +234,12 @@ class Engine:
             if job.final > job.sent:
                 self._send(job, [token], [origin])
 
+        if self.metrics is not None:
+            self.metrics.batch_size.observe(len(jobs))
+            self.metrics.running.set(len(jobs))
         try:
-            decode(self.model, [j.prompt_ids for j in jobs], [j.settings for j in jobs],
-                   DecodeCallbacks(on_token, on_step, should_stop), tokenizer=self.tokenizer)
+            decode(self.model, [j.prompt_ids for j in first], [j.settings for j in first],
+                   DecodeCallbacks(on_token, on_step, should_stop, on_boundary), tokenizer=self.tokenizer)
         except TwoTowerError as e:
             for job in jobs:
                 if not job.done:

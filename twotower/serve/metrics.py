@@ -19,8 +19,10 @@ class ServerMetrics:
         self.running = Gauge("twotower_running_rows", "rows of the batch being decoded", registry=r)
         self.rows_ended = Counter("twotower_rows_ended", "decoded rows by how they ended (stop, length, "
                                   "cancelled: the client left, timeout)", ["reason"], registry=r)
-        self.batch_size = Histogram("twotower_batch_size", "rows per decoding batch", registry=r,
+        self.batch_size = Histogram("twotower_batch_size", "rows of the batch at each step boundary", registry=r,
                                     buckets=(1, 2, 4, 8, 16, 32, 64))
+        self.rows_joined = Counter("twotower_rows_joined", "requests that joined a batch already running",
+                                   registry=r)
         self.generated_tokens = Counter("twotower_generated_tokens", "tokens generated", registry=r)
         self.nfe = Counter("twotower_nfe", "forward passes per row (denoiser steps; AR: one a token)", registry=r)
         self.tokens_per_nfe = Histogram("twotower_tokens_per_nfe", "a request's tokens per forward pass", registry=r,
