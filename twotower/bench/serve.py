@@ -49,21 +49,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait_healthy(proc: subprocess.Popen, url: str) -> None:
+def _start(command: list[str], log_path: Path, ready_url: str) -> subprocess.Popen:
+    """A server process, its output in ``log_path`` (a pipe nobody reads would fill and stall
+    it), once ``ready_url`` answers 200."""
     import httpx
 
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + STARTUP_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise UsageError(f"the server exited with {proc.returncode} before it was ready: "
-                             f"{proc.stderr.read()[-2000:] if proc.stderr else ''}")
+                             f"{log_path.read_text()[-2000:]}")
         try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
+            if httpx.get(ready_url, timeout=2).status_code == 200:
+                return proc
         except httpx.TransportError:
             pass
         time.sleep(0.25)
-    raise UsageError(f"the server at {url} was not ready after {STARTUP_S} s")
+    proc.kill()
+    raise UsageError(f"the server at {ready_url} was not ready after {STARTUP_S} s (see {log_path})")
 
 
 def one_request(url: str, body: dict) -> dict:
@@ -159,10 +164,9 @@ def run_serve_bench(*, model: str, dtype: str, concurrency: list[int], requests:
     ours = [Contender("ar", command, "twotower", {"strategy": "ar"}), Contender("recommended", command, "twotower")]
     results = {"model": model, "dtype": dtype, "max_batch": max_batch, "max_tokens": max_tokens,
                "box": describe_box() | {"threads": threads}, "levels": {}, "llama_cpp": None}
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    proc = _start(command, out / "server.log", base + "/health")
     try:
-        base = f"http://127.0.0.1:{port}"
-        _wait_healthy(proc, base + "/health")
         url = base + "/v1/chat/completions"
         one_request(url, _bodies(ours[1], prompts, 1, 8)[0])  # warm-up
         for c in concurrency:
@@ -177,15 +181,19 @@ def run_serve_bench(*, model: str, dtype: str, concurrency: list[int], requests:
     finally:
         proc.terminate()
         proc.wait(timeout=120)
-    results["llama_cpp"] = _run_llama_cpp(llama_cpp_python, model, threads, prompts, concurrency, requests, max_tokens,
-                                          results)
+    write_json(out / "serve.json", results)  # ours are kept whatever happens to the reference
+    try:
+        results["llama_cpp"] = _run_llama_cpp(llama_cpp_python, model, threads, prompts, concurrency, requests,
+                                              max_tokens, results, out)
+    except UsageError as e:
+        results["llama_cpp"] = f"failed: {e}"
     write_json(out / "serve.json", results)
     (out / "serve.md").write_text(markdown(results))
     plot(results, out / "serve.png")
     return results
 
 
-def _run_llama_cpp(python, model, threads, prompts, concurrency, requests, max_tokens, results) -> dict | str:
+def _run_llama_cpp(python, model, threads, prompts, concurrency, requests, max_tokens, results, out: Path) -> str:
     python = python or sys.executable
     if importlib.util.find_spec("llama_cpp") is None and python == sys.executable:
         return "not run: llama-cpp-python[server] is not installed (give --llama-cpp-python PYTHON to use another)"
@@ -193,9 +201,8 @@ def _run_llama_cpp(python, model, threads, prompts, concurrency, requests, max_t
     contender = llama_cpp_contender(python, model, threads, port, n_ctx=2048)
     if contender is None:
         return f"not run: {python} has no llama_cpp.server, or {model} is not a GGUF"
-    proc = subprocess.Popen(contender.command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = _start(contender.command, out / "llama_cpp_server.log", f"http://127.0.0.1:{port}/v1/models")
     try:
-        _wait_healthy(proc, f"http://127.0.0.1:{port}/v1/models")
         url = f"http://127.0.0.1:{port}/v1/chat/completions"
         one_request(url, _bodies(contender, prompts, 1, 8)[0])
         for c in concurrency:
