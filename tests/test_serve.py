@@ -502,3 +502,21 @@ def test_the_page_streams_and_colours_the_steps(tiny):
         browser.save_screenshot(str(ARTIFACTS / "serve_page.png"))
     finally:
         browser.quit()
+
+
+def test_a_request_past_its_timeout_gets_504_and_a_stream_an_error_event(world):
+    loaded = load_model(str(world.tt))
+    server = start(loaded, "tiny", timeout_s=0.3)
+    try:
+        body = {"model": "tiny", "prompt": "Go:", "max_tokens": 480, "strategy": "ar", "stop": ["never-appears"]}
+        r = httpx.post(server.url + "/v1/completions", json=body, timeout=60)
+        assert r.status_code == 504 and r.json()["error"]["type"] == "timeout"
+        events = []
+        with httpx.Client(timeout=60) as h, h.stream("POST", server.url + "/v1/completions",
+                                                    json=body | {"stream": True}) as r:
+            events = [line for line in r.iter_lines() if line.startswith("data: ")]
+        assert events[-1] == "data: [DONE]" and "timed out" in events[-2]
+        assert _metric(server.url, 'twotower_rows_ended_total{reason="timeout"}') == 2
+        assert httpx.get(server.url + "/health").json()["status"] == "ok"
+    finally:
+        server.close()

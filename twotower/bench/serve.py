@@ -143,7 +143,9 @@ def llama_cpp_contender(python: str, model: str, threads: int, port: int, n_ctx:
         return None
     return Contender("llama.cpp", [python, "-m", "llama_cpp.server", "--model", str(gguf), "--port", str(port),
                                    "--host", "127.0.0.1", "--n_threads", str(threads), "--n_ctx", str(n_ctx),
-                                   "--model_alias", "llama.cpp"], "llama.cpp", usage_in_stream=False)
+                                   "--model_alias", "llama.cpp",
+                                   # queue concurrent requests (its default lets a new one interrupt the running one)
+                                   "--interrupt_requests", "False"], "llama.cpp", usage_in_stream=False)
 
 
 def run_serve_bench(*, model: str, dtype: str, concurrency: list[int], requests: int, max_tokens: int,
@@ -194,6 +196,8 @@ def run_serve_bench(*, model: str, dtype: str, concurrency: list[int], requests:
 
 
 def _run_llama_cpp(python, model, threads, prompts, concurrency, requests, max_tokens, results, out: Path) -> str:
+    import httpx
+
     python = python or sys.executable
     if importlib.util.find_spec("llama_cpp") is None and python == sys.executable:
         return "not run: llama-cpp-python[server] is not installed (give --llama-cpp-python PYTHON to use another)"
@@ -206,7 +210,10 @@ def _run_llama_cpp(python, model, threads, prompts, concurrency, requests, max_t
         url = f"http://127.0.0.1:{port}/v1/chat/completions"
         one_request(url, _bodies(contender, prompts, 1, 8)[0])
         for c in concurrency:
-            level = load_level(url, _bodies(contender, prompts, max(requests, c), max_tokens), c)
+            try:
+                level = load_level(url, _bodies(contender, prompts, max(requests, c), max_tokens), c)
+            except (httpx.HTTPError, UsageError, ValueError) as e:  # a broken stream, an error status
+                return f"failed at concurrency {c}: {type(e).__name__}: {e}"
             results["levels"].setdefault("llama.cpp", []).append(level)
     finally:
         proc.terminate()

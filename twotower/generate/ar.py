@@ -291,8 +291,42 @@ def generate_ar(
     return GenerationOutput(stopper.tokens, stats, stopper.reasons)
 
 
+def by_length(prompts: Prompts) -> list[list[int]]:
+    """The rows of a padded batch grouped by prompt length (in order of first appearance)."""
+    groups: dict[int, list[int]] = {}
+    for row, length in enumerate(prompts.lengths):
+        groups.setdefault(length, []).append(row)
+    return list(groups.values())
+
+
+def prefill_unpadded(model: Backbone, prompts: Prompts, limits: list[int], reserve: int,
+                     forward) -> tuple[ModelCache, torch.Tensor | None]:
+    """A cache over ``prompts`` filled by ``forward(ids, cache) -> tensor`` once per group of equal
+    lengths, so that no pass holds padding; returns the cache (rows in the prompts' order) and
+    the forwards' outputs concatenated in that order. Exact attention serves a padded batch by
+    compacting every query's keys, which costs many times an unpadded pass; each row's slots
+    are its own, so the rows are what they would be alone either way."""
+    width = prompts.input_ids.shape[1]
+    groups = by_length(prompts) if prompts.attention_mask is not None else [list(range(len(prompts.lengths)))]
+    cache, outputs, order = None, [], []
+    for rows in groups:
+        length = prompts.lengths[rows[0]]
+        ids = prompts.input_ids[rows, width - length:].to(model.device)
+        part = model.new_cache(len(rows), length + max(limits[r] for r in rows) + reserve)
+        outputs.append(forward(ids, part))
+        order += rows
+        if cache is None:
+            cache = part
+        else:
+            cache.regroup(torch.arange(cache.batch_size), part)
+    if order != sorted(order):
+        cache.regroup(torch.tensor([order.index(r) for r in range(len(order))]))
+    out = torch.cat(outputs) if all(o is not None for o in outputs) else None
+    if out is not None and order != sorted(order):
+        out = out[[order.index(r) for r in range(len(order))]]
+    return cache, out
+
+
 def _prefill(model: Backbone, prompts: Prompts, limits: list[int]) -> tuple[ModelCache, torch.Tensor]:
     """A cache for ``prompts`` and the logits of the next token after each."""
-    cache = model.new_cache(len(prompts.lengths), prompts.input_ids.shape[1] + max(limits))
-    mask = prompts.attention_mask.to(model.device) if prompts.attention_mask is not None else None
-    return cache, model(prompts.input_ids.to(model.device), cache, attention_mask=mask, last_only=True)
+    return prefill_unpadded(model, prompts, limits, 0, lambda ids, cache: model(ids, cache, last_only=True))

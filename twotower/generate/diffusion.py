@@ -26,7 +26,15 @@ from ..errors import UsageError
 from ..model.cache import ModelCache
 from ..model.fused import check_fusable, fused_forward
 from ..model.twotower import TwoTower
-from .ar import GenerationStats, Prompts, TokenCallback, check_generation_args, new_stopper, prepare_prompts
+from .ar import (
+    GenerationStats,
+    Prompts,
+    TokenCallback,
+    check_generation_args,
+    new_stopper,
+    prefill_unpadded,
+    prepare_prompts,
+)
 from .commit import CommitRule, get_commit_rule
 from .rows import NewRow, OnBoundary, regrouped
 from .sampling import Sampler
@@ -284,15 +292,13 @@ def _prefill(model: TwoTower, prompts: Prompts, limits: list[int], overrun: int)
     """A context cache over the prompts and each row's anchor (its last prompt token, the first
     block's first input: with token shift the context tower lags it by one)."""
     shift = 1 if model.config.token_shift else 0
-    context = model.context
-    batch, width = prompts.input_ids.shape
-    ids = prompts.input_ids.to(context.device)
-    cache = context.new_cache(batch, width + max(limits) + overrun)
-    if width > shift:  # with token shift the last prompt token is the first block's input
-        mask = prompts.attention_mask
-        prefix_mask = None if mask is None else mask.to(context.device)[:, : width - shift]
-        model.context_forward(ids[:, : width - shift], cache, attention_mask=prefix_mask)
-    return cache, ids[:, -1].clone()
+
+    def forward(ids: torch.Tensor, cache: ModelCache) -> None:
+        if ids.shape[1] > shift:  # with token shift the last prompt token is the first block's input
+            model.context_forward(ids[:, : ids.shape[1] - shift], cache, head=False)
+
+    cache, _ = prefill_unpadded(model.context, prompts, limits, overrun, forward)
+    return cache, prompts.input_ids[:, -1].to(model.context.device).clone()
 
 
 def _propose(run: _Decoding, block_in: torch.Tensor, unknown: torch.Tensor,
