@@ -324,8 +324,8 @@ def test_the_queue_limit_answers_429_and_nothing_hangs(world):
         for r in responses:
             if r.status_code == 429:
                 assert r.headers["retry-after"] == "1" and r.json()["error"]["type"] == "rate_limit_error"
-        assert httpx.get(server.url + "/health").json() == {"status": "ok", "model": "tiny", "queued": 0,
-                                                            "running": 0}
+        assert httpx.get(server.url + "/health").json() == {"status": "ok", "model": "tiny", "ready": True,
+                                                            "queued": 0, "running": 0}
     finally:
         server.close()
 

@@ -31,6 +31,7 @@ def run(args: argparse.Namespace) -> None:
     import uvicorn
 
     from ..checkpoints.two_tower import load_model, warn_untrained
+    from ..generate.settings import resolve_settings
     from ..serve import Engine, create_app
 
     for name in ("max_batch", "max_queue", "max_tokens_default"):
@@ -47,7 +48,11 @@ def run(args: argparse.Namespace) -> None:
     if loaded.tokenizer is None:
         raise UsageError(f"{args.model} has no tokenizer: the server takes text")
     name = args.served_model_name or args.model
-    engine = Engine(loaded.model, loaded.tokenizer, max_batch=args.max_batch, max_queue=args.max_queue)
+    warm_up = [resolve_settings(loaded.recommended, strategy="ar")]
+    if loaded.two_tower is not None:  # the recommended preset and the plain dial
+        warm_up += [resolve_settings(loaded.recommended), resolve_settings(loaded.recommended, strategy="mask_diffusion")]
+    engine = Engine(loaded.model, loaded.tokenizer, max_batch=args.max_batch, max_queue=args.max_queue,
+                    warm_up=warm_up)
     app = create_app(engine, name, loaded.recommended, api_key=args.api_key, timeout_s=args.timeout,
                      default_max_tokens=args.max_tokens_default, description=loaded.source)
     print(f"twotower serve: {name} ({loaded.source}, {args.dtype}, {torch.get_num_threads()} threads) on "

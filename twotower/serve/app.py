@@ -302,8 +302,8 @@ def create_app(engine: Engine, model_name: str, recommended: dict, *, api_key: s
     @app.get("/health")
     async def health():
         alive = engine.thread.is_alive()
-        body = {"status": "ok" if alive else "dead", "model": model_name, "queued": engine.queue_depth,
-                "running": len(engine.running)}
+        body = {"status": "ok" if alive else "dead", "model": model_name, "ready": engine.ready.is_set(),
+                "queued": engine.queue_depth, "running": len(engine.running)}
         return JSONResponse(body, status_code=200 if alive else 503)
 
     @app.get("/metrics")

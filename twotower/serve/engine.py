@@ -80,9 +80,15 @@ class Job:
 
 
 class Engine:
-    def __init__(self, model, tokenizer, *, max_batch: int = 8, max_queue: int = 64, metrics=None) -> None:
+    def __init__(self, model, tokenizer, *, max_batch: int = 8, max_queue: int = 64, metrics=None,
+                 warm_up: list[DecodingSettings] | None = None) -> None:
+        """``warm_up``: settings to decode a short prompt with before the first request (the
+        first forward of each shape pays one-time costs: ~10 s for SmolLM2's first dial request
+        here), so that no client pays them; requests queue meanwhile."""
         self.model = model
         self.tokenizer = tokenizer
+        self.warm_up = list(warm_up or [])
+        self.ready = threading.Event()
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.metrics = metrics
@@ -158,6 +164,13 @@ class Engine:
 
     def _work(self) -> None:
         torch.set_num_threads(self.threads)  # a new thread's own setting
+        for settings in self.warm_up:
+            try:
+                decode(self.model, [[self.tokenizer.eos_token_id or 0]], settings.replace(max_new_tokens=2),
+                       tokenizer=self.tokenizer)
+            except Exception:  # a warm-up that fails costs the first request its time, nothing more
+                log.exception("twotower serve: warm-up with %s failed", settings.strategy)
+        self.ready.set()
         while True:
             jobs = self._take(None, self.max_batch, wait=True)
             if jobs is None:
