@@ -319,11 +319,11 @@ def prefill_unpadded(model: Backbone, prompts: Prompts, limits: list[int], reser
             cache = part
         else:
             cache.regroup(torch.arange(cache.batch_size), part)
-    if order != sorted(order):
-        cache.regroup(torch.tensor([order.index(r) for r in range(len(order))]))
     out = torch.cat(outputs) if all(o is not None for o in outputs) else None
-    if out is not None and order != sorted(order):
-        out = out[[order.index(r) for r in range(len(order))]]
+    if order != sorted(order):  # back to the prompts' order
+        back = torch.argsort(torch.tensor(order))
+        cache.regroup(back)
+        out = None if out is None else out[back]
     return cache, out
 
 
