@@ -177,9 +177,9 @@ def create_app(engine: Engine, model_name: str, recommended: dict, *, api_key: s
             now = time.monotonic()
             if self.last is None:
                 metrics.ttft.observe(now - self.start)
-                n -= 1
-            for _ in range(n):
-                metrics.token_latency.observe((now - (self.last or now)) / max(n, 1))
+            else:  # a run of n tokens arriving together: n tokens of 1/n of the wait each
+                for _ in range(n):
+                    metrics.token_latency.observe((now - self.last) / n)
             self.last = now
 
     async def whole(request: Request, job: Job, ident: str, chat: bool) -> JSONResponse:
