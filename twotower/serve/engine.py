@@ -254,16 +254,10 @@ class Engine:
             decode(self.model, [j.prompt_ids for j in first], [j.settings for j in first],
                    DecodeCallbacks(on_token, on_step, should_stop, on_boundary), tokenizer=self.tokenizer)
         except TwoTowerError as e:
-            for job in jobs:
-                if not job.done:
-                    job.done = True
-                    job.put("error", (400, str(e)))
+            self._fail(jobs, 400, str(e))
         except Exception:  # a bug: answer every row of the batch, keep serving
             log.exception("twotower serve: decoding failed")
-            for job in jobs:
-                if not job.done:
-                    job.done = True
-                    job.put("error", (500, "internal error while decoding (see the server's log)"))
+            self._fail(jobs, 500, "internal error while decoding (see the server's log)")
         finally:
             for job in jobs:
                 if not job.done:  # cancelled or timed out
@@ -286,6 +280,13 @@ class Engine:
                     job.put("commit", {"token": token, "step": origin})
         if job.stopper.all_finished:
             self._end(job, job.stopper.reasons[0])
+
+    @staticmethod
+    def _fail(jobs: list[Job], status: int, message: str) -> None:
+        for job in jobs:
+            if not job.done:
+                job.done = True
+                job.put("error", (status, message))
 
     def _end(self, job: Job, reason: str) -> None:
         job.done = True
