@@ -250,7 +250,6 @@ def test_32_concurrent_clients_get_their_solo_answers(tiny):
     references = [_reference(loaded, b) for b in bodies]
     solo_steps = _metric(server.url, 'twotower_batch_size_bucket{le="1.0"}')
     steps = _metric(server.url, "twotower_batch_size_count")
-    joined = _metric(server.url, "twotower_rows_joined_total")
     with ThreadPoolExecutor(32) as pool:
         answers = list(pool.map(lambda b: _post(server.url, b), bodies))
     for i, (got, want) in enumerate(zip(answers, references)):
@@ -354,7 +353,10 @@ BAD = [  # (what, path, body (bytes: sent as is), status, expected in the messag
     ("threshold 1.5", "chat", {"confidence_threshold": 1.5}, 400, "confidence_threshold"),
     ("unknown commit rule", "chat", {"commit_rule": "vibes"}, 400, "commit rule"),
     ("strategy against verify", "chat", {"strategy": "verified", "verify": False}, 400, "contradicts"),
-    ("logprobs", "chat", {"logprobs": True}, 400, "logprobs"),
+    ("logprobs from the dial", "chat", {"logprobs": True, "strategy": "mask_diffusion"}, 400, "logprobs"),
+    ("top_logprobs without logprobs", "chat", {"top_logprobs": 2}, 400, "logprobs"),
+    ("top_logprobs 21", "chat", {"logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
+    ("completion logprobs 6", "completions", {"prompt": "hi", "logprobs": 6}, 400, "logprobs"),
     ("five stop strings", "chat", {"stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
     ("tools", "chat", {"tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
     ("over-long prompt", "completions", {"prompt": [100] * 600}, 400, "context"),

@@ -19,6 +19,10 @@ from .sampling import Sampler
 from .stopping import ShouldStop, Stopper, row_limits
 
 TokenCallback = Callable[[int, int], None]  # (row, token), called as each row's tokens are final
+# (row, tokens, logits (n, V)): the n tokens a row has just made final and the AR model's logits
+# at each, called before their TokenCallbacks; only strategies whose tokens the AR model scores
+# (``Strategy.scores_tokens``) call it, so that logprobs are always the AR model's
+LogitsCallback = Callable[[int, list[int], torch.Tensor], None]
 
 
 def shape_rows(shape: str) -> int:
@@ -230,6 +234,7 @@ def generate_ar(
     tokenizer=None,
     should_stop: ShouldStop | None = None,
     on_boundary: OnBoundary | None = None,
+    logits_callback: LogitsCallback | None = None,
 ) -> GenerationOutput:
     """Decode token by token with the cache; every row stops at its own EOS.
 
@@ -237,7 +242,8 @@ def generate_ar(
     also ends at the token that completes one of ``stop_strings`` (read with ``tokenizer``).
     ``max_new_tokens``, ``seed`` and ``stop_strings`` may be given per row (rows that came from
     different requests); ``should_stop(row)`` may end a row early with the reason it returns.
-    ``on_boundary`` lets finished rows leave and new ones join between tokens (rows.py)."""
+    ``on_boundary`` lets finished rows leave and new ones join between tokens (rows.py);
+    ``logits_callback`` receives the logits every kept token was drawn from."""
     prompts = prepare_prompts(input_ids, attention_mask)
     limits = check_generation_args(model, prompts, max_new_tokens)
     batch = len(prompts.lengths)
@@ -256,9 +262,12 @@ def generate_ar(
         tokens = sampler(logits[:, -1], rows)
         # one transfer per step, then plain Python: per-row tensor indexing costs milliseconds
         # a step at distillation's batch sizes
-        for row, tok in zip(rows, tokens.tolist()):
-            if stopper.extend(row, [tok]) and callback is not None:
-                callback(row, tok)
+        for i, (row, tok) in enumerate(zip(rows, tokens.tolist())):
+            if stopper.extend(row, [tok]):
+                if logits_callback is not None:
+                    logits_callback(row, [tok], logits[i, -1:])
+                if callback is not None:
+                    callback(row, tok)
         if on_boundary is None:
             if stopper.all_finished:
                 break

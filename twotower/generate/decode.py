@@ -27,13 +27,13 @@ from ..errors import UsageError
 from ..model.backbone import Backbone
 from ..model.fused import check_fusable
 from ..model.twotower import TwoTower
-from .ar import GenerationStats, TokenCallback, check_generation_args, prepare_prompts
+from .ar import GenerationStats, LogitsCallback, TokenCallback, check_generation_args, prepare_prompts
 from .diffusion import StepCallback, overrun_positions
 from .prompts import encode_prompts
 from .rows import OnBoundary
 from .settings import DecodingSettings
 from .stopping import ShouldStop, visible_text
-from .strategies import decode_with, select
+from .strategies import decode_with, scoring_strategies, select
 
 ROW_FIELDS = ("max_new_tokens", "seed", "stop_strings")  # settings that may differ between the rows of one call
 
@@ -46,6 +46,9 @@ class DecodeCallbacks:
     # between steps: (ids of the rows going on) -> NewRows to join the call (rows.py); finished
     # rows leave the batch. Rows are named by ids: the prompts 0..B-1, then joined rows in order
     on_boundary: OnBoundary | None = None
+    # (row, tokens, logits (n, V)): a row's n newly final tokens and the AR model's logits at
+    # each, before their on_token calls (logprobs); only strategies that score their tokens
+    on_logits: LogitsCallback | None = None
 
 
 @dataclass
@@ -108,7 +111,7 @@ def decode(
     with getattr(model, "decode_lock", None) or nullcontext():
         out = decode_with(strategy, model, ids, rows, attention_mask=attention_mask, tokenizer=tokenizer,
                           on_token=callbacks.on_token, on_step=callbacks.on_step, should_stop=callbacks.should_stop,
-                          on_boundary=callbacks.on_boundary)
+                          on_boundary=callbacks.on_boundary, on_logits=callbacks.on_logits)
     texts = None
     if tokenizer is not None:  # (rows that joined the call are the callback's to read)
         texts = [visible_text(tokenizer, row, s.stop_strings) for row, s in zip(out.tokens, rows)]
@@ -116,14 +119,19 @@ def decode(
     return DecodeOutput(out.tokens, out.finish_reasons, texts, prompt_rows, rows[0], strategy.name, out.stats)
 
 
-def check_request(model: TwoTower | Backbone, prompt_ids: Sequence[int], settings: DecodingSettings) -> None:
+def check_request(model: TwoTower | Backbone, prompt_ids: Sequence[int], settings: DecodingSettings,
+                  logprobs: bool = False) -> None:
     """Raise the UsageError that ``decode`` would raise for one prompt's token ids and its
     settings, before any forward (a server checks a request before queueing it): an unknown
-    strategy, a strategy the model cannot run, token ids outside the vocabulary, the mask
+    strategy, a strategy the model cannot run (or, with ``logprobs``, one that does not score
+    its tokens), token ids outside the vocabulary, the mask
     token in the prompt, or a prompt that with its max_new_tokens does not fit the context."""
     strategy = select(settings)
     if strategy.needs_denoiser and not isinstance(model, TwoTower):
         raise UsageError(f"mode {strategy.mode} needs a two-tower model; this server has the AR model alone")
+    if logprobs and not strategy.scores_tokens:
+        raise UsageError(f"logprobs: strategy {strategy.name} commits the denoiser's tokens unscored, so it has no "
+                         f"logprobs; ask for one that the AR model verifies ({', '.join(scoring_strategies())})")
     prompts = prepare_prompts([list(prompt_ids)])
     context = model.context if isinstance(model, TwoTower) else model
     reserve = 0

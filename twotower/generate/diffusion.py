@@ -28,6 +28,7 @@ from ..model.fused import check_fusable, fused_forward
 from ..model.twotower import TwoTower
 from .ar import (
     GenerationStats,
+    LogitsCallback,
     Prompts,
     TokenCallback,
     check_generation_args,
@@ -104,6 +105,7 @@ class _Decoding:
     rows: list[int]  # the row id of each batch row: rows leave and join between steps with on_boundary
     on_boundary: OnBoundary | None = None
     join: Callable[[list[NewRow]], tuple[ModelCache, torch.Tensor, list[int]]] | None = None
+    logits_callback: LogitsCallback | None = None  # verified strategies: see ar.LogitsCallback
 
     @property
     def batch(self) -> int:
@@ -145,10 +147,13 @@ class _Decoding:
             block_in[:, 0] = self.anchor
         return block_in
 
-    def emit(self, row: int, new: list[int]) -> int:
+    def emit(self, row: int, new: list[int], ar_logits: torch.Tensor | None = None) -> int:
         """Append a batch row's newly final tokens (cut where the row ends: see Stopper); return
-        how many were kept."""
+        how many were kept. ``ar_logits`` (>= len(new), V): the AR model's logits of each, for
+        the logits callback (verified strategies)."""
         kept = self.stopper.extend(self.rows[row], new)
+        if kept and ar_logits is not None and self.logits_callback is not None:
+            self.logits_callback(self.rows[row], kept, ar_logits[: len(kept)])
         if self.callback is not None:
             for tok in kept:
                 self.callback(self.rows[row], tok)
@@ -198,6 +203,7 @@ def generate_mask_diffusion(
     tokenizer=None,
     should_stop: ShouldStop | None = None,
     on_boundary: OnBoundary | None = None,
+    logits_callback: LogitsCallback | None = None,
 ) -> DiffusionOutput:
     """Fill blocks of ``block_size`` targets (default: the model's), at most ``steps_per_block``
     denoiser forwards each (default: block_size). ``confidence_threshold`` is the dial: lower
@@ -221,7 +227,8 @@ def generate_mask_diffusion(
     completes one of ``stop_strings`` (read with ``tokenizer``) or at ``max_new_tokens``; these
     three and ``seed`` may be given per row, and ``should_stop(row)`` may end a row early (see
     ``generate_ar``); ``on_boundary`` lets finished rows leave and new ones join between blocks
-    or drafts (rows.py)."""
+    or drafts (rows.py). With ``verify``, ``logits_callback`` receives the AR model's logits of
+    every kept token (ar.LogitsCallback); the unverified dial's tokens have none."""
     s = model.block_size if block_size is None else block_size
     steps = s if steps_per_block is None else steps_per_block
     _check(s, steps, confidence_threshold)
@@ -265,7 +272,7 @@ def generate_mask_diffusion(
 
     run = _Decoding(
         model, cache, sampler, rule, s, steps, confidence_threshold, stopper, anchor, stats, callback, step_callback,
-        list(range(batch)), on_boundary, join,
+        list(range(batch)), on_boundary, join, logits_callback if verify else None,
     )
     if verify:
         (_fused_drafts if fused else _verified_drafts)(run)
@@ -414,7 +421,7 @@ def _verified_drafts(run: _Decoding) -> None:
         for row in active.nonzero()[:, 0].tolist():
             new = _accept(run.sampler, run.rows[row], proposal[row, : int(drafted[row])], ar_logits[row],
                           None if q is None else q[row])
-            appended[row] = run.emit(row, new)
+            appended[row] = run.emit(row, new, ar_logits[row])
             rid = run.rows[row]
             run.stats.block_steps[rid].append(1)
             run.stats.drafted[rid].append(int(drafted[row]))
@@ -488,7 +495,7 @@ def _fused_drafts(run: _Decoding) -> None:
             # the row's k + 1 context rows check d_1..d_k and the guess, or give AR's next token
             new = _accept(run.sampler, run.rows[row], checked, out.ar_logits[row, : k + 1],
                           None if q is None else q[row])
-            appended[row] = kept = run.emit(row, new)
+            appended[row] = kept = run.emit(row, new, out.ar_logits[row])
             rid = run.rows[row]
             run.stats.block_steps[rid].append(1)
             run.stats.drafted[rid].append(k + guess)

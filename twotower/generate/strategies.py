@@ -17,7 +17,7 @@ import torch
 from ..errors import UsageError
 from ..model.backbone import Backbone
 from ..model.twotower import TwoTower
-from .ar import GenerationOutput, TokenCallback, generate_ar
+from .ar import GenerationOutput, LogitsCallback, TokenCallback, generate_ar
 from .diffusion import StepCallback, generate_mask_diffusion, generate_mock_ar
 from .rows import OnBoundary
 from .settings import DecodingSettings
@@ -33,6 +33,9 @@ class Strategy:
     needs_denoiser: bool
     description: str
     run: Decoder  # (model, input_ids, settings, **common) -> output; see decode_with
+    # the AR model scores every token it emits (its logits reach on_logits: logprobs); the
+    # unverified dial's tokens come from the denoiser alone
+    scores_tokens: bool = False
 
 
 STRATEGIES: dict[str, Strategy] = {}
@@ -50,6 +53,11 @@ def modes() -> tuple[str, ...]:
     return tuple(sorted({s.mode for s in STRATEGIES.values()}))
 
 
+def scoring_strategies() -> list[str]:
+    """The strategies whose every token the AR model scores (the ones with logprobs)."""
+    return [name for name, s in STRATEGIES.items() if s.scores_tokens]
+
+
 def select(settings: DecodingSettings) -> Strategy:
     try:
         return STRATEGIES[settings.strategy]
@@ -61,9 +69,14 @@ def decode_with(
     strategy: Strategy, model: TwoTower | Backbone, input_ids, settings: DecodingSettings | Sequence[DecodingSettings],
     *, attention_mask: torch.Tensor | None = None, tokenizer=None, on_token: TokenCallback | None = None,
     on_step: StepCallback | None = None, should_stop: ShouldStop | None = None, on_boundary: OnBoundary | None = None,
+    on_logits: LogitsCallback | None = None,
 ) -> GenerationOutput:
     """``settings``: one for every row, or one per row that differ only in their length limit,
-    seed and stop strings (``decode.row_settings`` checks that)."""
+    seed and stop strings (``decode.row_settings`` checks that). ``on_logits`` needs a strategy
+    that scores its tokens."""
+    if on_logits is not None and not strategy.scores_tokens:
+        raise UsageError(f"strategy {strategy.name} does not score its tokens with the AR model, so it has no "
+                         f"logprobs (those that do: {', '.join(scoring_strategies())})")
     if strategy.needs_denoiser and not isinstance(model, TwoTower):
         raise UsageError(f"mode {strategy.mode} needs a two-tower model; this is a backbone alone (AR only)")
     rows = [settings] if isinstance(settings, DecodingSettings) else list(settings)
@@ -79,6 +92,8 @@ def decode_with(
     )
     if strategy.needs_denoiser:
         common["step_callback"] = on_step
+    if on_logits is not None:
+        common["logits_callback"] = on_logits
     return strategy.run(model, input_ids, settings, **common)
 
 
@@ -98,17 +113,17 @@ def _diffusion(model, input_ids, settings: DecodingSettings, **common) -> Genera
     )
 
 
-register(Strategy("ar", "ar", False, "the context tower alone, token by token (KV-cached)", _ar))
+register(Strategy("ar", "ar", False, "the context tower alone, token by token (KV-cached)", _ar, scores_tokens=True))
 register(Strategy("mock_ar", "mock_ar", True, "both towers, one token per denoiser forward (S = 1)", _mock_ar))
 register(Strategy("mask_diffusion", "mask_diffusion", True,
                   "block diffusion: the denoiser fills each block over steps, a commit rule keeps the confident",
                   _diffusion))
 register(Strategy("verified", "mask_diffusion", True,
                   "verified drafting: each denoiser forward drafts, the context tower keeps what agrees (== AR)",
-                  _diffusion))
+                  _diffusion, scores_tokens=True))
 register(Strategy("fused", "mask_diffusion", True,
                   "verified drafting in one forward per step: the check of a draft and the next draft share a pass "
-                  "(lora flavour; == AR)", _diffusion))
+                  "(lora flavour; == AR)", _diffusion, scores_tokens=True))
 register(Strategy("fused_dial", "mask_diffusion", True,
                   "block diffusion with a block's context pass and the next block's first step in one forward "
                   "(lora flavour; == mask_diffusion)", _diffusion))

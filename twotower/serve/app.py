@@ -29,6 +29,7 @@ from ..generate.decode import check_request
 from ..generate.prompts import encode_messages, encode_prompt
 from ..generate.stopping import LENGTH, STOP, TextStream, visible_text
 from .engine import Engine, Job, QueueFull
+from .logprobs import TokenText, chat_logprobs, completion_logprobs
 from .metrics import ServerMetrics
 from .protocol import ChatCompletionRequest, Common, CompletionRequest, settings_for
 
@@ -62,6 +63,7 @@ def create_app(engine: Engine, model_name: str, recommended: dict, *, api_key: s
     metrics = metrics or engine.metrics or ServerMetrics()
     engine.metrics = metrics
     tokenizer = engine.tokenizer
+    texts = TokenText(tokenizer)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -127,9 +129,10 @@ def create_app(engine: Engine, model_name: str, recommended: dict, *, api_key: s
 
     def job_for(parsed: Common, prompt_ids: list[int], loop) -> Job:
         settings = settings_for(parsed, recommended, default_max_tokens)
-        check_request(engine.model, prompt_ids, settings)
+        top = parsed.top_logprobs_count()
+        check_request(engine.model, prompt_ids, settings, logprobs=top is not None)
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        return Job(prompt_ids, settings, loop, show_steps=parsed.show_steps, deadline=deadline)
+        return Job(prompt_ids, settings, loop, show_steps=parsed.show_steps, logprobs=top, deadline=deadline)
 
     def submit(job: Job) -> None:
         try:
@@ -142,7 +145,8 @@ def create_app(engine: Engine, model_name: str, recommended: dict, *, api_key: s
             job = job_for(parsed, prompt_ids, asyncio.get_running_loop())
         except UsageError as e:
             code = "context_length_exceeded" if "context" in str(e) else None
-            raise _error(400, str(e), code=code) from None
+            param = "logprobs" if "logprobs" in str(e) else None
+            raise _error(400, str(e), code=code, param=param) from None
         submit(job)
         ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         if parsed.stream:
@@ -182,8 +186,17 @@ def create_app(engine: Engine, model_name: str, recommended: dict, *, api_key: s
                     metrics.token_latency.observe((now - self.last) / n)
             self.last = now
 
+    def logprobs_of(job: Job, scores: list | None, chat: bool, offset: int = 0) -> tuple[dict | None, int]:
+        """A choice's ``logprobs`` (None unless the request asked) and the text offset after it."""
+        if job.logprobs is None:
+            return None, offset
+        if chat:
+            return chat_logprobs(scores or [], texts), offset
+        return completion_logprobs(scores or [], texts, offset)
+
     async def whole(request: Request, job: Job, ident: str, chat: bool) -> JSONResponse:
         clock = Clock(job)
+        scores: list = []
         try:
             while True:
                 try:
@@ -194,7 +207,8 @@ def create_app(engine: Engine, model_name: str, recommended: dict, *, api_key: s
                         return JSONResponse(_error(499, "the client closed the request").body(), status_code=499)
                     continue
                 if kind == "tokens":
-                    clock.tokens(len(payload))
+                    clock.tokens(len(payload[0]))
+                    scores += payload[1] or []
                 elif kind == "error":
                     status, message = payload
                     raise _error(status, message)
@@ -206,13 +220,14 @@ def create_app(engine: Engine, model_name: str, recommended: dict, *, api_key: s
         reason, use = finished(job, payload)
         text = visible_text(tokenizer, payload["tokens"], job.settings.stop_strings)
         body = {"id": ident, "created": int(time.time()), "model": model_name, "usage": use}
+        logprobs = logprobs_of(job, scores, chat)[0]
         if chat:
             body |= {"object": "chat.completion", "choices": [{
-                "index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                "index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
                 "finish_reason": reason}]}
         else:
             body |= {"object": "text_completion", "choices": [{
-                "index": 0, "text": text, "logprobs": None, "finish_reason": reason}]}
+                "index": 0, "text": text, "logprobs": logprobs, "finish_reason": reason}]}
         return JSONResponse(body)
 
     async def stream(job: Job, ident: str, chat: bool, include_usage: bool) -> AsyncIterator[str]:
@@ -220,12 +235,12 @@ def create_app(engine: Engine, model_name: str, recommended: dict, *, api_key: s
         head = {"id": ident, "object": "chat.completion.chunk" if chat else "text_completion",
                 "created": created, "model": model_name}
 
-        def chunk(text: str | None, reason: str | None = None, first: bool = False) -> str:
+        def chunk(text: str | None, reason: str | None = None, first: bool = False, logprobs: dict | None = None) -> str:
             if chat:
                 delta = {"role": "assistant", "content": ""} if first else {} if text is None else {"content": text}
-                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+                choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
             else:
-                choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}
+                choice = {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": reason}
             return "data: " + json.dumps(head | {"choices": [choice]}) + "\n\n"
 
         def event(name: str, data: dict) -> str:
@@ -233,16 +248,21 @@ def create_app(engine: Engine, model_name: str, recommended: dict, *, api_key: s
 
         text = TextStream(tokenizer, job.settings.stop_strings)
         clock = Clock(job)
+        offset = 0  # completions' text_offset
         try:
             if chat:
                 yield chunk(None, first=True)
             while True:
                 kind, payload = await job.events.get()
                 if kind == "tokens":
-                    clock.tokens(len(payload))
-                    new = "".join(text.push(tok) for tok in payload)
-                    if new:
-                        yield chunk(new)
+                    tokens, scores = payload
+                    clock.tokens(len(tokens))
+                    new = "".join(text.push(tok) for tok in tokens)
+                    # a token's logprobs travel with the chunk of its arrival, also when its text is
+                    # held back (an incomplete character, a possible stop string's start)
+                    logprobs, offset = logprobs_of(job, scores, chat, offset)
+                    if new or any(texts.shown(sc) for sc in scores or []):
+                        yield chunk(new, logprobs=logprobs)
                 elif kind == "step":
                     yield event("twotower.step", payload | {"pieces": [
                         None if t < 0 else tokenizer.decode([t], skip_special_tokens=True) for t in payload["tokens"]]})

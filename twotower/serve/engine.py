@@ -35,7 +35,9 @@ from ..generate.diffusion import StepEvent
 from ..generate.rows import NewRow
 from ..generate.settings import DecodingSettings
 from ..generate.stopping import CANCELLED, Stopper
+from ..generate.strategies import select
 from ..generate.trace import RowTrace
+from .logprobs import TokenScore, score_tokens
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,7 @@ class Job:
     settings: DecodingSettings
     loop: asyncio.AbstractEventLoop
     show_steps: bool = False
+    logprobs: int | None = None  # None: none; else the alternatives per token (serve/logprobs.py)
     deadline: float | None = None  # time.monotonic() after which the row is ended
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False
@@ -66,6 +69,7 @@ class Job:
     sent: int = 0  # tokens sent to the response
     final: int = 0  # tokens the decoder has made final
     nfe: int = 0  # denoiser forwards this row took part in (AR: one a token)
+    scores: list[TokenScore] = field(default_factory=list)  # of final tokens not sent yet (logprobs)
     done: bool = False
 
     def key(self) -> DecodingSettings:
@@ -247,12 +251,19 @@ class Engine:
             if job.final > job.sent:
                 self._send(job, [token], [origin])
 
+        def on_logits(row: int, tokens: list[int], logits: torch.Tensor) -> None:
+            job = jobs[row]
+            if job.logprobs is not None and not job.done:
+                job.scores += score_tokens(tokens, logits, job.logprobs)
+
         if self.metrics is not None:
             self.metrics.batch_size.observe(len(jobs))
             self.metrics.running.set(len(jobs))
+        scored = select(first[0].settings).scores_tokens  # (the only ones with logprobs: app.py checks)
         try:
             decode(self.model, [j.prompt_ids for j in first], [j.settings for j in first],
-                   DecodeCallbacks(on_token, on_step, should_stop, on_boundary), tokenizer=self.tokenizer)
+                   DecodeCallbacks(on_token, on_step, should_stop, on_boundary, on_logits if scored else None),
+                   tokenizer=self.tokenizer)
         except TwoTowerError as e:
             self._fail(jobs, 400, str(e))
         except Exception:  # a bug: answer every row of the batch, keep serving
@@ -273,8 +284,11 @@ class Engine:
             return
         kept = job.stopper.extend(0, tokens)
         job.sent += len(tokens)
+        scores = None
+        if job.logprobs is not None:  # the scores of these tokens arrived before them (on_logits)
+            scores, job.scores = job.scores[: len(kept)], job.scores[len(tokens):]
         if kept:
-            job.put("tokens", kept)
+            job.put("tokens", (kept, scores))
             if job.show_steps:
                 for token, origin in zip(kept, origins):
                     job.put("commit", {"token": token, "step": origin})

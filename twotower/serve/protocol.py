@@ -1,8 +1,9 @@
 """The OpenAI request schemas the server accepts, twotower's dial as extra body fields, and
 their translation into ``DecodingSettings`` by the one rule every front end uses
-(``resolve_settings``). Fields OpenAI defines that we cannot honour are refused with a clear
-message, never silently ignored; unknown fields are refused too (a misspelt dial option would
-otherwise decode with the wrong settings)."""
+(``resolve_settings``). Fields OpenAI defines that we cannot honour (``n > 1``, ``echo``,
+tools, penalties, logprobs from a strategy that has none) are refused with a clear message,
+never silently ignored; unknown fields are refused too (a misspelt dial option would otherwise
+decode with the wrong settings)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..errors import UsageError
 from ..generate.settings import DecodingSettings, resolve_settings
+from .logprobs import MAX_TOP_CHAT, MAX_TOP_COMPLETION
 
 MAX_STOP_STRINGS = 4  # as OpenAI's API allows
 
@@ -82,10 +84,15 @@ class Common(DialFields):
     def limit(self) -> int | None:
         return self.max_tokens
 
+    def top_logprobs_count(self) -> int | None:
+        """None: no logprobs; else how many likeliest alternatives each token's entry lists."""
+        return None
+
 
 class CompletionRequest(Common):
     prompt: str | list[str] | list[int] | list[list[int]]
-    logprobs: Literal[None] = None  # not available from any strategy yet
+    # the AR model's logprob of each token and of this many likeliest alternatives (serve/logprobs.py)
+    logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_COMPLETION)] | None = None
     echo: Literal[False] = False
     suffix: Literal[None] = None
     best_of: Literal[1] | None = None
@@ -101,12 +108,15 @@ class CompletionRequest(Common):
             raise UsageError("prompt: the prompt is empty")
         return p
 
+    def top_logprobs_count(self) -> int | None:
+        return self.logprobs
+
 
 class ChatCompletionRequest(Common):
     messages: Annotated[list[Message], Field(min_length=1)]
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
-    logprobs: Literal[False] | None = None  # not available from any strategy yet
-    top_logprobs: Literal[None] = None
+    logprobs: bool | None = None  # the AR model's logprob of each token (serve/logprobs.py)
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_CHAT)] | None = None
     tools: Literal[None] = None
     tool_choice: Literal["none"] | None = None
     response_format: dict | None = None
@@ -123,6 +133,11 @@ class ChatCompletionRequest(Common):
                 and self.max_tokens != self.max_completion_tokens:
             raise UsageError("max_tokens and max_completion_tokens differ: give one")
         return self.max_completion_tokens or self.max_tokens
+
+    def top_logprobs_count(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise UsageError("top_logprobs needs logprobs: true")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def conversation(self) -> list[dict]:
         return [m.as_template_message() for m in self.messages]
