@@ -20,7 +20,7 @@ import torch
 
 from ..errors import UsageError
 from ..model.backbone import Backbone
-from ..model.devices import torch_dtype
+from ..model.devices import resolve_device, torch_dtype
 from ..model.twotower import DenoiserConfig, TwoTower
 from .build import SHIPPED_DIR, build_two_tower, denoiser_dir, shipped_denoiser
 from .load import DEFAULT_MODEL, load_backbone
@@ -66,6 +66,7 @@ def load_model(
     context_only: bool = False,
     merge_adapters: bool = True,
     exact: bool = True,
+    denoiser_device: str | torch.device | None = None,
 ) -> LoadedModel:
     """Load ``name_or_path`` (see the module docstring) for inference, in ``dtype`` (None: the
     dtype a saved directory was saved in, else float32).
@@ -77,7 +78,9 @@ def load_model(
     same choice for every front end keeps their outputs identical. ``exact``: batch- and
     shape-invariant inference (model/exact.py), so that a prompt's output depends neither on its
     batch mates nor, under verification, on rounding; False takes PyTorch's fused kernels
-    (faster, not invariant)."""
+    (faster, not invariant). ``denoiser_device``: the denoiser on another device than the
+    context tower (``TwoTower.place_towers``; a lora denoiser then gets its merged copy, as it
+    cannot share the context's weights across devices)."""
     if not isinstance(name_or_path, str) or not name_or_path.strip():
         raise UsageError(f"a model is a registry name or a path, got {name_or_path!r}")
     saved_dtype = dtype is None
@@ -100,8 +103,11 @@ def load_model(
         loaded = LoadedModel(model.eval(), tokenizer, name_or_path, "backbone with an untrained denoiser",
                              UNTRAINED_NOTE)
         merge_adapters = False  # merging untrained (zero) adapters would only cost memory
-    if merge_adapters:
+    split = denoiser_device is not None and resolve_device(denoiser_device) != resolve_device(device)
+    if merge_adapters or split:
         loaded.model.merge_adapters()  # a no-op for the full flavour
+    if split:
+        loaded.model.place_towers(device, denoiser_device)
     loaded.model.context.set_exact(exact)
     loaded.model.denoiser.set_exact(exact)
     return loaded

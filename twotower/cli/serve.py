@@ -16,6 +16,10 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
     s.add_argument("--served-model-name", default=None, help="the model's name in the API (default: --model)")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--context-device", default="cpu", help="where the context (AR) tower runs, e.g. cuda:0")
+    s.add_argument("--denoiser-device", default=None,
+                   help="where the denoiser runs (default: with the context tower), e.g. cuda:1: one tower per "
+                        "device (a lora denoiser then gets its own merged copy of the weights; no fused strategies)")
     s.add_argument("--max-batch", type=int, default=8, help="rows decoded together at most")
     s.add_argument("--max-queue", type=int, default=64, help="requests waiting at most; more get 429")
     s.add_argument("--timeout", type=float, default=600.0, help="seconds a request may take, queue included")
@@ -31,6 +35,7 @@ def run(args: argparse.Namespace) -> None:
     import uvicorn
 
     from ..checkpoints.two_tower import load_model, warn_untrained
+    from ..model.devices import resolve_device
     from ..generate.settings import resolve_settings
     from ..serve import Engine, create_app
 
@@ -43,7 +48,10 @@ def run(args: argparse.Namespace) -> None:
         raise UsageError("--timeout must be > 0")
     if args.api_key is not None and not args.api_key:
         raise UsageError("--api-key is empty")
-    loaded = load_model(args.model, args.dtype, untrained=args.untrained_denoiser, exact=args.exact)
+    for device in (args.context_device, args.denoiser_device or args.context_device):
+        resolve_device(device)  # a typo or a missing GPU: one clear error before the weights load
+    loaded = load_model(args.model, args.dtype, args.context_device, untrained=args.untrained_denoiser,
+                        exact=args.exact, denoiser_device=args.denoiser_device)
     warn_untrained(loaded)
     if loaded.tokenizer is None:
         raise UsageError(f"{args.model} has no tokenizer: the server takes text")
@@ -55,7 +63,10 @@ def run(args: argparse.Namespace) -> None:
                     warm_up=warm_up)
     app = create_app(engine, name, loaded.recommended, api_key=args.api_key, timeout_s=args.timeout,
                      default_max_tokens=args.max_tokens_default, description=loaded.source)
-    print(f"twotower serve: {name} ({loaded.source}, {args.dtype}, {torch.get_num_threads()} threads) on "
+    where = str(loaded.context.device)
+    if loaded.two_tower is not None and loaded.two_tower.split:
+        where = f"context on {where}, denoiser on {loaded.two_tower.denoiser.device}"
+    print(f"twotower serve: {name} ({loaded.source}, {args.dtype}, {where}, {torch.get_num_threads()} threads) on "
           f"http://{args.host}:{args.port}  (max batch {args.max_batch}, queue {args.max_queue})",
           file=sys.stderr, flush=True)
     # uvicorn drains the open requests on SIGTERM or Ctrl-C, then raises the signal again for

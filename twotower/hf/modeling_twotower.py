@@ -34,7 +34,6 @@ from ..checkpoints.two_tower import load_model
 from ..errors import UsageError
 from ..generate import DecodeCallbacks, DecodingSettings, StepEvent, decode, prepare_prompts, resolve_settings
 from ..model.backbone import Backbone
-from ..model.devices import resolve_device
 from ..model.twotower import DenoiserConfig, TwoTower
 from .configuration_twotower import TwoTowerConfig
 
@@ -289,24 +288,6 @@ class TwoTowerForCausalLM(PreTrainedModel, GenerationMixin):
                                       settings=settings)
 
     def place_towers_on_devices(self, ctx_device: str | torch.device, den_device: str | torch.device) -> TwoTowerForCausalLM:
-        """Context tower on one device, denoiser (with time conditioning and mask embedding) on
-        another. The denoiser reads the context's cache across devices; tokens and logits come
-        back to the context device. An unmerged lora model shares one set of weights between its
-        towers, which must then share a device."""
-        ctx_dev, den_dev = resolve_device(ctx_device), resolve_device(den_device)
-        model = self.twotower
-        if model.denoiser_tower is None:
-            if ctx_dev != den_dev:
-                raise UsageError(
-                    "the lora flavour's two towers share one set of weights and cannot sit on different "
-                    f"devices ({ctx_dev} and {den_dev}); merge the adapters (the default of from_pretrained) "
-                    "or use the full flavour for one tower per device"
-                )
-            self.to(ctx_dev)
-            return self
-        model.context.to(ctx_dev)
-        model.denoiser_tower.to(den_dev)
-        model.time.to(den_dev)
-        if model.mask_embedding is not None:
-            model.mask_embedding.data = model.mask_embedding.data.to(den_dev)
+        """Context tower on one device, denoiser on another (``TwoTower.place_towers``)."""
+        self.twotower.place_towers(ctx_device, den_device)
         return self

@@ -43,6 +43,9 @@ def check_fusable(model: TwoTower) -> None:
                          "this denoiser is a full copy")
     if not model.config.token_shift:
         raise UsageError("a fused pass needs the token-shift block layout")
+    if model.split:
+        raise UsageError(f"a fused pass runs both towers in one forward on one device; the context tower is on "
+                         f"{model.context.device} and the denoiser on {model.denoiser.device}")
 
 
 def _mix(layer: SubLayer, hc: torch.Tensor, hd: torch.Tensor, ctx_c: ForwardContext, ctx_d: ForwardContext,

@@ -22,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 from ..errors import UsageError
 from .backbone import Backbone
 from .cache import ForwardContext, MambaState, ModelCache
+from .devices import resolve_device
 from .lora_rows import lora_delta_on_rows
 from .timecond import TimeConditioning
 
@@ -158,6 +159,33 @@ class TwoTower(nn.Module):
         if self.merged:
             self.denoiser_tower = None
         return self
+
+    def place_towers(self, context_device: str | torch.device, denoiser_device: str | torch.device) -> TwoTower:
+        """Context tower on one device, the denoiser (with time conditioning and mask embedding)
+        on another: one tower per GPU, or a GPU drafting for a CPU. The denoiser reads the
+        context's cache across devices (a copy of its keys and states each denoiser step);
+        tokens and logits come back to the context device, where the decode loop lives. An
+        unmerged lora model shares one set of weights between its towers, which must then share
+        a device; fused passes (one forward of both towers) need one device too."""
+        ctx_dev, den_dev = resolve_device(context_device), resolve_device(denoiser_device)
+        if self.denoiser_tower is None:
+            if ctx_dev != den_dev:
+                raise UsageError(
+                    "the lora flavour's two towers share one set of weights and cannot sit on different "
+                    f"devices ({ctx_dev} and {den_dev}); merge the adapters (load_model's default) or use the "
+                    "full flavour for one tower per device")
+            return self.to(ctx_dev)
+        self.context.to(ctx_dev)
+        self.denoiser_tower.to(den_dev)
+        self.time.to(den_dev)
+        if self.mask_embedding is not None:
+            self.mask_embedding.data = self.mask_embedding.data.to(den_dev)
+        return self
+
+    @property
+    def split(self) -> bool:
+        """The towers sit on different devices (place_towers)."""
+        return self.denoiser.device != self.context.device
 
     @staticmethod
     def _lora_layers_of(model: nn.Module) -> list:
