@@ -35,8 +35,8 @@ def run(args: argparse.Namespace) -> None:
     import uvicorn
 
     from ..checkpoints.two_tower import load_model, warn_untrained
-    from ..model.devices import resolve_device
     from ..generate.settings import resolve_settings
+    from ..model.devices import resolve_device
     from ..serve import Engine, create_app
 
     for name in ("max_batch", "max_queue", "max_tokens_default"):
