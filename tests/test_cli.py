@@ -80,14 +80,17 @@ def test_corrupt_gguf_is_reported(tmp_path, capsys, monkeypatch):
 
 def test_bench_ar_writes_json(tmp_path):
     out = tmp_path / "ar.json"
-    code = main(["bench", "ar", "--threads", "1", "--dtypes", "float32", "--max-new-tokens", "4", "--repeats", "1",
-                 "--output", str(out)])
+    code = main(["bench", "ar", "--threads", "1", "--dtypes", "float32", "--quantize", "none", "int4",
+                 "--max-new-tokens", "4", "--repeats", "1", "--prompts", "2", "--no-llama-cpp", "--output", str(out)])
     assert code == 0
     data = json.loads(out.read_text())
-    run = data["runs"][0]
-    assert run["identical_tokens"] is True
-    assert set(run["tokens_per_second"]) == {"twotower", "transformers"}
-    assert len(run["seconds"]["twotower"]) == 1 and data["box"]["threads"] == 1
+    runs = {r["contender"]: r for r in data["runs"]}
+    assert set(runs) == {"twotower float32", "twotower float32 int4", "transformers float32"}
+    reference = runs["twotower float32"]
+    assert reference["identical_to_reference"] == "2/2" and reference["speedup_vs_reference"] == 1.0
+    assert "int4 weights" in runs["twotower float32 int4"]["note"]
+    assert all(r["tokens_per_second"] > 0 for r in runs.values())
+    assert len(data["seconds"]["twotower float32"]) == 1 and data["box"]["threads"] == 1 and data["prompts"] == 2
 
 
 def test_damaged_conversion_cache_is_rebuilt(tmp_path, monkeypatch):

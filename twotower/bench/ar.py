@@ -1,70 +1,160 @@
-"""``twotower bench ar``: our KV-cached AR decoding vs transformers ``generate()`` on the same
-weights, greedy, batch 1, a fixed number of new tokens (EOS disabled on both sides)."""
+"""``twotower bench ar``: our KV-cached AR decoding in each dtype and quantization asked for,
+against transformers ``generate()`` on the same weights and, where llama-cpp-python is installed,
+llama.cpp on the backbone's own GGUF: greedy, batch 1, a fixed number of new tokens per prompt
+(EOS disabled everywhere), all contenders interleaved in one run so that their ratios are
+measured side by side. Tokens are compared with our unquantized fp32 AR (the reference), and
+the resident memory each contender added when it was loaded and warmed up is recorded."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 import torch
 from tqdm import tqdm
 
-from ..checkpoints import checkpoint_dir, load_backbone
+from ..checkpoints import checkpoint_dir
+from ..checkpoints.two_tower import load_model
 from ..errors import UsageError
 from ..files import atomic_write, prepare_output_file
 from ..generate import DecodingSettings, decode
-from ..model.devices import torch_dtype
+from ..generate.prompts import PROMPT_SET, encode_prompt, load_prompt_set
+from ..model.devices import DTYPE_CHOICES, torch_dtype
+from ..model.quant import SCHEMES
 from .box import describe_box
+from .decoders import llama_cpp_decoder
+from .memory import resident_mb
+from .speed import gguf_of
 from .timing import interleaved
 
-PROMPT = "The history of the printing press begins"
+REFERENCE = "twotower float32"
+
+
+def _ours(model: str, dtype: str, quantize: str, max_new_tokens: int):
+    loaded = load_model(model, dtype, untrained=True, context_only=True, quantize=quantize)  # the AR model alone
+    name = f"twotower {str(loaded.context.dtype).removeprefix('torch.')}"
+    if dtype == "auto":
+        name += " (auto)"
+    if quantize != "none":
+        name += f" {quantize}"
+    settings = DecodingSettings(mode="ar", max_new_tokens=max_new_tokens, stop_token_ids=())
+
+    def run(prompts: list[list[int]]) -> list[list[int]]:
+        return [decode(loaded.model, [p], settings).tokens[0] for p in prompts]
+    return name, run, loaded
+
+
+def _transformers(model: str, dtype: str, max_new_tokens: int, pad: int):
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(checkpoint_dir(model), dtype=torch_dtype(dtype)).eval()
+    hf.generation_config.eos_token_id = None  # exactly max_new_tokens, like the others
+    hf.generation_config.pad_token_id = pad
+
+    def run(prompts: list[list[int]]) -> list[list[int]]:
+        out = []
+        with torch.inference_mode():
+            for p in prompts:
+                g = hf.generate(torch.tensor([p]), max_new_tokens=max_new_tokens, do_sample=False)
+                out.append(g[0, len(p):].tolist())
+        return out
+    return f"transformers {dtype}", run
 
 
 def run_ar_bench(
-    model: str, dtypes: list[str], max_new_tokens: int = 128, repeats: int = 5, output: str | None = None
+    model: str, dtypes: list[str], max_new_tokens: int = 128, repeats: int = 5, output: str | None = None,
+    quantize: list[str] | None = None, prompts: int = 5, transformers: bool = True, llama_cpp: bool = True,
 ) -> dict:
-    from transformers import AutoModelForCausalLM
-
-    if repeats < 1 or max_new_tokens < 1:
-        raise UsageError("--repeats and --max-new-tokens must be >= 1")
+    """Every (dtype, quantization) of ours, transformers in each explicit dtype, llama.cpp on the
+    GGUF: one interleaved run over the first ``prompts`` prompts of the shipped set."""
+    quantize = list(quantize or ["none"])
+    if repeats < 1 or max_new_tokens < 1 or prompts < 1:
+        raise UsageError("--repeats, --max-new-tokens and --prompts must be >= 1")
+    bad = [d for d in dtypes if d not in DTYPE_CHOICES] + [q for q in quantize if q not in SCHEMES]
+    if bad:
+        raise UsageError(f"unknown dtype or quantization: {', '.join(bad)}")
     output = prepare_output_file(output) if output else None
+    texts = [row["text"] for row in load_prompt_set(PROMPT_SET, prompts)]
+    contenders: dict[str, Callable[[], None]] = {}
+    memory: dict[str, float] = {}
+    outputs: dict[str, list[list[int]]] = {}
+    notes: dict[str, str] = {}
+    skipped: list[str] = []
+    tokenizer = ids = None
+
+    def add(name: str, run, before_mb: float) -> None:
+        def timed():
+            outputs[name] = run(ids)
+        timed()  # warm-up: one-time costs, and pages of mmapped weights touched
+        memory[name] = round(resident_mb() - before_mb, 1)
+        contenders[name] = timed
+
+    ours = [("float32", "none")]  # the reference, first
+    ours += [(d, q) for d in dtypes for q in quantize if (d, q) not in ours]
+    for dtype, scheme in ours:
+        before = resident_mb()
+        name, run, loaded = _ours(model, dtype, scheme, max_new_tokens)
+        if tokenizer is None:
+            tokenizer = loaded.tokenizer
+            ids = [encode_prompt(tokenizer, t, chat=True) for t in texts]
+        notes[name] = "; ".join(n for n in (loaded.dtype_note, loaded.quantization.describe()
+                                            if loaded.quantization.scheme != "none" else None) if n) or None
+        add(name, run, before)
+    if transformers:
+        for dtype in [d for d in dtypes if d != "auto"]:
+            before = resident_mb()
+            name, run = _transformers(model, dtype, max_new_tokens, tokenizer.pad_token_id or 0)
+            add(name, run, before)
+    if llama_cpp:
+        gguf = gguf_of(model)
+        try:
+            import llama_cpp  # noqa: F401
+        except ImportError:
+            skipped.append("llama.cpp: llama-cpp-python is not installed (optional: pip install llama-cpp-python)")
+            gguf = None
+        if gguf is None and not skipped:
+            skipped.append(f"llama.cpp: {model} came from no GGUF file")
+        if gguf is not None:
+            before = resident_mb()
+            n_ctx = max(len(p) for p in ids) + max_new_tokens + 8
+            decode_llama = llama_cpp_decoder(gguf, set(), max_new_tokens, n_ctx)
+            add(f"llama.cpp {gguf.name}", lambda prompts: decode_llama(prompts).tokens, before)
+
+    bar = tqdm(total=repeats + 1, desc="bench ar", leave=False)
+    timings = interleaved(contenders, repeats, warmup=1, on_round=lambda r: bar.update())
+    bar.close()
+    tokens = max_new_tokens * len(ids)
+    reference = outputs[REFERENCE]
+    runs = []
+    for name in contenders:
+        same = [a == b for a, b in zip(outputs[name], reference)]
+        agree = [sum(x == y for x, y in zip(a, b)) / len(b) for a, b in zip(outputs[name], reference)]
+        runs.append({
+            "contender": name,
+            "tokens_per_second": tokens / timings.median(name),
+            "speedup_vs_reference": timings.ratio(REFERENCE, name),
+            "identical_to_reference": f"{sum(same)}/{len(same)}",
+            "token_agreement_with_reference": sum(agree) / len(agree),
+            "resident_mb_added": memory[name],
+            "note": notes.get(name),
+        })
     results = {"model": model, "max_new_tokens": max_new_tokens, "batch": 1, "repeats": repeats,
-               "prompt": PROMPT, "box": describe_box(), "runs": []}
-    for name in dtypes:
-        dtype = torch_dtype(name)
-        ours, tokenizer = load_backbone(model, dtype=dtype)
-        hf = AutoModelForCausalLM.from_pretrained(checkpoint_dir(model), dtype=dtype).eval()
-        hf.generation_config.eos_token_id = None  # both sides generate exactly max_new_tokens
-        hf.generation_config.pad_token_id = tokenizer.pad_token_id or 0
-        ids = tokenizer(PROMPT, return_tensors="pt").input_ids
-        outputs = {}
-        settings = DecodingSettings(mode="ar", max_new_tokens=max_new_tokens, stop_token_ids=())
-
-        def run_ours():
-            outputs["twotower"] = decode(ours, ids[0], settings).tokens[0]
-
-        def run_hf():
-            with torch.inference_mode():
-                g = hf.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
-            outputs["transformers"] = g[0, ids.shape[1]:].tolist()
-
-        bar = tqdm(total=repeats + 1, desc=f"bench ar {name}", leave=False)
-        t = interleaved({"twotower": run_ours, "transformers": run_hf}, repeats, on_round=lambda r: bar.update())
-        bar.close()
-        run = {
-            "dtype": name,
-            "tokens_per_second": {k: max_new_tokens / t.median(k) for k in t.seconds},
-            "seconds": t.seconds,
-            "speedup_vs_transformers": t.ratio("transformers", "twotower"),
-            "identical_tokens": outputs["twotower"] == outputs["transformers"],
-        }
-        results["runs"].append(run)
-        print(
-            f"{name:9s} twotower {run['tokens_per_second']['twotower']:6.1f} tok/s | transformers "
-            f"{run['tokens_per_second']['transformers']:6.1f} tok/s | speed-up x{run['speedup_vs_transformers']:.2f}"
-            f" | identical tokens: {run['identical_tokens']}"
-        )
-        del ours, hf
+               "prompts": len(ids), "reference": REFERENCE, "box": describe_box(), "skipped": skipped,
+               "runs": runs, "seconds": timings.seconds}
+    print(format_ar_table(results))
+    for line in skipped:
+        print(f"skipped: {line}")
     if output:
         atomic_write(output, json.dumps(results, indent=2))
         print(f"wrote {output}")
     return results
+
+
+def format_ar_table(results: dict) -> str:
+    lines = ["| contender | tok/s | vs our fp32 AR | identical to it | token agreement | resident MB |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in results["runs"]:
+        lines.append(f"| {r['contender']} | {r['tokens_per_second']:.1f} | {r['speedup_vs_reference']:.2f}x | "
+                     f"{r['identical_to_reference']} | {r['token_agreement_with_reference']:.1%} | "
+                     f"{r['resident_mb_added']:.0f} |")
+    return "\n".join(lines)

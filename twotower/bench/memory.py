@@ -27,6 +27,11 @@ def _status_kb(field: str) -> int | None:
     return None
 
 
+def resident_mb() -> float:
+    """This process's resident memory now (VmRSS; 0 where /proc is missing)."""
+    return (_status_kb("VmRSS") or 0) / 1024
+
+
 def _can_reset_peak() -> bool:
     try:
         _CLEAR_REFS.write_text("5")

@@ -260,6 +260,7 @@ def run_speed_bench(
     verify: bool | None = None,
     steps_per_block: int | None = None,
     exact: bool = True,
+    quantize: str = "none",
     fused: bool | None = None,
     prompts_file: str | Path | None = None,
 ) -> dict:
@@ -270,7 +271,8 @@ def run_speed_bench(
     ``steps_per_block=1`` the drafts are whole blocks (self-speculative decoding)."""
     _check(thresholds or [], block_sizes or [], batch_sizes, max_new_tokens, repeats, warmup)
     out = prepare_output_dir(output_dir)
-    loaded = load_model(model, dtype, device, untrained=untrained, exact=exact)
+    loaded = load_model(model, dtype, device, untrained=untrained, exact=exact, quantize=quantize)
+    asked_dtype, dtype = dtype, str(loaded.context.dtype).removeprefix("torch.")  # auto resolved
     if loaded.tokenizer is None:
         raise UsageError(f"{model} has no tokenizer: the benchmark prompts are text")
     warn_untrained(loaded)
@@ -353,6 +355,9 @@ def run_speed_bench(
         "model": model,
         "denoiser": loaded.note or f"trained ({loaded.source})",
         "dtype": dtype,
+        "dtype_asked": asked_dtype,
+        "dtype_note": loaded.dtype_note,
+        "quantize": quantize,
         "max_new_tokens": max_new_tokens,
         "commit_rule": dial.commit_rule,
         "verify": dial.verify,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 
 import torch
+from torch.profiler import record_function
 from tqdm import tqdm
 
 from ..checkpoints import load_backbone
@@ -21,15 +22,18 @@ from ..files import atomic_write, prepare_output_file
 from ..model.devices import torch_dtype
 from ..model.twotower import DenoiserConfig, TwoTower
 from .box import describe_box
+from .profile import format_profile, profile_step
 from .timing import interleaved
 
 
 def run_step_bench(
     model: str, dtypes: list[str], context_tokens: int = 256, block_size: int = 16, repeats: int = 30,
-    output: str | None = None,
+    output: str | None = None, profile_steps: int = 0,
 ) -> dict:
-    if context_tokens < 2 or block_size < 1 or repeats < 1:
-        raise UsageError("--context-tokens must be >= 2, --block-size and --repeats >= 1")
+    """``profile_steps`` > 0: also profile that many AR steps (with the greedy pick) and merged
+    denoiser steps, by layer kind and op (bench/profile.py)."""
+    if context_tokens < 2 or block_size < 1 or repeats < 1 or profile_steps < 0:
+        raise UsageError("--context-tokens must be >= 2, --block-size and --repeats >= 1, --profile-steps >= 0")
     output = prepare_output_file(output) if output else None
     results = {"model": model, "context_tokens": context_tokens, "block_size": block_size, "repeats": repeats,
                "box": describe_box(), "runs": []}
@@ -85,11 +89,32 @@ def run_step_bench(
             },
             "context_extend_over_ar_step": timings.ratio("context_extend", "ar_step"),
         }
+        if profile_steps:
+            run["profile"] = _profile(tt, merged, one, block, t, cache, base, profile_steps)
         results["runs"].append(run)
         print(f"{name:9s} " + " | ".join(f"{k} {v:.1f} ms" for k, v in run["median_ms"].items())
               + "".join(f" | {k} denoiser/AR x{v:.2f}" for k, v in run["denoiser_step_over_ar_step"].items())
               + f" | extend/AR x{run['context_extend_over_ar_step']:.2f}")
+        for kind, result in run.get("profile", {}).items():
+            print(format_profile(f"{name} {kind}", result))
     if output:
         atomic_write(output, json.dumps(results, indent=2))
         print(f"wrote {output}")
     return results
+
+
+def _profile(tt: TwoTower, merged: TwoTower, one, block, t, cache, base, steps: int) -> dict:
+    """One AR step (the cached token, the greedy pick) and one merged denoiser step, profiled."""
+
+    def ar_step():
+        logits = tt.context_forward(one, cache, last_only=True)
+        with record_function("twotower.sampling"):
+            logits[:, -1].argmax(-1).tolist()
+        cache.rollback(base)
+
+    def denoiser_step():
+        logits = merged.denoise_block(block, t, cache)
+        with record_function("twotower.sampling"):
+            logits.float().softmax(-1).max(-1)
+    return {"ar_step": profile_step(ar_step, [tt.context], steps),
+            "denoiser_step": profile_step(denoiser_step, [merged.denoiser], steps)}

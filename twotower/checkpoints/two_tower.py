@@ -20,7 +20,9 @@ import torch
 
 from ..errors import UsageError
 from ..model.backbone import Backbone
-from ..model.devices import resolve_device, torch_dtype
+from ..model.devices import auto_dtype, resolve_device, torch_dtype
+from ..model.quant import SCHEMES as QUANT_SCHEMES
+from ..model.quant import QuantReport, quantize_backbone
 from ..model.twotower import DenoiserConfig, TwoTower
 from .build import SHIPPED_DIR, build_two_tower, denoiser_dir, shipped_denoiser
 from .load import DEFAULT_MODEL, load_backbone
@@ -46,6 +48,17 @@ class LoadedModel:
     note: str | None = None  # set when the denoiser is untrained
     # decoding settings the model recommends (its generation_config.json), for resolve_settings
     recommended: dict = field(default_factory=dict)
+    dtype_note: str | None = None  # with dtype="auto": which dtype was picked and why
+    quantization: QuantReport | None = None
+
+    def describe_numerics(self) -> str:
+        """The dtype (and why, with auto) and the quantization, for summary lines."""
+        text = str(self.context.dtype).removeprefix("torch.")
+        if self.dtype_note:
+            text += f" ({self.dtype_note})"
+        if self.quantization is not None and self.quantization.scheme != "none":
+            text += f", {self.quantization.scheme} weights"
+        return text
 
     @property
     def two_tower(self) -> TwoTower | None:
@@ -67,6 +80,7 @@ def load_model(
     merge_adapters: bool = True,
     exact: bool = True,
     denoiser_device: str | torch.device | None = None,
+    quantize: str = "none",
 ) -> LoadedModel:
     """Load ``name_or_path`` (see the module docstring) for inference, in ``dtype`` (None: the
     dtype a saved directory was saved in, else float32).
@@ -80,10 +94,18 @@ def load_model(
     batch mates nor, under verification, on rounding; False takes PyTorch's fused kernels
     (faster, not invariant). ``denoiser_device``: the denoiser on another device than the
     context tower (``TwoTower.place_towers``; a lora denoiser then gets its merged copy, as it
-    cannot share the context's weights across devices)."""
+    cannot share the context's weights across devices). ``quantize``: ``int8`` or ``int4``
+    weight-only projections of both towers (model/quant.py), the AR model included, so that
+    verified decoding is exact against the same quantized model. ``dtype="auto"``: bf16 where the
+    device has native bf16 kernels, else fp32 (``LoadedModel.dtype_note`` says which and why)."""
     if not isinstance(name_or_path, str) or not name_or_path.strip():
         raise UsageError(f"a model is a registry name or a path, got {name_or_path!r}")
+    if quantize not in QUANT_SCHEMES:
+        raise UsageError(f"unknown quantization {quantize!r} (choose from {', '.join(QUANT_SCHEMES)})")
     saved_dtype = dtype is None
+    dtype_note = None
+    if isinstance(dtype, str) and dtype == "auto":
+        dtype, dtype_note = auto_dtype(device)
     dtype = torch.float32 if dtype is None else torch_dtype(dtype)
     if untrained and (is_training_checkpoint(name_or_path) or is_two_tower_dir(name_or_path)):
         raise UsageError(f"{name_or_path} is a trained two-tower directory: drop the untrained option")
@@ -96,7 +118,9 @@ def load_model(
         loaded = LoadedModel(model, tokenizer, config.get("backbone"), source, recommended=recommended_decoding(directory))
     elif context_only:
         backbone, tokenizer = load_backbone(name_or_path, dtype=dtype, device=device)
-        return LoadedModel(backbone.set_exact(exact), tokenizer, name_or_path, "backbone")
+        report = quantize_backbone(backbone, quantize)
+        return LoadedModel(backbone.set_exact(exact), tokenizer, name_or_path, "backbone", dtype_note=dtype_note,
+                           quantization=report)
     else:
         model, tokenizer = build_two_tower(name_or_path, DenoiserConfig(flavour="lora", block_size=block_size),
                                            dtype, device)
@@ -108,6 +132,10 @@ def load_model(
         loaded.model.merge_adapters()  # a no-op for the full flavour
     if split:
         loaded.model.place_towers(device, denoiser_device)
+    loaded.dtype_note = dtype_note
+    loaded.quantization = quantize_backbone(loaded.model.context, quantize)
+    if loaded.model.denoiser_tower is not None:  # a full denoiser or the merged copy: the same scheme
+        quantize_backbone(loaded.model.denoiser_tower, quantize)
     loaded.model.context.set_exact(exact)
     loaded.model.denoiser.set_exact(exact)
     return loaded

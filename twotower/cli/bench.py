@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 
 from ..checkpoints.load import DEFAULT_MODEL
-from ..model.devices import DTYPES
+from ..model.devices import DTYPE_CHOICES, DTYPES
+from ..model.quant import SCHEMES as QUANT_SCHEMES
 from .options import add_dial_options, add_model_options, flag_names
 
 
@@ -15,9 +16,17 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
 
     b = sub.add_parser("bench", help="benchmarks that write JSON")
     bsub = b.add_subparsers(dest="bench", required=True)
-    ar = bsub.add_parser("ar", parents=[common], help="our AR decoding vs transformers generate(), interleaved")
+    ar = bsub.add_parser("ar", parents=[common],
+                         help="our AR decoding (each dtype and quantization) vs transformers generate() and llama.cpp, "
+                              "interleaved")
     ar.add_argument("--model", default=DEFAULT_MODEL)
-    ar.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
+    ar.add_argument("--dtypes", nargs="+", choices=list(DTYPE_CHOICES), default=["float32", "auto"],
+                    help="our dtypes (transformers runs in each explicit one); our float32 is always the reference")
+    ar.add_argument("--quantize", nargs="+", choices=list(QUANT_SCHEMES), default=["none", "int4"],
+                    help="our weight quantizations, each in every dtype")
+    ar.add_argument("--prompts", type=int, default=5, help="the first N prompts of the shipped set")
+    ar.add_argument("--no-transformers", action="store_true", help="leave transformers generate() out")
+    ar.add_argument("--no-llama-cpp", action="store_true", help="leave llama.cpp out (it runs when installed)")
     ar.add_argument("--max-new-tokens", type=int, default=128)
     ar.add_argument("--repeats", type=int, default=5)
     ar.add_argument("--output", default="bench_results/ar.json")
@@ -30,6 +39,9 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
     st.add_argument("--block-size", type=int, default=16)
     st.add_argument("--repeats", type=int, default=30)
     st.add_argument("--output", default="bench_results/step.json")
+    st.add_argument("--profile", action="store_true",
+                    help="also break one AR step and one denoiser step down by layer kind and op (torch.profiler)")
+    st.add_argument("--profile-steps", type=int, default=10, help="steps profiled per kind (with --profile)")
     st.set_defaults(func=run_step)
 
     sp = bsub.add_parser("speed", parents=[common], help="tokens/s, NFE, latency, memory and agreement across the dial")
@@ -80,14 +92,16 @@ def run_ar(args: argparse.Namespace) -> None:
     from ..bench.ar import run_ar_bench
 
     run_ar_bench(model=args.model, dtypes=args.dtypes, max_new_tokens=args.max_new_tokens, repeats=args.repeats,
-                 output=args.output)
+                 output=args.output, quantize=args.quantize, prompts=args.prompts,
+                 transformers=not args.no_transformers, llama_cpp=not args.no_llama_cpp)
 
 
 def run_step(args: argparse.Namespace) -> None:
     from ..bench.step import run_step_bench
 
     run_step_bench(model=args.model, dtypes=args.dtypes, context_tokens=args.context_tokens,
-                   block_size=args.block_size, repeats=args.repeats, output=args.output)
+                   block_size=args.block_size, repeats=args.repeats, output=args.output,
+                   profile_steps=args.profile_steps if args.profile else 0)
 
 
 def run_speed(args: argparse.Namespace) -> None:
@@ -100,5 +114,5 @@ def run_speed(args: argparse.Namespace) -> None:
             max_new_tokens=args.max_new_tokens, repeats=args.repeats, warmup=args.warmup,
             prompt_lookup_tokens=args.prompt_lookup_tokens, output_dir=args.output_dir, untrained=args.untrained_denoiser,
             device=args.device, commit_rule=args.commit_rule, verify=args.verify, steps_per_block=args.steps_per_block,
-            fused=args.fused, exact=args.exact, prompts_file=args.prompts_file,
+            fused=args.fused, exact=args.exact, prompts_file=args.prompts_file, quantize=args.quantize,
         )

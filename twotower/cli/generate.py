@@ -89,7 +89,8 @@ def run(args: argparse.Namespace) -> None:
     if args.show_steps and args.mode == "ar":
         raise UsageError("--show-steps needs --mode mask_diffusion or mock_ar")
     loaded = load_model(args.model, args.dtype, untrained=args.untrained_denoiser, block_size=args.block_size or 16,
-                        context_only=args.mode == "ar", merge_adapters=not args.no_merge_adapters, exact=args.exact)
+                        context_only=args.mode == "ar", merge_adapters=not args.no_merge_adapters, exact=args.exact,
+                        quantize=args.quantize)
     warn_untrained(loaded)
     settings = settings_from_args(args, loaded.recommended)
     chat = args.chat or args.system is not None
@@ -113,6 +114,6 @@ def run(args: argparse.Namespace) -> None:
     print(
         f"[{settings.mode}] {s.total_new_tokens} tokens in {s.seconds:.2f} s ({s.tokens_per_second:.1f} tokens/s, "
         f"{s.tokens_per_nfe:.2f} tokens/NFE, {s.nfe} NFE{dial}), prompt {len(out.prompt_ids[0])} tokens, "
-        f"{args.dtype}, {torch.get_num_threads()} threads",
+        f"{loaded.describe_numerics()}, {torch.get_num_threads()} threads",
         file=sys.stderr,
     )

@@ -13,7 +13,8 @@ from ..errors import UsageError
 from ..generate.commit import COMMIT_RULES
 from ..generate.settings import DEFAULT_CONFIDENCE_THRESHOLD, FIELDS, DecodingSettings, resolve_settings
 from ..generate.strategies import modes
-from ..model.devices import DTYPES
+from ..model.devices import DTYPE_CHOICES
+from ..model.quant import SCHEMES as QUANT_SCHEMES
 
 # decoding options whose flag is not the field's name
 FLAGS = {"stop_strings": "--stop", "stop_token_ids": "--stop-token-id"}
@@ -27,7 +28,11 @@ def add_model_options(parser: argparse.ArgumentParser, dtype_default: str = "flo
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help=f"registry name, .gguf file, backbone or two-tower directory, or a training "
                              f"checkpoint (default {DEFAULT_MODEL})")
-    parser.add_argument("--dtype", choices=list(DTYPES), default=dtype_default)
+    parser.add_argument("--dtype", choices=list(DTYPE_CHOICES), default=dtype_default,
+                        help=f"auto: bf16 where the CPU or GPU has native bf16 kernels, else fp32 (default {dtype_default})")
+    parser.add_argument("--quantize", choices=list(QUANT_SCHEMES), default="none",
+                        help="weight-only quantization of both towers' projections (the AR model too): int8 per "
+                             "channel or int4 in groups of 32 (a GGUF's Q4_1 blocks), through PyTorch's packed kernels")
     parser.add_argument("--untrained-denoiser", action="store_true",
                         help="an untrained denoiser (a copy of the AR model) instead of the one shipped for the model")
     parser.add_argument("--exact", action=argparse.BooleanOptionalAction, default=True,

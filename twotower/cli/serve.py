@@ -51,7 +51,8 @@ def run(args: argparse.Namespace) -> None:
     for device in (args.context_device, args.denoiser_device or args.context_device):
         resolve_device(device)  # a typo or a missing GPU: one clear error before the weights load
     loaded = load_model(args.model, args.dtype, args.context_device, untrained=args.untrained_denoiser,
-                        exact=args.exact, denoiser_device=args.denoiser_device)
+                        exact=args.exact, denoiser_device=args.denoiser_device,
+                        quantize=args.quantize)
     warn_untrained(loaded)
     if loaded.tokenizer is None:
         raise UsageError(f"{args.model} has no tokenizer: the server takes text")
@@ -66,7 +67,7 @@ def run(args: argparse.Namespace) -> None:
     where = str(loaded.context.device)
     if loaded.two_tower is not None and loaded.two_tower.split:
         where = f"context on {where}, denoiser on {loaded.two_tower.denoiser.device}"
-    print(f"twotower serve: {name} ({loaded.source}, {args.dtype}, {where}, {torch.get_num_threads()} threads) on "
+    print(f"twotower serve: {name} ({loaded.source}, {loaded.describe_numerics()}, {where}, {torch.get_num_threads()} threads) on "
           f"http://{args.host}:{args.port}  (max batch {args.max_batch}, queue {args.max_queue})",
           file=sys.stderr, flush=True)
     # uvicorn drains the open requests on SIGTERM or Ctrl-C, then raises the signal again for

@@ -13,6 +13,23 @@ from .linear import packing_available
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # what the command line offers
+DTYPE_CHOICES = ("auto", *DTYPES)  # auto: auto_dtype
+
+
+def auto_dtype(device: str | torch.device = "cpu") -> tuple[torch.dtype, str]:
+    """bf16 where the device has native bf16 kernels, fp32 elsewhere, and why, in words: a CPU
+    needs oneDNN's bf16 kernels (AVX512 or AVX-NE-CONVERT; without them bf16 runs on plain
+    kernels, slower than fp32: see warn_if_slow), a GPU bf16 support (Ampere or newer)."""
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16, "auto: this GPU has bf16"
+        return torch.float32, "auto: this GPU lacks bf16"
+    if dev.type == "cpu":
+        if packing_available(torch.bfloat16):
+            return torch.bfloat16, "auto: this CPU has oneDNN bf16 kernels"
+        return torch.float32, "auto: oneDNN has no bf16 kernels for this CPU (it needs AVX512 or AVX-NE-CONVERT)"
+    return torch.float32, f"auto: fp32 on {dev.type}"
 
 
 def torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
