@@ -184,3 +184,16 @@ def test_quantize_backbone_none_changes_nothing(world):
     before = {n: p.data_ptr() for n, p in loaded.model.context.named_parameters()}
     report = quantize_backbone(loaded.model.context, "none")
     assert report.layers == 0 and before == {n: p.data_ptr() for n, p in loaded.model.context.named_parameters()}
+
+
+def test_the_command_line_takes_quantize_and_dtype_auto(world, capsys):
+    from twotower.cli import main
+
+    code = main(["generate", "the cat", "--model", str(world.tt), "--max-new-tokens", "4", "--threads", "1",
+                 "--quantize", "int4", "--dtype", "auto", "--no-stream"])
+    assert code == 0
+    err = capsys.readouterr().err
+    assert "(auto: " in err and "int4 weights" in err
+    with pytest.raises(SystemExit) as bad:
+        main(["generate", "the cat", "--model", str(world.tt), "--quantize", "int3"])
+    assert bad.value.code == 2 and "invalid choice: 'int3'" in capsys.readouterr().err

@@ -20,6 +20,7 @@ from ..checkpoints import load_backbone
 from ..errors import UsageError
 from ..files import atomic_write, prepare_output_file
 from ..model.devices import torch_dtype
+from ..model.quant import quantize_backbone
 from ..model.twotower import DenoiserConfig, TwoTower
 from .box import describe_box
 from .profile import format_profile, profile_step
@@ -28,14 +29,15 @@ from .timing import interleaved
 
 def run_step_bench(
     model: str, dtypes: list[str], context_tokens: int = 256, block_size: int = 16, repeats: int = 30,
-    output: str | None = None, profile_steps: int = 0,
+    output: str | None = None, profile_steps: int = 0, quantize: str = "none",
 ) -> dict:
     """``profile_steps`` > 0: also profile that many AR steps (with the greedy pick) and merged
     denoiser steps, by layer kind and op (bench/profile.py)."""
     if context_tokens < 2 or block_size < 1 or repeats < 1 or profile_steps < 0:
         raise UsageError("--context-tokens must be >= 2, --block-size and --repeats >= 1, --profile-steps >= 0")
     output = prepare_output_file(output) if output else None
-    results = {"model": model, "context_tokens": context_tokens, "block_size": block_size, "repeats": repeats,
+    results = {"model": model, "quantize": quantize, "context_tokens": context_tokens, "block_size": block_size,
+               "repeats": repeats,
                "box": describe_box(), "runs": []}
     for name in dtypes:
         # one backbone each: LoRA is injected into the backbone it wraps
@@ -44,6 +46,10 @@ def run_step_bench(
                   for flavour in ("lora", "merged", "full")}
         towers["merged"].merge_adapters()
         tt, merged, full = towers["lora"], towers["merged"], towers["full"]
+        for tower in towers.values():  # both towers of each, as load_model(quantize=...) does
+            quantize_backbone(tower.context, quantize)
+            if tower.denoiser_tower is not None:
+                quantize_backbone(tower.denoiser_tower, quantize)
         backbone = tt.context
         gen = torch.Generator().manual_seed(0)
         prompt = torch.randint(0, backbone.config.vocab_size, (1, context_tokens), generator=gen)

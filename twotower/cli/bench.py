@@ -42,6 +42,7 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
     st.add_argument("--profile", action="store_true",
                     help="also break one AR step and one denoiser step down by layer kind and op (torch.profiler)")
     st.add_argument("--profile-steps", type=int, default=10, help="steps profiled per kind (with --profile)")
+    st.add_argument("--quantize", choices=list(QUANT_SCHEMES), default="none", help="weight-only quantization")
     st.set_defaults(func=run_step)
 
     sp = bsub.add_parser("speed", parents=[common], help="tokens/s, NFE, latency, memory and agreement across the dial")
@@ -101,7 +102,7 @@ def run_step(args: argparse.Namespace) -> None:
 
     run_step_bench(model=args.model, dtypes=args.dtypes, context_tokens=args.context_tokens,
                    block_size=args.block_size, repeats=args.repeats, output=args.output,
-                   profile_steps=args.profile_steps if args.profile else 0)
+                   profile_steps=args.profile_steps if args.profile else 0, quantize=args.quantize)
 
 
 def run_speed(args: argparse.Namespace) -> None:

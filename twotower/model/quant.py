@@ -176,7 +176,7 @@ def _kernel_works(scheme: str, device_type: str) -> bool:
 def _targets(module: nn.Module):
     """(parent, attribute name, Linear) of every projection to quantize, inside PEFT's LoRA
     wrappers too (their base layer is replaced; the adapters stay as they are)."""
-    for name, child in list(module.named_modules()):
+    for child in list(module.modules()):
         for attr, sub in list(child.named_children()):
             if type(sub) is Linear:
                 yield child, attr, sub
