@@ -3,7 +3,10 @@ against transformers ``generate()`` on the same weights and, where llama-cpp-pyt
 llama.cpp on the backbone's own GGUF: greedy, batch 1, a fixed number of new tokens per prompt
 (EOS disabled everywhere), all contenders interleaved in one run so that their ratios are
 measured side by side. Tokens are compared with our unquantized fp32 AR (the reference), and
-the resident memory each contender added when it was loaded and warmed up is recorded."""
+each contender's memory is recorded: for ours and transformers the bytes of the weights and
+buffers the model holds (in one process the resident set of a model loaded after others is not
+its own: freed pages stay with the allocator), for llama.cpp the resident memory it added
+(its mmapped GGUF pages and buffers) once warmed up."""
 
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from ..files import atomic_write, prepare_output_file
 from ..generate import DecodingSettings, decode
 from ..generate.prompts import PROMPT_SET, encode_prompt, load_prompt_set
 from ..model.devices import DTYPE_CHOICES, torch_dtype
+from ..model.linear import WeightPacks
 from ..model.quant import SCHEMES
 from .box import describe_box
 from .decoders import llama_cpp_decoder
@@ -58,7 +62,19 @@ def _transformers(model: str, dtype: str, max_new_tokens: int, pad: int):
                 g = hf.generate(torch.tensor([p]), max_new_tokens=max_new_tokens, do_sample=False)
                 out.append(g[0, len(p):].tolist())
         return out
-    return f"transformers {dtype}", run
+    return f"transformers {dtype}", run, hf
+
+
+def held_mb(module: torch.nn.Module) -> float:
+    """The bytes of a model's parameters and buffers, each storage once (tied weights share),
+    plus the oneDNN-packed copies our fp32 Linears make (linear.WeightPacks: a second copy)."""
+    storages = {}
+    for t in list(module.parameters()) + list(module.buffers()):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    packed = sum(entry[1].numel() * entry[1].element_size()
+                 for m in module.modules() if isinstance(getattr(m, "packs", None), WeightPacks)
+                 for entry in m.packs._packs.values())
+    return (sum(storages.values()) + packed) / 2**20
 
 
 def run_ar_bench(
@@ -82,11 +98,11 @@ def run_ar_bench(
     skipped: list[str] = []
     tokenizer = ids = None
 
-    def add(name: str, run, before_mb: float) -> None:
+    def add(name: str, run, before_mb: float, module: torch.nn.Module | None = None) -> None:
         def timed():
             outputs[name] = run(ids)
         timed()  # warm-up: one-time costs, and pages of mmapped weights touched
-        memory[name] = round(resident_mb() - before_mb, 1)
+        memory[name] = round(held_mb(module) if module is not None else resident_mb() - before_mb, 1)
         contenders[name] = timed
 
     ours = [("float32", "none")]  # the reference, first
@@ -99,12 +115,12 @@ def run_ar_bench(
             ids = [encode_prompt(tokenizer, t, chat=True) for t in texts]
         notes[name] = "; ".join(n for n in (loaded.dtype_note, loaded.quantization.describe()
                                             if loaded.quantization.scheme != "none" else None) if n) or None
-        add(name, run, before)
+        add(name, run, before, loaded.model)
     if transformers:
         for dtype in [d for d in dtypes if d != "auto"]:
             before = resident_mb()
-            name, run = _transformers(model, dtype, max_new_tokens, tokenizer.pad_token_id or 0)
-            add(name, run, before)
+            name, run, hf = _transformers(model, dtype, max_new_tokens, tokenizer.pad_token_id or 0)
+            add(name, run, before, hf)
     if llama_cpp:
         gguf = gguf_of(model)
         try:
@@ -135,7 +151,7 @@ def run_ar_bench(
             "speedup_vs_reference": timings.ratio(REFERENCE, name),
             "identical_to_reference": f"{sum(same)}/{len(same)}",
             "token_agreement_with_reference": sum(agree) / len(agree),
-            "resident_mb_added": memory[name],
+            "memory_mb": memory[name],
             "note": notes.get(name),
         })
     results = {"model": model, "max_new_tokens": max_new_tokens, "batch": 1, "repeats": repeats,
@@ -151,10 +167,10 @@ def run_ar_bench(
 
 
 def format_ar_table(results: dict) -> str:
-    lines = ["| contender | tok/s | vs our fp32 AR | identical to it | token agreement | resident MB |",
+    lines = ["| contender | tok/s | vs our fp32 AR | identical to it | token agreement | memory MB |",
              "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in results["runs"]:
         lines.append(f"| {r['contender']} | {r['tokens_per_second']:.1f} | {r['speedup_vs_reference']:.2f}x | "
                      f"{r['identical_to_reference']} | {r['token_agreement_with_reference']:.1%} | "
-                     f"{r['resident_mb_added']:.0f} |")
+                     f"{r['memory_mb']:.0f} |")
     return "\n".join(lines)

@@ -47,6 +47,7 @@ def run_step_bench(
         towers["merged"].merge_adapters()
         tt, merged, full = towers["lora"], towers["merged"], towers["full"]
         for tower in towers.values():  # both towers of each, as load_model(quantize=...) does
+            tower.requires_grad_(False)  # (an inference benchmark: the full flavour's copy is trainable)
             quantize_backbone(tower.context, quantize)
             if tower.denoiser_tower is not None:
                 quantize_backbone(tower.denoiser_tower, quantize)
