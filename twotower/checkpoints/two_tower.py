@@ -133,6 +133,8 @@ def load_model(
     if split:
         loaded.model.place_towers(device, denoiser_device)
     loaded.dtype_note = dtype_note
+    if quantize != "none":
+        loaded.model.requires_grad_(False)  # (a training checkpoint's full denoiser comes trainable)
     loaded.quantization = quantize_backbone(loaded.model.context, quantize)
     if loaded.model.denoiser_tower is not None:  # a full denoiser or the merged copy: the same scheme
         quantize_backbone(loaded.model.denoiser_tower, quantize)

@@ -124,8 +124,8 @@ def check_request(model: TwoTower | Backbone, prompt_ids: Sequence[int], setting
     """Raise the UsageError that ``decode`` would raise for one prompt's token ids and its
     settings, before any forward (a server checks a request before queueing it): an unknown
     strategy, a strategy the model cannot run (or, with ``logprobs``, one that does not score
-    its tokens), token ids outside the vocabulary, the mask
-    token in the prompt, or a prompt that with its max_new_tokens does not fit the context."""
+    its tokens), token ids outside the vocabulary, the mask token in the prompt, or a prompt
+    that with its max_new_tokens does not fit the context."""
     strategy = select(settings)
     if strategy.needs_denoiser and not isinstance(model, TwoTower):
         raise UsageError(f"mode {strategy.mode} needs a two-tower model; this server has the AR model alone")
