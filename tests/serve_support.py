@@ -41,6 +41,14 @@ class ServerThread:
         self.thread.join(timeout=60)
 
 
+def serve(loaded, name: str, *, max_batch: int = 8, max_queue: int = 64, **app_options) -> ServerThread:
+    """A loaded model (``load_model``'s result) behind the app, as ``name``."""
+    from twotower.serve import Engine, create_app
+
+    engine = Engine(loaded.model, loaded.tokenizer, max_batch=max_batch, max_queue=max_queue)
+    return ServerThread(create_app(engine, name, loaded.recommended, **app_options))
+
+
 def scripted_llama(path: Path, tokenizer, continuation: list[int]) -> Path:
     """A Llama in transformers format (SmolLM2's tokenizer) whose greedy continuation of any
     prompt that ends in a token outside ``continuation`` is ``continuation`` then EOS: attention

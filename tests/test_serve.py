@@ -22,26 +22,19 @@ pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
-from serve_support import ServerThread, free_port, scripted_llama  # noqa: E402
+from serve_support import ServerThread, free_port, scripted_llama, serve  # noqa: E402
 
 from twotower import decode, load_model, resolve_settings  # noqa: E402
-from twotower.serve import Engine, create_app  # noqa: E402
 
 SCRIPT = " café 😀 naïve déjà ok"  # multi-byte characters split across tokens of SmolLM2's tokenizer
 ARTIFACTS = Path(os.environ.get("TWOTOWER_TEST_ARTIFACTS", Path(__file__).parents[1] / "test-artifacts"))
-
-
-def start(loaded, name: str, **kw) -> ServerThread:
-    engine = Engine(loaded.model, loaded.tokenizer, max_batch=kw.pop("max_batch", 8),
-                    max_queue=kw.pop("max_queue", 64))
-    return ServerThread(create_app(engine, name, loaded.recommended, **kw))
 
 
 @pytest.fixture(scope="module")
 def tiny(world):
     """The world's saved two-tower model (recommends verified drafts of 4) behind a server."""
     loaded = load_model(str(world.tt))
-    server = start(loaded, "tiny")
+    server = serve(loaded, "tiny")
     yield loaded, server
     server.close()
 
@@ -52,7 +45,7 @@ def scripted(world, tmp_path_factory):
     path = scripted_llama(tmp_path_factory.mktemp("scripted") / "m", world.tokenizer,
                           world.tokenizer(SCRIPT)["input_ids"])
     loaded = load_model(str(path))
-    server = start(loaded, "scripted")
+    server = serve(loaded, "scripted")
     yield loaded, server
     server.close()
 
@@ -311,7 +304,7 @@ def test_a_client_that_leaves_frees_its_row(tiny):
 
 def test_the_queue_limit_answers_429_and_nothing_hangs(world):
     loaded = load_model(str(world.tt))
-    server = start(loaded, "tiny", max_batch=1, max_queue=2)
+    server = serve(loaded, "tiny", max_batch=1, max_queue=2)
     try:
         body = {"model": "tiny", "prompt": "Go:", "max_tokens": 120, "strategy": "ar",
                 "stop": ["never-appears"]}
@@ -396,7 +389,7 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(tiny, what, path,
 
 def test_routes_methods_and_the_api_key(world):
     loaded = load_model(str(world.tt))
-    server = start(loaded, "tiny", api_key="s3cret")
+    server = serve(loaded, "tiny", api_key="s3cret")
     try:
         body = {"model": "tiny", "prompt": "hi", "max_tokens": 2}
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
@@ -508,7 +501,7 @@ def test_the_page_streams_and_colours_the_steps(tiny):
 
 def test_a_request_past_its_timeout_gets_504_and_a_stream_an_error_event(world):
     loaded = load_model(str(world.tt))
-    server = start(loaded, "tiny", timeout_s=0.3)
+    server = serve(loaded, "tiny", timeout_s=0.3)
     try:
         body = {"model": "tiny", "prompt": "Go:", "max_tokens": 480, "strategy": "ar", "stop": ["never-appears"]}
         r = httpx.post(server.url + "/v1/completions", json=body, timeout=60)

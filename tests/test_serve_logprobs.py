@@ -12,24 +12,21 @@ pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 
 import torch  # noqa: E402
-from serve_support import ServerThread, scripted_llama  # noqa: E402
+from serve_support import scripted_llama, serve  # noqa: E402
 
 from twotower import load_model  # noqa: E402
 from twotower.generate.prompts import encode_messages  # noqa: E402
-from twotower.serve import Engine, create_app  # noqa: E402
 
 MESSAGES = [{"role": "user", "content": "Tell me about the cat."}]
 SCRIPT = " café 😀 ok"  # "😀" is two byte-level tokens, neither of them UTF-8 alone
 
 
-def _serve(loaded, name: str) -> ServerThread:
-    return ServerThread(create_app(Engine(loaded.model, loaded.tokenizer, max_batch=4), name, loaded.recommended))
 
 
 @pytest.fixture(scope="module")
 def tiny(world):
     loaded = load_model(str(world.tt))
-    server = _serve(loaded, "tiny")
+    server = serve(loaded, "tiny")
     yield loaded, server
     server.close()
 
@@ -106,7 +103,7 @@ def test_tokens_inside_a_character_get_exact_bytes(world, tmp_path):
     tokenizer = world.tokenizer
     path = scripted_llama(tmp_path / "m", tokenizer, tokenizer(SCRIPT)["input_ids"])
     loaded = load_model(str(path))
-    server = _serve(loaded, "scripted")
+    server = serve(loaded, "scripted")
     try:
         c = _client(server)
         out = c.chat.completions.create(model="scripted", messages=[{"role": "user", "content": "Hi"}],

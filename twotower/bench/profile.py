@@ -24,16 +24,17 @@ from ..model.backbone import Backbone
 from ..model.layers import MLP, Attention, MoE, RMSNorm
 from ..model.linear import Linear
 from ..model.mamba2 import GatedRMSNorm, Mamba2
+from ..model.quant import QuantLinear
 
 STEP = "twotower.step"
 
 
-def _kind(name: str, module: nn.Module, backbone: Backbone) -> str | None:
+def _kind(module: nn.Module, backbone: Backbone) -> str | None:
     if module is backbone.lm_head:
         return "lm_head"
     if module is backbone.embed_tokens:
         return "embedding"
-    if isinstance(module, Linear | nn.Linear) or type(module).__name__ == "QuantLinear":
+    if isinstance(module, Linear | nn.Linear | QuantLinear):
         return "projections"
     if isinstance(module, Attention):
         return "attention_core"
@@ -57,8 +58,8 @@ class Labels:
 
     def __enter__(self) -> Labels:
         for backbone in self.backbones:
-            for name, module in backbone.named_modules():
-                kind = _kind(name, module, backbone)
+            for module in backbone.modules():
+                kind = _kind(module, backbone)
                 if kind is None:
                     continue
                 open_: list = []

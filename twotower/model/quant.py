@@ -51,10 +51,24 @@ class QuantReport:
     weight_bytes_before: int = 0
     weight_bytes_after: int = 0
     max_abs_error: float = 0.0  # of the values the kernel multiplies by, against the original weights
-    mean_rel_error: float = 0.0  # mean |error| / mean |weight|, over all quantized weights
     kernel: str = ""  # the product used, or the fallback
     abs_error_sum: float = 0.0
     abs_weight_sum: float = 0.0
+
+    @property
+    def mean_rel_error(self) -> float:
+        """Mean |error| / mean |weight| over all quantized weights."""
+        return self.abs_error_sum / max(self.abs_weight_sum, 1e-30)
+
+    def add(self, weight: torch.Tensor, used: torch.Tensor, held_bytes: int) -> None:
+        """One more layer: its original weight, the values its product uses, the bytes it holds."""
+        error = (used - weight.float()).abs()
+        self.layers += 1
+        self.weight_bytes_before += weight.numel() * weight.element_size()
+        self.weight_bytes_after += held_bytes
+        self.max_abs_error = max(self.max_abs_error, float(error.max()))
+        self.abs_error_sum += float(error.sum())
+        self.abs_weight_sum += float(weight.float().abs().sum())
 
     def describe(self) -> str:
         return (f"{self.scheme} weights ({self.layers} layers, {self.weight_bytes_before / 2**20:.0f} -> "
@@ -80,6 +94,29 @@ def quantize_int4(weight: torch.Tensor, group: int = GROUP) -> tuple[torch.Tenso
     return codes.reshape(n, k), steps, low
 
 
+def int4_scales_zeros(steps: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+    """The int4 kernels' (K / group, N, 2) scales and zeros for w = (code - 8) * scale + zero,
+    in the compute dtype, from quantize_int4's steps and minima (N, K / group)."""
+    return torch.stack([steps, low + 8 * steps], -1).transpose(0, 1).contiguous().to(COMPUTE_DTYPE)
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """quantize_int4's codes (N, K) in the int4 kernel's packed layout for their device."""
+    if codes.device.type == "cpu":
+        return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, INNER_K_TILES)
+    packed = (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8)
+    return torch.ops.aten._convert_weight_to_int4pack(packed, INNER_K_TILES * 4)
+
+
+def quantized_product(scheme: str, x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x (M, K) in the compute dtype times the quantized weight: (M, N)."""
+    if scheme == "int8":
+        return torch.ops.aten._weight_int8pack_mm(x, codes, scales)
+    if x.device.type == "cpu":
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, codes, GROUP, scales)
+    return torch.ops.aten._weight_int4pack_mm(x, codes, GROUP, scales)
+
+
 class QuantLinear(nn.Module):
     """A frozen Linear whose weight is held quantized (``int8`` or ``int4``)."""
 
@@ -88,62 +125,36 @@ class QuantLinear(nn.Module):
         weight = linear.weight.detach()
         self.scheme = scheme
         self.out_features, self.in_features = weight.shape
-        self.dtype = weight.dtype
-        self.compute_dtype = COMPUTE_DTYPE
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
-        cd = self.compute_dtype
         if scheme == "int8":
             codes, scales = quantize_int8(weight)
+            self.register_buffer("scales", scales.to(COMPUTE_DTYPE))
             self.register_buffer("codes", codes)
-            self.register_buffer("scales", scales.to(cd))
             used = codes.float() * self.scales.float()[:, None]  # what the kernel multiplies by
         elif scheme == "int4":
             if self.in_features % GROUP:
                 raise UsageError(f"int4 needs in_features divisible by {GROUP}, got {self.in_features}")
             codes, steps, low = quantize_int4(weight)
-            # the kernels' form: w = (code - 8) * scale + zero, scale and zero in the compute dtype
-            scale, zero = steps.to(cd), (low + 8 * steps).to(cd)
-            self.register_buffer("scales_zeros", torch.stack([scale, zero], -1).transpose(0, 1).contiguous())
-            self.register_buffer("codes", self._pack_int4(codes, weight.device))
-            n = self.out_features
-            used = ((codes.reshape(n, -1, GROUP).float() - 8) * scale.float()[..., None]
-                    + zero.float()[..., None]).reshape(n, -1)
+            self.register_buffer("scales", int4_scales_zeros(steps, low))
+            self.register_buffer("codes", pack_int4(codes))
+            scale, zero = self.scales.float().transpose(0, 1).unbind(-1)  # (N, K / group) each
+            used = ((codes.reshape(self.out_features, -1, GROUP).float() - 8) * scale[..., None]
+                    + zero[..., None]).reshape(self.out_features, -1)
         else:
             raise UsageError(f"unknown quantization {scheme!r} (choose from {', '.join(SCHEMES)})")
-        self.kernel = _kernel_works(scheme, weight.device.type)
-        self._dequantized = None if self.kernel else used.to(self.dtype)  # the fallback's weights
-        error = (used - weight.float()).abs()
-        report.layers += 1
-        report.weight_bytes_before += weight.numel() * weight.element_size()
-        report.weight_bytes_after += sum(b.numel() * b.element_size() for b in self.buffers())
-        report.max_abs_error = max(report.max_abs_error, float(error.max()))
-        report.abs_error_sum += float(error.sum())
-        report.abs_weight_sum += float(weight.float().abs().sum())
-        report.mean_rel_error = report.abs_error_sum / max(report.abs_weight_sum, 1e-30)
-        if not self.kernel:
+        kernel = _kernel_works(scheme, weight.device.type)
+        self._dequantized = None if kernel else used.to(weight.dtype)  # the fallback's weights
+        report.add(weight, used, sum(b.numel() * b.element_size() for b in self.buffers()))
+        if not kernel:
             report.kernel = f"no {scheme} kernel on {weight.device.type}: dequantized weights (same values, no speed-up)"
         elif not report.kernel:
-            report.kernel = f"aten {scheme} kernel, {str(self.compute_dtype).removeprefix('torch.')} activations"
-
-    @staticmethod
-    def _pack_int4(codes: torch.Tensor, device: torch.device) -> torch.Tensor:
-        if device.type == "cpu":
-            return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, INNER_K_TILES)
-        packed = (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8)
-        return torch.ops.aten._convert_weight_to_int4pack(packed, INNER_K_TILES * 4)
+            report.kernel = f"aten {scheme} kernel, {str(COMPUTE_DTYPE).removeprefix('torch.')} activations"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
         if self._dequantized is not None:
             return F.linear(x, self._dequantized, self.bias)
-        x2 = x.reshape(-1, self.in_features).to(self.compute_dtype)
-        if self.scheme == "int8":
-            y = torch.ops.aten._weight_int8pack_mm(x2, self.codes, self.scales)
-        elif x.device.type == "cpu":
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.codes, GROUP, self.scales_zeros)
-        else:
-            y = torch.ops.aten._weight_int4pack_mm(x2, self.codes, GROUP, self.scales_zeros)
-        y = y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+        y = quantized_product(self.scheme, x.reshape(-1, self.in_features).to(COMPUTE_DTYPE), self.codes, self.scales)
+        y = y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
@@ -154,18 +165,14 @@ class QuantLinear(nn.Module):
 def _kernel_works(scheme: str, device_type: str) -> bool:
     """Whether this torch build has the scheme's kernel on this device (a tiny product, once)."""
     try:
-        x = torch.randn(2, GROUP * 2, device=device_type, dtype=torch.bfloat16)
+        x = torch.randn(2, GROUP * 2, device=device_type, dtype=COMPUTE_DTYPE)
         w = torch.randn(16, GROUP * 2, device=device_type)
         if scheme == "int8":
             codes, scales = quantize_int8(w)
-            torch.ops.aten._weight_int8pack_mm(x, codes, scales.bfloat16())
+            quantized_product(scheme, x, codes, scales.to(COMPUTE_DTYPE))
         else:
             codes, steps, low = quantize_int4(w)
-            sz = torch.stack([steps, low + 8 * steps], -1).transpose(0, 1).contiguous().bfloat16()
-            packed = QuantLinear._pack_int4(codes, torch.device(device_type))
-            op = (torch.ops.aten._weight_int4pack_mm_for_cpu if device_type == "cpu"
-                  else torch.ops.aten._weight_int4pack_mm)
-            op(x, packed, GROUP, sz)
+            quantized_product(scheme, x, pack_int4(codes), int4_scales_zeros(steps, low))
         return True
     except (RuntimeError, AttributeError, NotImplementedError) as e:
         log.warning("twotower: no %s kernel on %s in this torch (%s): quantized weights are used dequantized",
