@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from twotower.model.linear import Linear, packing_available
+from twotower.model.linear import Linear, packed_bytes, packing_available
 
 pytestmark = pytest.mark.skipif(not packing_available(), reason="oneDNN packing not available in this torch build")
 
@@ -19,7 +19,7 @@ def test_packed_matches_plain(dtype, tol, shape):
     x = torch.randn(shape, dtype=dtype)
     with torch.no_grad():
         got = lin(x)
-    assert lin.packs._packs  # the packed path ran
+    assert packed_bytes(lin)  # the packed path ran
     ref = F.linear(x, lin.weight, lin.bias)
     assert got.shape == ref.shape
     assert torch.allclose(got.float(), ref.float(), atol=tol, rtol=tol)
@@ -58,7 +58,7 @@ def test_bf16_without_cpu_support_takes_the_plain_path(monkeypatch):
     x = torch.randn(2, 16, dtype=torch.bfloat16)
     with torch.no_grad():
         assert torch.equal(lin(x), F.linear(x, lin.weight, lin.bias))
-    assert not lin.packs._packs
+    assert not packed_bytes(lin)
 
 
 def test_autograd_uses_the_plain_path():

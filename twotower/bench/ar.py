@@ -23,7 +23,7 @@ from ..files import atomic_write, prepare_output_file
 from ..generate import DecodingSettings, decode
 from ..generate.prompts import PROMPT_SET, encode_prompt, load_prompt_set
 from ..model.devices import DTYPE_CHOICES, torch_dtype
-from ..model.linear import WeightPacks
+from ..model.linear import packed_bytes
 from ..model.quant import SCHEMES
 from .box import describe_box
 from .decoders import llama_cpp_decoder
@@ -34,13 +34,16 @@ from .timing import interleaved
 REFERENCE = "twotower float32"
 
 
-def _ours(model: str, dtype: str, quantize: str, max_new_tokens: int):
-    loaded = load_model(model, dtype, untrained=True, context_only=True, quantize=quantize)  # the AR model alone
+def _ours(model: str, dtype: str, quantize: str, compile: bool, max_new_tokens: int):
+    # the AR model alone
+    loaded = load_model(model, dtype, untrained=True, context_only=True, quantize=quantize, compile=compile)
     name = f"twotower {str(loaded.context.dtype).removeprefix('torch.')}"
     if dtype == "auto":
         name += " (auto)"
     if quantize != "none":
         name += f" {quantize}"
+    if compile:
+        name += " compiled"
     settings = DecodingSettings(mode="ar", max_new_tokens=max_new_tokens, stop_token_ids=())
 
     def run(prompts: list[list[int]]) -> list[list[int]]:
@@ -67,19 +70,17 @@ def _transformers(model: str, dtype: str, max_new_tokens: int, pad: int):
 
 def held_mb(module: torch.nn.Module) -> float:
     """The bytes of a model's parameters and buffers, each storage once (tied weights share),
-    plus the oneDNN-packed copies our fp32 Linears make (linear.WeightPacks: a second copy)."""
+    plus the oneDNN-packed copies our fp32 Linears make (model/linear.py: a second copy)."""
     storages = {}
     for t in list(module.parameters()) + list(module.buffers()):
         storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-    packed = sum(entry[1].numel() * entry[1].element_size()
-                 for m in module.modules() if isinstance(getattr(m, "packs", None), WeightPacks)
-                 for entry in m.packs._packs.values())
-    return (sum(storages.values()) + packed) / 2**20
+    return (sum(storages.values()) + packed_bytes(module)) / 2**20
 
 
 def run_ar_bench(
     model: str, dtypes: list[str], max_new_tokens: int = 128, repeats: int = 5, output: str | None = None,
     quantize: list[str] | None = None, prompts: int = 5, transformers: bool = True, llama_cpp: bool = True,
+    compile: bool = False,
 ) -> dict:
     """Every (dtype, quantization) of ours, transformers in each explicit dtype, llama.cpp on the
     GGUF: one interleaved run over the first ``prompts`` prompts of the shipped set."""
@@ -105,16 +106,19 @@ def run_ar_bench(
         memory[name] = round(held_mb(module) if module is not None else resident_mb() - before_mb, 1)
         contenders[name] = timed
 
-    ours = [("float32", "none")]  # the reference, first
-    ours += [(d, q) for d in dtypes for q in quantize if (d, q) not in ours]
-    for dtype, scheme in ours:
+    ours = [("float32", "none", False)]  # the reference, first
+    ours += [(d, q, c) for c in ([False, True] if compile else [False]) for d in dtypes for q in quantize
+             if (d, q, c) not in ours]
+    for dtype, scheme, compiled in ours:
         before = resident_mb()
-        name, run, loaded = _ours(model, dtype, scheme, max_new_tokens)
+        name, run, loaded = _ours(model, dtype, scheme, compiled, max_new_tokens)
         if tokenizer is None:
             tokenizer = loaded.tokenizer
             ids = [encode_prompt(tokenizer, t, chat=True) for t in texts]
         notes[name] = "; ".join(n for n in (loaded.dtype_note, loaded.quantization.describe()
-                                            if loaded.quantization.scheme != "none" else None) if n) or None
+                                            if loaded.quantization.scheme != "none" else None,
+                                            loaded.context.compiler.describe() if loaded.context.compiler else None)
+                               if n) or None
         add(name, run, before, loaded.model)
     if transformers:
         for dtype in [d for d in dtypes if d != "auto"]:

@@ -58,6 +58,9 @@ class LoadedModel:
             text += f" ({self.dtype_note})"
         if self.quantization is not None and self.quantization.scheme != "none":
             text += f", {self.quantization.scheme} weights"
+        compiler = self.context.compiler
+        if compiler is not None:
+            text += f", {compiler.describe()}"
         return text
 
     @property
@@ -81,6 +84,7 @@ def load_model(
     exact: bool = True,
     denoiser_device: str | torch.device | None = None,
     quantize: str = "none",
+    compile: bool = False,
 ) -> LoadedModel:
     """Load ``name_or_path`` (see the module docstring) for inference, in ``dtype`` (None: the
     dtype a saved directory was saved in, else float32).
@@ -96,7 +100,10 @@ def load_model(
     context tower (``TwoTower.place_towers``; a lora denoiser then gets its merged copy, as it
     cannot share the context's weights across devices). ``quantize``: ``int8`` or ``int4``
     weight-only projections of both towers (model/quant.py), the AR model included, so that
-    verified decoding is exact against the same quantized model. ``dtype="auto"``: bf16 where the
+    verified decoding is exact against the same quantized model. ``compile``: decoding passes
+    (not prompts) through torch.compile'd spans of sub-layers in both towers (model/compiled.py):
+    faster steps, the same tokens, exact among themselves though not bitwise eager; where
+    compilation cannot run, a one-line note and eager. ``dtype="auto"``: bf16 where the
     device has native bf16 kernels, else fp32 (``LoadedModel.dtype_note`` says which and why)."""
     if not isinstance(name_or_path, str) or not name_or_path.strip():
         raise UsageError(f"a model is a registry name or a path, got {name_or_path!r}")
@@ -119,6 +126,8 @@ def load_model(
     elif context_only:
         backbone, tokenizer = load_backbone(name_or_path, dtype=dtype, device=device)
         report = quantize_backbone(backbone, quantize)
+        if compile:
+            backbone.compile_passes()
         return LoadedModel(backbone.set_exact(exact), tokenizer, name_or_path, "backbone", dtype_note=dtype_note,
                            quantization=report)
     else:
@@ -138,8 +147,10 @@ def load_model(
     loaded.quantization = quantize_backbone(loaded.model.context, quantize)
     if loaded.model.denoiser_tower is not None:  # a full denoiser or the merged copy: the same scheme
         quantize_backbone(loaded.model.denoiser_tower, quantize)
-    loaded.model.context.set_exact(exact)
-    loaded.model.denoiser.set_exact(exact)
+    for tower in {id(t): t for t in (loaded.model.context, loaded.model.denoiser)}.values():
+        tower.set_exact(exact)
+        if compile:
+            tower.compile_passes()
     return loaded
 
 

@@ -25,6 +25,8 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
     ar.add_argument("--quantize", nargs="+", choices=list(QUANT_SCHEMES), default=["none", "int4"],
                     help="our weight quantizations, each in every dtype")
     ar.add_argument("--prompts", type=int, default=5, help="the first N prompts of the shipped set")
+    ar.add_argument("--compile", action="store_true",
+                    help="each of ours also with its decoding steps compiled (model/compiled.py)")
     ar.add_argument("--no-transformers", action="store_true", help="leave transformers generate() out")
     ar.add_argument("--no-llama-cpp", action="store_true", help="leave llama.cpp out (it runs when installed)")
     ar.add_argument("--max-new-tokens", type=int, default=128)
@@ -93,7 +95,7 @@ def run_ar(args: argparse.Namespace) -> None:
     from ..bench.ar import run_ar_bench
 
     run_ar_bench(model=args.model, dtypes=args.dtypes, max_new_tokens=args.max_new_tokens, repeats=args.repeats,
-                 output=args.output, quantize=args.quantize, prompts=args.prompts,
+                 output=args.output, quantize=args.quantize, prompts=args.prompts, compile=args.compile,
                  transformers=not args.no_transformers, llama_cpp=not args.no_llama_cpp)
 
 
@@ -116,4 +118,5 @@ def run_speed(args: argparse.Namespace) -> None:
             prompt_lookup_tokens=args.prompt_lookup_tokens, output_dir=args.output_dir, untrained=args.untrained_denoiser,
             device=args.device, commit_rule=args.commit_rule, verify=args.verify, steps_per_block=args.steps_per_block,
             fused=args.fused, exact=args.exact, prompts_file=args.prompts_file, quantize=args.quantize,
+            compile=args.compile,
         )

@@ -7,6 +7,7 @@ from torch import nn
 
 from ..errors import UsageError
 from .cache import ForwardContext, ModelCache, append_context, left_padding
+from .compiled import MAX_TOKENS, LayerCompiler, compiler_for, spans
 from .config import BackboneConfig
 from .layers import MLP, Attention, MoE, RMSNorm, RotaryTable
 from .linear import Linear
@@ -56,6 +57,13 @@ class SubLayer(nn.Module):
         return x + gate * self.mix(h, ctx, rope, state)
 
 
+def run_layers(layers: tuple[SubLayer, ...], x: torch.Tensor, ctx: ForwardContext, rope, states: tuple) -> torch.Tensor:
+    """Sub-layers in turn over x, each with its cache state: a span of a pass (model/compiled.py)."""
+    for layer, state in zip(layers, states):
+        x = layer(x, ctx, rope, state)
+    return x
+
+
 class Backbone(nn.Module):
     def __init__(self, config: BackboneConfig) -> None:
         super().__init__()
@@ -71,6 +79,18 @@ class Backbone(nn.Module):
             if config.rope is not None and "attention" in config.layer_types
             else None
         )
+        self.compiler: LayerCompiler | None = None  # compile_passes
+
+    def compile_passes(self, max_tokens: int = MAX_TOKENS) -> Backbone:
+        """Run the sub-layers of passes with at most ``max_tokens`` tokens per row compiled
+        (model/compiled.py); where torch.compile cannot run, say so once and stay eager."""
+        self.compiler = compiler_for(self.device, max_tokens)
+        return self
+
+    def run(self, fn, tokens: int, *args):
+        """``fn(*args)``, a span of sub-layers over ``tokens`` tokens per row, compiled where
+        ``compile_passes`` asked for it."""
+        return self.compiler(fn, tokens, *args) if self.compiler is not None else fn(*args)
 
     def set_exact(self, exact: bool) -> Backbone:
         """Exact inference (model/exact.py: batch- and shape-invariant attention and Mamba, the
@@ -106,8 +126,9 @@ class Backbone(nn.Module):
     def hidden_states(self, input_ids: torch.Tensor, ctx: ForwardContext, cache: ModelCache | None) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         rope = self.rotary(ctx.positions, x.dtype) if self.rotary is not None else None
-        for i, layer in enumerate(self.layers):
-            x = layer(x, ctx, rope, cache.layers[i] if cache is not None else None)
+        states = cache.layers if cache is not None else [None] * len(self.layers)
+        for span in spans(len(self.layers)):
+            x = self.run(run_layers, x.shape[1], tuple(self.layers[span]), x, ctx, rope, tuple(states[span]))
         return self.norm(x)
 
     def forward(

@@ -15,7 +15,7 @@ import torch
 
 from ..errors import UsageError
 from .config import BackboneConfig
-from .exact import KEY_CHUNK
+from .exact import KEY_CHUNK, mask_gaps
 
 
 class KVCache:
@@ -37,7 +37,8 @@ class KVCache:
             rows = torch.arange(k.shape[0], device=k.device)[:, None]
             self.k[rows, :, ctx.slots] = k.transpose(1, 2)
             self.v[rows, :, ctx.slots] = v.transpose(1, 2)
-        return self.k[:, :, : ctx.kv_len], self.v[:, :, : ctx.kv_len]
+        # narrow, not a slice: a compiled pass then knows the length (a slice's is a min with the capacity)
+        return self.k.narrow(2, 0, ctx.kv_len), self.v.narrow(2, 0, ctx.kv_len)
 
     def rows(self, keep: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The keys/values of the rows ``keep``, in a slot space of ``capacity`` whole chunks."""
@@ -52,7 +53,7 @@ class KVCache:
         """Keys/values of the first ``length`` slots and what follows them up to a whole number
         of KEY_CHUNK slots (the rest is to be masked)."""
         end = -(-length // KEY_CHUNK) * KEY_CHUNK
-        return self.k[:, :, :end], self.v[:, :, :end]
+        return self.k.narrow(2, 0, end), self.v.narrow(2, 0, end)
 
 
 class MambaState:
@@ -112,6 +113,9 @@ class ForwardContext:
     write: bool = True
     prefix_len: int = 0  # context key slots each query may see (masked per row by attn_mask)
     blocks: int = 1  # the T tokens of a row are this many independent blocks (Mamba restarts each)
+    # whether attn_mask hides a key before one it sees (exact.mask_gaps), read once per forward
+    # rather than per layer: a compiled layer must not read the mask's values (model/compiled.py)
+    mask_gaps: bool | None = None
 
 
 def left_padding(valid: torch.Tensor, allow_empty_rows: bool = False) -> torch.Tensor:
@@ -145,6 +149,7 @@ def append_context(
         # A padding query sees no real key; let it see itself so that no row of the mask is empty
         # (some SDPA kernels return NaN there, and NaN would leak through later layers).
         mask = (mask | (keys == slots[:, :, None]))[:, None]
+        torch._dynamo.mark_static(mask, 1)  # the heads axis: a broadcast, not a size (model/compiled.py)
     return ForwardContext(
         positions=slots - starts[:, None],
         attn_mask=mask,
@@ -153,6 +158,7 @@ def append_context(
         kv_len=kv_len,
         valid=valid,
         record=record,
+        mask_gaps=mask_gaps(mask),
     )
 
 

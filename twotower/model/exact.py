@@ -69,6 +69,11 @@ def _in_key_order(chunks: torch.Tensor, dim: int) -> torch.Tensor:
     return chunks.cumsum(dim).select(dim, -1)
 
 
+def mask_gaps(mask: torch.Tensor | None) -> bool:
+    """Whether some query of a (..., T, L) attention mask hides a key before one it sees."""
+    return mask is not None and bool((mask[..., 1:] & ~mask[..., :-1]).any())
+
+
 def _compact_keys(k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor):
     """Per query, its visible keys first, in key order (the rest after them, masked): a row's
     keys then sit where they sit when the row runs alone, whatever left padding or block layout
@@ -82,7 +87,7 @@ def _compact_keys(k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor):
 
 def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool = False,
-    length: int | None = None,
+    length: int | None = None, gaps: bool | None = None,
 ) -> torch.Tensor:
     """Attention whose result for a query depends only on that query and the keys it sees, in
     key order: bitwise the same whatever its batch mates and however many queries share the pass
@@ -94,7 +99,9 @@ def attention(
     accumulated chunk by chunk in key order; all in fp32 (bf16 inputs are widened exactly).
 
     Shapes as ``layers.attend``: q (B, Hq, T, D), k and v (B, Hkv, L, D), mask (B or 1, 1, T,
-    ``length``) bool; keys from ``length`` (default L) on are padding, never seen."""
+    ``length``) bool; keys from ``length`` (default L) on are padding, never seen. ``gaps``:
+    whether a query's mask hides a key before one it sees (``mask_gaps``; computed here when
+    None, a read of the mask that a compiled graph would break at)."""
     out_dtype = q.dtype
     q, k, v = q.float(), k.float(), v.float()
     b, hq, t, d = q.shape
@@ -103,7 +110,7 @@ def attention(
     group = hq // kv_heads
     if mask is None and is_causal:
         mask = torch.ones(t, length, dtype=torch.bool, device=q.device).tril(length - t)[None, None]
-    gathered = mask is not None and bool((mask[..., 1:] & ~mask[..., :-1]).any())  # a hidden key before a seen one
+    gathered = mask is not None and (mask_gaps(mask) if gaps is None else gaps)
     if gathered:
         k, v, mask = _compact_keys(k[:, :, :length], v[:, :, :length], mask)
     pad = -k.shape[-2] % KEY_CHUNK

@@ -27,6 +27,7 @@ import torch
 from ..errors import UsageError
 from .backbone import SubLayer
 from .cache import ForwardContext, MambaState, ModelCache
+from .compiled import spans
 from .lora_rows import lora_rows_from
 from .twotower import TwoTower
 
@@ -51,21 +52,38 @@ def check_fusable(model: TwoTower) -> None:
 def _mix(layer: SubLayer, hc: torch.Tensor, hd: torch.Tensor, ctx_c: ForwardContext, ctx_d: ForwardContext,
          rope, state, den_sees: torch.Tensor) -> torch.Tensor:
     """The sub-layer's mixer over [context rows | denoiser rows] (R, W + S, H)."""
-    width = hc.shape[1]
+    width, block = hc.shape[1], hd.shape[1]
     h = torch.cat([hc, hd], dim=1)
     mixer = layer.mixer
+    # narrow, not slices: a compiled pass then knows each part's length (model/compiled.py)
     if layer.kind == "attention":
         q, k, v = mixer.project(h, rope)
-        yc = mixer.attend_projected(q[:, :, :width], k[:, :, :width], v[:, :, :width], ctx_c, state)
-        yd = mixer.attend_projected(q[:, :, width:], k[:, :, width:], v[:, :, width:], ctx_d, state)
+        yc = mixer.attend_projected(*(x.narrow(2, 0, width) for x in (q, k, v)), ctx_c, state)
+        yd = mixer.attend_projected(*(x.narrow(2, width, block) for x in (q, k, v)), ctx_d, state)
         return mixer.o_proj(torch.cat([yc, yd], dim=1))
     if layer.kind == "mamba":
         projected = mixer.in_proj(h)
-        yc = mixer.scan_projected(projected[:, :width], ctx_c, state)  # recorded: the seeds come from it
+        yc = mixer.scan_projected(projected.narrow(1, 0, width), ctx_c, state)  # recorded: the seeds come from it
         seed: MambaState = state.after(den_sees)
-        yd = mixer.scan_projected(projected[:, width:], ctx_d, seed)
+        yd = mixer.scan_projected(projected.narrow(1, width, block), ctx_d, seed)
         return mixer.out_proj(torch.cat([yc, yd], dim=1))
     return mixer(h)  # MLP / MoE: per token
+
+
+def _layers(layers: tuple, xc: torch.Tensor, xd: torch.Tensor, mods: tuple, modulate_before_norm: tuple,
+            ctx_c: ForwardContext, ctx_d: ForwardContext, rope, states: tuple, den_sees: torch.Tensor):
+    """A span of sub-layers over the context rows xc and the denoiser rows xd (each layer's time
+    conditioning on the latter): both residual streams after it (model/compiled.py)."""
+    width, block = xc.shape[1], xd.shape[1]
+    for layer, (shift, scale, gate), before, state in zip(layers, mods, modulate_before_norm, states):
+        hc = layer.norm(xc)
+        if before:
+            hd = layer.norm(xd * (1 + scale) + shift)
+        else:
+            hd = layer.norm(xd) * (1 + scale) + shift
+        y = _mix(layer, hc, hd, ctx_c, ctx_d, rope, state, den_sees)
+        xc, xd = xc + y.narrow(1, 0, width), xd + gate * y.narrow(1, width, block)
+    return xc, xd
 
 
 @torch.no_grad()
@@ -99,15 +117,11 @@ def fused_forward(
     rope = backbone.rotary(torch.cat([ctx_c.positions, ctx_d.positions], dim=1), xc.dtype) \
         if backbone.rotary is not None else None
     with model.adapters(False), lora_rows_from(width):
-        for i, layer in enumerate(backbone.layers):
-            shift, scale, gate = model.time.layer(cond, i, block)
-            hc = layer.norm(xc)
-            if model._modulate_before_norm[i]:
-                hd = layer.norm(xd * (1 + scale) + shift)
-            else:
-                hd = layer.norm(xd) * (1 + scale) + shift
-            y = _mix(layer, hc, hd, ctx_c, ctx_d, rope, cache.layers[i], den_sees)
-            xc, xd = xc + y[:, :width], xd + gate * y[:, width:]
+        mods = [model.time.layer(cond, i, block) for i in range(len(backbone.layers))]
+        for span in spans(len(backbone.layers)):
+            xc, xd = backbone.run(_layers, width + block, tuple(backbone.layers[span]), xc, xd, tuple(mods[span]),
+                                  tuple(model._modulate_before_norm[span]), ctx_c, ctx_d, rope,
+                                  tuple(cache.layers[span]), den_sees)
         cache.advance(width)
         hidden = torch.cat([backbone.norm(xc), backbone.norm(xd)], dim=1)
         logits = backbone.lm_head(hidden)  # one product for both towers: the head is shared too

@@ -57,10 +57,14 @@ class RotaryTable(nn.Module):
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         if int(positions.max()) >= self.cos.shape[0]:
             raise UsageError(f"position {int(positions.max())} beyond the model's {self.cos.shape[0]} positions")
-        return self.cos[positions].to(dtype)[:, None], self.sin[positions].to(dtype)[:, None]
+        return self.cos[positions].to(dtype), self.sin[positions].to(dtype)  # (B, T, D)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, heads, T, D) rotated by cos and sin (B, T, D). (No size-1 axis is passed in for the
+    heads: a compiled pass treats every size alike, model/compiled.py, and broadcasts only
+    axes that are 1 in its own graph.)"""
+    cos, sin = cos[:, None], sin[:, None]
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin
@@ -121,12 +125,12 @@ class Attention(nn.Module):
         elif cache is not None:  # denoiser: the context tower's keys, then the block's own (not stored)
             # (the context tower's cache may live on another device)
             pad = -(ctx.prefix_len + t) % exact.KEY_CHUNK if exactly else 0
-            k, v = (torch.cat([c[:, :, : ctx.prefix_len].to(x.device, x.dtype), x, x.new_zeros(b, self.n_kv, pad,
+            k, v = (torch.cat([c.narrow(2, 0, ctx.prefix_len).to(x.device, x.dtype), x, x.new_zeros(b, self.n_kv, pad,
                                                                                                   self.head_dim)], dim=2)
                     for c, x in ((cache.k, k), (cache.v, v)))
             length = ctx.prefix_len + t
         if exactly:
-            y = exact.attention(q, k, v, ctx.attn_mask, ctx.is_causal, length)
+            y = exact.attention(q, k, v, ctx.attn_mask, ctx.is_causal, length, ctx.mask_gaps)
         else:
             y = attend(q, k, v, ctx.attn_mask, ctx.is_causal)
         return y.transpose(1, 2).reshape(b, t, -1)

@@ -11,7 +11,7 @@ bf16 takes the plain path, which works everywhere.
 
 from __future__ import annotations
 
-import functools
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -20,9 +20,17 @@ from torch import nn
 _PACK_BATCH_HINT = 16  # oneDNN picks the layout for this many rows; good for both 1 and 16
 
 
-@functools.cache
+_AVAILABLE: dict[torch.dtype, bool] = {}  # a plain dict, which a compiled graph reads as a constant
+
+
 def packing_available(dtype: torch.dtype = torch.float32) -> bool:
     """Whether this torch build and this CPU can prepack a weight of ``dtype``."""
+    if dtype not in _AVAILABLE:
+        _AVAILABLE[dtype] = _can_pack(dtype)
+    return _AVAILABLE[dtype]
+
+
+def _can_pack(dtype: torch.dtype) -> bool:
     if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
         return False
     if dtype == torch.float32:
@@ -50,6 +58,7 @@ class WeightPacks:
     def __setstate__(self, state: dict) -> None:
         self._packs = {}
 
+    @torch.compiler.disable  # a compiled graph runs it as it is (keyed by name, not by tensor)
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, name=None,
                packing: bool = True) -> torch.Tensor:
         usable = (
@@ -70,11 +79,60 @@ class WeightPacks:
         return torch.ops.mkldnn._linear_pointwise(x, entry[1], bias, "none", [], "")
 
 
+# The packed copies of Linear weights, keyed on the weight tensor itself (its id, checked
+# through a weak reference and dropped with the weight): a compiled graph gets every layer's
+# weight as an input and so finds that layer's copy without a per-layer constant.
+_PACKED: dict[int, tuple[weakref.ref, tuple, torch.Tensor]] = {}
+
+
+def _pack_of(weight: torch.Tensor) -> torch.Tensor:
+    key = (weight.data_ptr(), weight._version, weight.dtype, tuple(weight.shape))
+    entry = _PACKED.get(id(weight))
+    if entry is None or entry[0]() is not weight or entry[1] != key:
+        if entry is None or entry[0]() is not weight:
+            weakref.finalize(weight, _PACKED.pop, id(weight), None)
+        entry = (weakref.ref(weight), key, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), _PACK_BATCH_HINT))
+        _PACKED[id(weight)] = entry
+    return entry[2]
+
+
+def packed_bytes(module: nn.Module) -> int:
+    """The bytes of the packed copies held for ``module``'s Linears and MoE experts."""
+    held = [_PACKED[id(p)][2] for p in module.parameters() if id(p) in _PACKED and _PACKED[id(p)][0]() is p]
+    held += [entry[1] for m in module.modules() if isinstance(getattr(m, "packs", None), WeightPacks)
+             for entry in m.packs._packs.values()]
+    return sum(t.numel() * t.element_size() for t in held)
+
+
+@torch.library.custom_op("twotower::packed_linear", mutates_args=())
+def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ weight.T + bias through the weight's packed copy: one opaque op, so that a compiled
+    graph calls the row-invariant oneDNN product rather than the compiler's own."""
+    return torch.ops.mkldnn._linear_pointwise(x, _pack_of(weight), bias, "none", [], "")
+
+
+@packed_linear.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
 class Linear(nn.Linear):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.packing = packing_available()  # set False to force plain F.linear
-        self.packs = WeightPacks()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.packs.linear(x, self.weight, self.bias, packing=self.packing)
+        weight, bias = self.weight, self.bias
+        usable = (
+            self.packing
+            and x.device.type == "cpu"
+            and x.dtype == weight.dtype
+            and packing_available(x.dtype)
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        )
+        if not usable:
+            return F.linear(x, weight, bias)
+        bias = bias.detach() if bias is not None else None
+        if torch.compiler.is_compiling():
+            return packed_linear(x, weight, bias)
+        return torch.ops.mkldnn._linear_pointwise(x, _pack_of(weight), bias, "none", [], "")

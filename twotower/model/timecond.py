@@ -47,11 +47,12 @@ class TimeConditioning(nn.Module):
         return out.view(*shape, 3, -1)
 
     def layer(self, cond: torch.Tensor, index: int, tokens_per_row: int) -> tuple[torch.Tensor, ...]:
-        """(shift, scale, gate) for sub-layer ``index``, each broadcastable to (R, T, H).
+        """(shift, scale, gate) for sub-layer ``index``, each (R, T, H) (a broadcast view: a
+        compiled pass must not see a size-1 axis against T, model/compiled.py).
         ``cond`` is (R, 3, H) (one t per row) or (R, n, 3, H) (one t per block of a row)."""
         mod = cond + self.scale_shift_tables[index].to(cond.dtype)
         if mod.dim() == 3:
-            mod = mod[:, None]  # (R, 1, 3, H)
+            mod = mod[:, None].expand(-1, tokens_per_row, -1, -1)  # (R, T, 3, H)
         else:  # (R, n, 3, H): repeat each block's values over its tokens
             mod = mod.repeat_interleave(tokens_per_row // mod.shape[1], dim=1)
         return mod.unbind(dim=2)

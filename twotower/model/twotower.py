@@ -22,7 +22,9 @@ from torch.utils.checkpoint import checkpoint
 from ..errors import UsageError
 from .backbone import Backbone
 from .cache import ForwardContext, MambaState, ModelCache
+from .compiled import spans
 from .devices import resolve_device
+from .exact import mask_gaps
 from .lora_rows import lora_delta_on_rows
 from .timecond import TimeConditioning
 
@@ -73,6 +75,14 @@ def _switch_adapters(layers: list, enabled: bool) -> None:
     # 120 LoRA layers; the flag it sets is all the LoRA forward reads.
     for layer in layers:
         layer._disable_adapters = not enabled
+
+
+def _denoiser_layers(layers: tuple, x: torch.Tensor, ctx: ForwardContext, rope, states: tuple, mods: tuple,
+                     modulate_before_norm: tuple) -> torch.Tensor:
+    """A span of the denoiser's sub-layers, each with its time conditioning (model/compiled.py)."""
+    for layer, state, mod, before in zip(layers, states, mods, modulate_before_norm):
+        x = layer(x, ctx, rope, state, mod, before)
+    return x
 
 
 class TwoTower(nn.Module):
@@ -246,10 +256,15 @@ class TwoTower(nn.Module):
         if self.merged and torch.is_grad_enabled() and self.training:
             raise UsageError("merged adapters are for inference: call unmerge_adapters() before training")
         with self.adapters(True):
-            for i, layer in enumerate(den.layers):
-                mod = self.time.layer(cond, i, x.shape[1])
-                args = (x, ctx, rope, cache.layers[i], mod, self._modulate_before_norm[i])
-                x = checkpoint(layer, *args, use_reentrant=False) if recompute else layer(*args)
+            mods = [self.time.layer(cond, i, x.shape[1]) for i in range(len(den.layers))]
+            if recompute:
+                for i, layer in enumerate(den.layers):
+                    args = (x, ctx, rope, cache.layers[i], mods[i], self._modulate_before_norm[i])
+                    x = checkpoint(layer, *args, use_reentrant=False)
+            else:
+                for span in spans(len(den.layers)):
+                    x = den.run(_denoiser_layers, x.shape[1], tuple(den.layers[span]), x, ctx, rope,
+                                tuple(cache.layers[span]), tuple(mods[span]), tuple(self._modulate_before_norm[span]))
         x = den.norm(x)
         return den.lm_head(x) if head else x
 
@@ -266,8 +281,10 @@ class TwoTower(nn.Module):
         mask = torch.cat(
             [seen[:, None, :].expand(rows, width, prefix), seen.new_ones(rows, width, width)], dim=-1
         )[:, None]
+        torch._dynamo.mark_static(mask, 1)  # the heads axis: a broadcast, not a size (model/compiled.py)
         positions = (lengths - starts)[:, None] + torch.arange(width, device=lengths.device)
-        return ForwardContext(positions=positions, attn_mask=mask, write=False, prefix_len=prefix)
+        return ForwardContext(positions=positions, attn_mask=mask, write=False, prefix_len=prefix,
+                              mask_gaps=mask_gaps(mask))
 
     def denoise_block(self, block_ids: torch.Tensor, t: torch.Tensor, cache: ModelCache) -> torch.Tensor:
         """Inference: one block per row after the context in ``cache``."""
