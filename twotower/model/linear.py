@@ -42,6 +42,13 @@ def _can_pack(dtype: torch.dtype) -> bool:
     return False
 
 
+def _packable(x: torch.Tensor, weight: torch.Tensor, packing: bool = True) -> bool:
+    """Whether the packed product serves x @ weight.T: on the CPU, in a dtype oneDNN packs here,
+    and not where autograd needs the product (the packed one has no backward)."""
+    return (packing and x.device.type == "cpu" and x.dtype == weight.dtype and packing_available(x.dtype)
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
+
+
 class WeightPacks:
     """oneDNN-packed copies of weight matrices (a Linear's, or one per expert), made lazily and
     rebuilt whenever a weight is replaced, modified in place or cast. The packed product of a
@@ -61,14 +68,7 @@ class WeightPacks:
     @torch.compiler.disable  # a compiled graph runs it as it is (keyed by name, not by tensor)
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, name=None,
                packing: bool = True) -> torch.Tensor:
-        usable = (
-            packing
-            and x.device.type == "cpu"
-            and x.dtype == weight.dtype
-            and packing_available(x.dtype)
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-        )
-        if not usable:
+        if not _packable(x, weight, packing):
             return F.linear(x, weight, bias)
         key = (weight.data_ptr(), weight._version, weight.dtype)
         entry = self._packs.get(name)
@@ -123,14 +123,7 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.weight, self.bias
-        usable = (
-            self.packing
-            and x.device.type == "cpu"
-            and x.dtype == weight.dtype
-            and packing_available(x.dtype)
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-        )
-        if not usable:
+        if not _packable(x, weight, self.packing):
             return F.linear(x, weight, bias)
         bias = bias.detach() if bias is not None else None
         if torch.compiler.is_compiling():
