@@ -6,7 +6,7 @@ PROMPT ?= Explain in two sentences why the sky is blue.
 ARGS ?= --chat
 SERVE_ARGS ?=
 
-.PHONY: setup browser demo test serve
+.PHONY: setup browser demo test test-compile serve
 setup:
 	@bash scripts/setup.sh
 
@@ -21,3 +21,7 @@ serve: setup
 
 test: setup browser
 	.venv/bin/python -m pytest -q
+
+# torch.compile'd decoding of every strategy == eager (tests/test_compiled.py; minutes of compilation)
+test-compile: setup
+	.venv/bin/python -m pytest -q -m compile tests/test_compiled.py
