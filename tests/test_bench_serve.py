@@ -31,3 +31,20 @@ def test_bench_serve_writes_json_table_and_plot(world, tmp_path):
     assert table.count("| recommended |") == 2 and "llama.cpp" in table
     assert (out / "serve.png").stat().st_size > 1000
     assert results["max_batch"] == 4
+
+
+def test_the_served_contender_gets_the_model_options_it_was_asked_for():
+    """`bench serve --quantize int4 --compile --no-exact` measures a server started with them (it once
+    started a plain float32 eager one whatever was asked)."""
+    from twotower.bench.serve import server_command
+    from twotower.cli import build_parser
+
+    command = server_command("smollm2-135m", "auto", 8123, 4, 2, exact=False, quantize="int4", compile=True,
+                             untrained_denoiser=True)
+    assert command[1:4] == ["-m", "twotower.cli", "serve"]
+    served = build_parser().parse_args(command[3:])
+    assert (served.model, served.dtype, served.quantize, served.compile, served.exact, served.untrained_denoiser,
+            served.port, served.max_batch, served.threads) == ("smollm2-135m", "auto", "int4", True, False, True,
+                                                               8123, 4, 2)
+    plain = build_parser().parse_args(server_command("m", "float32", 1, 1, 1)[3:])
+    assert (plain.quantize, plain.compile, plain.exact, plain.untrained_denoiser) == ("none", False, True, False)

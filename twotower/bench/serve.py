@@ -148,9 +148,22 @@ def llama_cpp_contender(python: str, model: str, threads: int, port: int, n_ctx:
                                    "--interrupt_requests", "False"], "llama.cpp", usage_in_stream=False)
 
 
+def server_command(model: str, dtype: str, port: int, max_batch: int, threads: int, *, exact: bool = True,
+                   quantize: str = "none", compile: bool = False, untrained_denoiser: bool = False) -> list[str]:
+    """The ``twotower serve`` command line of our contender, with the model options it was asked for."""
+    command = [sys.executable, "-m", "twotower.cli", "serve", "--model", model, "--dtype", dtype, "--port", str(port),
+               "--served-model-name", "twotower", "--max-batch", str(max_batch), "--max-queue", "1024",
+               "--threads", str(threads), "--log-level", "warning", "--quantize", quantize]
+    return command + ([] if exact else ["--no-exact"]) + (["--compile"] if compile else []) + \
+        (["--untrained-denoiser"] if untrained_denoiser else [])
+
+
 def run_serve_bench(*, model: str, dtype: str, concurrency: list[int], requests: int, max_tokens: int,
                     max_batch: int, threads: int | None, output_dir: str, prompts_file: str | None = None,
-                    llama_cpp_python: str | None = None, exact: bool = True) -> dict:
+                    llama_cpp_python: str | None = None, exact: bool = True, quantize: str = "none",
+                    compile: bool = False, untrained_denoiser: bool = False) -> dict:
+    """The model options (``model`` .. ``untrained_denoiser``) are the server's own, as
+    ``twotower serve`` takes them; they are recorded with the results."""
     if any(c < 1 for c in concurrency) or requests < 1 or max_tokens < 1 or max_batch < 1:
         raise UsageError("concurrency levels, --requests, --max-tokens and --max-batch must be >= 1")
     import torch
@@ -160,11 +173,11 @@ def run_serve_bench(*, model: str, dtype: str, concurrency: list[int], requests:
     out.mkdir(parents=True, exist_ok=True)
     prompts = [row["text"] for row in (load_prompt_set(prompts_file) if prompts_file else load_prompt_set())]
     port = _free_port()
-    command = [sys.executable, "-m", "twotower.cli", "serve", "--model", model, "--dtype", dtype, "--port", str(port),
-               "--served-model-name", "twotower", "--max-batch", str(max_batch), "--max-queue", "1024",
-               "--threads", str(threads), "--log-level", "warning"] + ([] if exact else ["--no-exact"])
+    command = server_command(model, dtype, port, max_batch, threads, exact=exact, quantize=quantize, compile=compile,
+                             untrained_denoiser=untrained_denoiser)
     ours = [Contender("ar", command, "twotower", {"strategy": "ar"}), Contender("recommended", command, "twotower")]
-    results = {"model": model, "dtype": dtype, "max_batch": max_batch, "max_tokens": max_tokens,
+    results = {"model": model, "dtype": dtype, "quantize": quantize, "compile": compile, "exact": exact,
+               "untrained_denoiser": untrained_denoiser, "max_batch": max_batch, "max_tokens": max_tokens,
                "box": describe_box() | {"threads": threads}, "levels": {}, "llama_cpp": None}
     base = f"http://127.0.0.1:{port}"
     proc = _start(command, out / "server.log", base + "/health")
@@ -229,7 +242,9 @@ def markdown(results: dict) -> str:
     box = results["box"]
     lines = [f"# bench serve: {results['model']}", "",
              f"- box: {box['cpu']} ({', '.join(box.get('cpu_flags', [])) or 'no flags read'}), {box['threads']} threads, "
-             f"torch {box['torch']}, {results['dtype']}; server --max-batch {results['max_batch']}",
+             f"torch {box['torch']}, {results['dtype']}, quantize {results.get('quantize', 'none')}"
+             f"{', compiled' if results.get('compile') else ''}{'' if results.get('exact', True) else ', --no-exact'}; "
+             f"server --max-batch {results['max_batch']}",
              f"- streamed chat completions of the shipped prompt set, up to {results['max_tokens']} tokens, greedy; "
              "AR and the recommended preset alternated at every level, through one server",
              f"- llama.cpp: {results['llama_cpp'] or 'not run'}", "",

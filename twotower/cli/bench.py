@@ -88,7 +88,8 @@ def run_serve(args: argparse.Namespace) -> None:
     run_serve_bench(model=args.model, dtype=args.dtype, concurrency=args.concurrency, requests=args.requests,
                     max_tokens=args.max_tokens, max_batch=args.max_batch, threads=args.threads,
                     output_dir=args.output_dir, prompts_file=args.prompts_file,
-                    llama_cpp_python=args.llama_cpp_python, exact=args.exact)
+                    llama_cpp_python=args.llama_cpp_python, exact=args.exact, quantize=args.quantize,
+                    compile=args.compile, untrained_denoiser=args.untrained_denoiser)
 
 
 def run_ar(args: argparse.Namespace) -> None:
