@@ -197,3 +197,45 @@ def test_the_command_line_takes_quantize_and_dtype_auto(world, capsys):
     with pytest.raises(SystemExit) as bad:
         main(["generate", "the cat", "--model", str(world.tt), "--quantize", "int3"])
     assert bad.value.code == 2 and "invalid choice: 'int3'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("drafter", ["int8", "int4"])
+def test_a_quantized_drafter_checked_by_the_full_precision_ar_model_is_that_ar_model(world, drafter):
+    """--quantize-drafter: the denoiser tower alone is quantized; verified decoding is then the
+    unquantized AR model's output, bitwise, and only the drafts change."""
+    full = load_model(str(world.tt))
+    loaded = load_model(str(world.tt), quantize_drafter=drafter)
+    tt = loaded.two_tower
+    assert not any(isinstance(m, QuantLinear) for m in tt.context.modules())
+    assert tt.merged and any(isinstance(m, QuantLinear) for m in tt.denoiser.modules())
+    assert loaded.drafter_quantization.scheme == drafter and loaded.drafter_quantization.layers > 0
+    assert f"{drafter} drafter" in loaded.describe_numerics() and "weights" not in loaded.describe_numerics()
+    prompts = ["the cat sat on the mat and the", "A dog ran", "and the dog ran and the cat"]
+    ar = decode(full.model, prompts, resolve_settings(strategy="ar", max_new_tokens=20), tokenizer=full.tokenizer)
+    verified = resolve_settings(loaded.recommended, strategy="verified", max_new_tokens=20)
+    out = decode(tt, prompts, verified, tokenizer=loaded.tokenizer)
+    assert out.tokens == ar.tokens
+    assert max(n for row in out.stats.accepted for n in row) > 1  # several drafted tokens kept in a step
+    assert any(n < d + 1 for acc, dr in zip(out.stats.accepted, out.stats.drafted) for n, d in zip(acc, dr))  # rejections
+    with torch.inference_mode():  # the drafts come from other weights than the unquantized drafter's
+        ids = torch.tensor([[3, 5, 7, 9, 11, 13]])
+        assert not torch.equal(tt.denoiser(ids), full.model.denoiser(ids))
+    with pytest.raises(UsageError, match="fused pass drafts on the context tower's weights"):
+        decode(tt, prompts, resolve_settings(loaded.recommended, strategy="fused", max_new_tokens=4),
+               tokenizer=loaded.tokenizer)
+
+
+def test_the_drafter_takes_the_context_scheme_unless_told_otherwise(world, capsys):
+    same = load_model(str(world.tt), quantize="int4")
+    assert same.drafter_quantization is None and same.model.drafter_scheme is None
+    assert any(isinstance(m, QuantLinear) for m in same.model.denoiser.modules())
+    own = load_model(str(world.tt), quantize="int4", quantize_drafter="none")  # a full-precision drafter
+    assert not any(isinstance(m, QuantLinear) for m in own.model.denoiser.modules())
+    assert own.model.drafter_scheme == "none" and "int4 weights, unquantized drafter" in own.describe_numerics()
+    with pytest.raises(UsageError, match="unknown quantization 'int3'"):
+        load_model(str(world.tt), quantize_drafter="int3")
+    from twotower.cli import main
+
+    code = main(["generate", "the cat", "--model", str(world.tt), "--max-new-tokens", "4", "--threads", "1",
+                 "--quantize-drafter", "int4", "--verify", "--no-stream"])
+    assert code == 0 and "int4 drafter" in capsys.readouterr().err

@@ -37,6 +37,7 @@ def markdown(results: dict) -> str:
         f"# bench speed: {results['model']}",
         "",
         f"- denoiser: {results['denoiser']}",
+        *([f"- numerics: {results['numerics']}"] if results.get("numerics") else []),
         f"- box: {box['cpu']}, {box['threads']} threads, torch {box['torch']}, transformers {box['transformers']}, "
         f"{box['dtype']}, device {box.get('device', 'cpu')}" + (f" ({box['cuda']})" if on_gpu and box["cuda"] else ""),
         f"- {results['prompts']['count']} prompts ({'chat template' if results['prompts']['chat_template'] else 'plain'}), "

@@ -149,11 +149,13 @@ def llama_cpp_contender(python: str, model: str, threads: int, port: int, n_ctx:
 
 
 def server_command(model: str, dtype: str, port: int, max_batch: int, threads: int, *, exact: bool = True,
-                   quantize: str = "none", compile: bool = False, untrained_denoiser: bool = False) -> list[str]:
+                   quantize: str = "none", compile: bool = False, untrained_denoiser: bool = False,
+                   quantize_drafter: str | None = None) -> list[str]:
     """The ``twotower serve`` command line of our contender, with the model options it was asked for."""
     command = [sys.executable, "-m", "twotower.cli", "serve", "--model", model, "--dtype", dtype, "--port", str(port),
                "--served-model-name", "twotower", "--max-batch", str(max_batch), "--max-queue", "1024",
                "--threads", str(threads), "--log-level", "warning", "--quantize", quantize]
+    command += [] if quantize_drafter is None else ["--quantize-drafter", quantize_drafter]
     return command + ([] if exact else ["--no-exact"]) + (["--compile"] if compile else []) + \
         (["--untrained-denoiser"] if untrained_denoiser else [])
 
@@ -161,7 +163,8 @@ def server_command(model: str, dtype: str, port: int, max_batch: int, threads: i
 def run_serve_bench(*, model: str, dtype: str, concurrency: list[int], requests: int, max_tokens: int,
                     max_batch: int, threads: int | None, output_dir: str, prompts_file: str | None = None,
                     llama_cpp_python: str | None = None, exact: bool = True, quantize: str = "none",
-                    compile: bool = False, untrained_denoiser: bool = False) -> dict:
+                    compile: bool = False, untrained_denoiser: bool = False,
+                    quantize_drafter: str | None = None) -> dict:
     """The model options (``model`` .. ``untrained_denoiser``) are the server's own, as
     ``twotower serve`` takes them; they are recorded with the results."""
     if any(c < 1 for c in concurrency) or requests < 1 or max_tokens < 1 or max_batch < 1:
@@ -174,9 +177,10 @@ def run_serve_bench(*, model: str, dtype: str, concurrency: list[int], requests:
     prompts = [row["text"] for row in (load_prompt_set(prompts_file) if prompts_file else load_prompt_set())]
     port = _free_port()
     command = server_command(model, dtype, port, max_batch, threads, exact=exact, quantize=quantize, compile=compile,
-                             untrained_denoiser=untrained_denoiser)
+                             untrained_denoiser=untrained_denoiser, quantize_drafter=quantize_drafter)
     ours = [Contender("ar", command, "twotower", {"strategy": "ar"}), Contender("recommended", command, "twotower")]
-    results = {"model": model, "dtype": dtype, "quantize": quantize, "compile": compile, "exact": exact,
+    results = {"model": model, "dtype": dtype, "quantize": quantize, "quantize_drafter": quantize_drafter,
+               "compile": compile, "exact": exact,
                "untrained_denoiser": untrained_denoiser, "max_batch": max_batch, "max_tokens": max_tokens,
                "box": describe_box() | {"threads": threads}, "levels": {}, "llama_cpp": None}
     base = f"http://127.0.0.1:{port}"

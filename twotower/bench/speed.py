@@ -261,6 +261,7 @@ def run_speed_bench(
     steps_per_block: int | None = None,
     exact: bool = True,
     quantize: str = "none",
+    quantize_drafter: str | None = None,
     compile: bool = False,
     fused: bool | None = None,
     prompts_file: str | Path | None = None,
@@ -272,7 +273,8 @@ def run_speed_bench(
     ``steps_per_block=1`` the drafts are whole blocks (self-speculative decoding)."""
     _check(thresholds or [], block_sizes or [], batch_sizes, max_new_tokens, repeats, warmup)
     out = prepare_output_dir(output_dir)
-    loaded = load_model(model, dtype, device, untrained=untrained, exact=exact, quantize=quantize, compile=compile)
+    loaded = load_model(model, dtype, device, untrained=untrained, exact=exact, quantize=quantize,
+                        quantize_drafter=quantize_drafter, compile=compile)
     asked_dtype, dtype = dtype, str(loaded.context.dtype).removeprefix("torch.")  # auto resolved
     if loaded.tokenizer is None:
         raise UsageError(f"{model} has no tokenizer: the benchmark prompts are text")
@@ -359,6 +361,8 @@ def run_speed_bench(
         "dtype_asked": asked_dtype,
         "dtype_note": loaded.dtype_note,
         "quantize": quantize,
+        "quantize_drafter": quantize_drafter,
+        "numerics": loaded.describe_numerics(),
         "compile": loaded.context.compiler.describe() if loaded.context.compiler is not None else None,
         "max_new_tokens": max_new_tokens,
         "commit_rule": dial.commit_rule,

@@ -50,6 +50,7 @@ class LoadedModel:
     recommended: dict = field(default_factory=dict)
     dtype_note: str | None = None  # with dtype="auto": which dtype was picked and why
     quantization: QuantReport | None = None
+    drafter_quantization: QuantReport | None = None  # the denoiser tower's, when it differs from the context's
 
     def describe_numerics(self) -> str:
         """The dtype (and why, with auto) and the quantization, for summary lines."""
@@ -58,6 +59,9 @@ class LoadedModel:
             text += f" ({self.dtype_note})"
         if self.quantization is not None and self.quantization.scheme != "none":
             text += f", {self.quantization.scheme} weights"
+        if self.drafter_quantization is not None:
+            scheme = self.drafter_quantization.scheme
+            text += f", {'unquantized' if scheme == 'none' else scheme} drafter"
         compiler = self.context.compiler
         if compiler is not None:
             text += f", {compiler.describe()}"
@@ -84,6 +88,7 @@ def load_model(
     exact: bool = True,
     denoiser_device: str | torch.device | None = None,
     quantize: str = "none",
+    quantize_drafter: str | None = None,
     compile: bool = False,
 ) -> LoadedModel:
     """Load ``name_or_path`` (see the module docstring) for inference, in ``dtype`` (None: the
@@ -100,15 +105,22 @@ def load_model(
     context tower (``TwoTower.place_towers``; a lora denoiser then gets its merged copy, as it
     cannot share the context's weights across devices). ``quantize``: ``int8`` or ``int4``
     weight-only projections of both towers (model/quant.py), the AR model included, so that
-    verified decoding is exact against the same quantized model. ``compile``: decoding passes
+    verified decoding is exact against the same quantized model. ``quantize_drafter``: the
+    denoiser tower's own scheme (None: ``quantize``'s). Verified decoding stays the context
+    tower's AR, whatever drafts it checks, so a cheaper drafter buys speed, not errors; the dial
+    commits the drafter's tokens, so there it changes the output. A lora denoiser then gets its
+    merged copy to quantize, and fused passes (which draft on the context's weights) are refused.
+    ``compile``: decoding passes
     (not prompts) through torch.compile'd spans of sub-layers in both towers (model/compiled.py):
     faster steps, the same tokens, exact among themselves though not bitwise eager; where
     compilation cannot run, a one-line note and eager. ``dtype="auto"``: bf16 where the
     device has native bf16 kernels, else fp32 (``LoadedModel.dtype_note`` says which and why)."""
     if not isinstance(name_or_path, str) or not name_or_path.strip():
         raise UsageError(f"a model is a registry name or a path, got {name_or_path!r}")
-    if quantize not in QUANT_SCHEMES:
-        raise UsageError(f"unknown quantization {quantize!r} (choose from {', '.join(QUANT_SCHEMES)})")
+    for scheme in (quantize, quantize_drafter):
+        if scheme is not None and scheme not in QUANT_SCHEMES:
+            raise UsageError(f"unknown quantization {scheme!r} (choose from {', '.join(QUANT_SCHEMES)})")
+    drafter = quantize if quantize_drafter is None else quantize_drafter
     saved_dtype = dtype is None
     dtype_note = None
     if isinstance(dtype, str) and dtype == "auto":
@@ -137,16 +149,20 @@ def load_model(
                              UNTRAINED_NOTE)
         merge_adapters = False  # merging untrained (zero) adapters would only cost memory
     split = denoiser_device is not None and resolve_device(denoiser_device) != resolve_device(device)
-    if merge_adapters or split:
+    own_drafter = drafter != quantize  # the denoiser tower needs weights of its own
+    if merge_adapters or split or own_drafter:
         loaded.model.merge_adapters()  # a no-op for the full flavour
     if split:
         loaded.model.place_towers(device, denoiser_device)
     loaded.dtype_note = dtype_note
-    if quantize != "none":
+    if quantize != "none" or drafter != "none":
         loaded.model.requires_grad_(False)  # (a training checkpoint's full denoiser comes trainable)
     loaded.quantization = quantize_backbone(loaded.model.context, quantize)
-    if loaded.model.denoiser_tower is not None:  # a full denoiser or the merged copy: the same scheme
-        quantize_backbone(loaded.model.denoiser_tower, quantize)
+    if loaded.model.denoiser_tower is not None:  # a full denoiser or the merged copy
+        report = quantize_backbone(loaded.model.denoiser_tower, drafter)
+        if own_drafter:
+            loaded.drafter_quantization = report
+            loaded.model.drafter_scheme = drafter
     for tower in {id(t): t for t in (loaded.model.context, loaded.model.denoiser)}.values():
         tower.set_exact(exact)
         if compile:

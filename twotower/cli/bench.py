@@ -89,7 +89,8 @@ def run_serve(args: argparse.Namespace) -> None:
                     max_tokens=args.max_tokens, max_batch=args.max_batch, threads=args.threads,
                     output_dir=args.output_dir, prompts_file=args.prompts_file,
                     llama_cpp_python=args.llama_cpp_python, exact=args.exact, quantize=args.quantize,
-                    compile=args.compile, untrained_denoiser=args.untrained_denoiser)
+                    compile=args.compile, untrained_denoiser=args.untrained_denoiser,
+                    quantize_drafter=args.quantize_drafter)
 
 
 def run_ar(args: argparse.Namespace) -> None:
@@ -119,5 +120,5 @@ def run_speed(args: argparse.Namespace) -> None:
             prompt_lookup_tokens=args.prompt_lookup_tokens, output_dir=args.output_dir, untrained=args.untrained_denoiser,
             device=args.device, commit_rule=args.commit_rule, verify=args.verify, steps_per_block=args.steps_per_block,
             fused=args.fused, exact=args.exact, prompts_file=args.prompts_file, quantize=args.quantize,
-            compile=args.compile,
+            quantize_drafter=args.quantize_drafter, compile=args.compile,
         )

@@ -43,7 +43,7 @@ def run_quality(args: argparse.Namespace) -> None:
     with flag_names():
         run_quality(QualitySettings(
             model=args.model, dtype=args.dtype, device=args.device, untrained=args.untrained_denoiser, exact=args.exact,
-            quantize=args.quantize, compile=args.compile,
+            quantize=args.quantize, quantize_drafter=args.quantize_drafter, compile=args.compile,
             prompts_file=args.prompts_file, prompts=args.prompts, chat=not args.no_chat,
             thresholds=args.thresholds, block_sizes=args.block_sizes, steps_per_block=args.steps_per_block,
             commit_rule=args.commit_rule, verify=args.verify, fused=args.fused, max_new_tokens=args.max_new_tokens,

@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> None:
         raise UsageError("--show-steps needs --mode mask_diffusion or mock_ar")
     loaded = load_model(args.model, args.dtype, untrained=args.untrained_denoiser, block_size=args.block_size or 16,
                         context_only=args.mode == "ar", merge_adapters=not args.no_merge_adapters, exact=args.exact,
-                        quantize=args.quantize, compile=args.compile)
+                        quantize=args.quantize, quantize_drafter=args.quantize_drafter, compile=args.compile)
     warn_untrained(loaded)
     settings = settings_from_args(args, loaded.recommended)
     chat = args.chat or args.system is not None

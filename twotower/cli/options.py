@@ -33,6 +33,11 @@ def add_model_options(parser: argparse.ArgumentParser, dtype_default: str = "flo
     parser.add_argument("--quantize", choices=list(QUANT_SCHEMES), default="none",
                         help="weight-only quantization of both towers' projections (the AR model too): int8 per "
                              "channel or int4 in groups of 32 (a GGUF's Q4_1 blocks), through PyTorch's packed kernels")
+    parser.add_argument("--quantize-drafter", choices=list(QUANT_SCHEMES), default=None,
+                        help="the denoiser tower's own quantization (default: --quantize's): verified decoding "
+                             "stays the AR model's output whatever drafts it checks, so a cheaper drafter is "
+                             "speed without errors (the dial commits the drafter's tokens: there it changes "
+                             "them; fused passes are refused)")
     parser.add_argument("--compile", action="store_true",
                         help="decoding passes through torch.compile (both towers; prompts stay eager): faster steps "
                              "after a one-off compilation (minutes on 2 cores, then cached on disk); the same tokens")

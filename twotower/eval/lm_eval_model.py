@@ -39,12 +39,14 @@ class TwoTowerLM(LM):
         batch_size: int | str = 1,  # accepted for lm_eval's CLI; requests run one at a time
         exact: bool = True,
         quantize: str = "none",
+        quantize_drafter: str | None = None,
         compile: bool = False,
     ) -> None:
         """Decoding options left out follow the model's recommendation by the rule every front
         end uses (``twotower.generate.settings.resolve_settings``)."""
         super().__init__()
-        loaded = load_model(pretrained, dtype, exact=exact, quantize=quantize, compile=compile)
+        loaded = load_model(pretrained, dtype, exact=exact, quantize=quantize, quantize_drafter=quantize_drafter,
+                            compile=compile)
         warn_untrained(loaded)
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
         self.note = loaded.note  # set when the denoiser is untrained

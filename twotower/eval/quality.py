@@ -49,6 +49,7 @@ class QualitySettings:
     untrained: bool = False  # a registry model without its shipped denoiser
     exact: bool = True  # batch- and shape-invariant inference (model/exact.py)
     quantize: str = "none"  # weight-only int8 / int4 of both towers (model/quant.py)
+    quantize_drafter: str | None = None  # the denoiser tower's own (None: quantize's)
     compile: bool = False  # decoding passes through torch.compile (model/compiled.py)
     prompts_file: str = str(PROMPT_SET)
     prompts: int | None = None  # the first N prompts; None: all
@@ -161,7 +162,8 @@ def run_quality(settings: QualitySettings) -> dict:
     output_dir = prepare_output_dir(settings.output_dir)
     rows = load_prompt_set(settings.prompts_file, settings.prompts)
     loaded = load_model(settings.model, settings.dtype, settings.device, untrained=settings.untrained,
-                        exact=settings.exact, quantize=settings.quantize, compile=settings.compile)
+                        exact=settings.exact, quantize=settings.quantize,
+                        quantize_drafter=settings.quantize_drafter, compile=settings.compile)
     warn_untrained(loaded)
     model, tokenizer, note = loaded.model, loaded.tokenizer, loaded.note
     if tokenizer is None:

@@ -153,6 +153,7 @@ class TwoTowerForCausalLM(PreTrainedModel, GenerationMixin):
         merge_adapters: bool = True,
         exact: bool = True,
         quantize: str = "none",
+        quantize_drafter: str | None = None,
         compile: bool = False,
         **kwargs,
     ) -> TwoTowerForCausalLM:
@@ -168,7 +169,7 @@ class TwoTowerForCausalLM(PreTrainedModel, GenerationMixin):
             raise TypeError(f"unsupported arguments for TwoTowerForCausalLM.from_pretrained: {unknown or model_args}")
         dtype = None if dtype == "auto" else dtype
         loaded = load_model(str(pretrained_model_name_or_path), dtype, device, merge_adapters=merge_adapters,
-                            exact=exact, quantize=quantize, compile=compile)
+                            exact=exact, quantize=quantize, quantize_drafter=quantize_drafter, compile=compile)
         if loaded.note:
             log.warning("twotower: %s", loaded.note)
         return cls.from_twotower(loaded.model, loaded.backbone, loaded.tokenizer, loaded.recommended).eval()

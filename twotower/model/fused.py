@@ -44,6 +44,9 @@ def check_fusable(model: TwoTower) -> None:
                          "this denoiser is a full copy")
     if not model.config.token_shift:
         raise UsageError("a fused pass needs the token-shift block layout")
+    if model.drafter_scheme is not None:
+        raise UsageError(f"a fused pass drafts on the context tower's weights, and this model's drafter has its own "
+                         f"({model.drafter_scheme}); load it without a separate drafter quantization to fuse")
     if model.split:
         raise UsageError(f"a fused pass runs both towers in one forward on one device; the context tower is on "
                          f"{model.context.device} and the denoiser on {model.denoiser.device}")

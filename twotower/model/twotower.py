@@ -91,6 +91,9 @@ class TwoTower(nn.Module):
         self.config = config = config or DenoiserConfig()
         bcfg = context.config
         self.context = context.requires_grad_(False)
+        # set (load_model's quantize_drafter) when the denoiser tower's weights are quantized
+        # otherwise than the context's: a fused pass, which drafts on the context's, would not use them
+        self.drafter_scheme: str | None = None
         if config.flavour == "full":
             self.denoiser_tower: Backbone | None = copy.deepcopy(context).requires_grad_(True)
             self._lora_layers: list = []
@@ -168,6 +171,7 @@ class TwoTower(nn.Module):
     def unmerge_adapters(self) -> TwoTower:
         if self.merged:
             self.denoiser_tower = None
+            self.drafter_scheme = None
         return self
 
     def place_towers(self, context_device: str | torch.device, denoiser_device: str | torch.device) -> TwoTower:
