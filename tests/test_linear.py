@@ -85,16 +85,39 @@ def test_copy_after_packing():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_row_does_not_depend_on_its_batch_mates(dtype):
+@pytest.mark.parametrize("inner, outer", [(576, 1536), (1536, 576)])
+def test_a_row_does_not_depend_on_its_batch_mates(dtype, inner, outer):
     """What exact decoding rests on: a row's product is bitwise the same alone, among 1 to 63
     other rows, and wherever it sits (the packed fp32 path; bf16 takes whichever path this CPU
     has)."""
     torch.manual_seed(0)
-    lin = Linear(576, 1536, bias=False).to(dtype)
-    x = torch.randn(64, 576).to(dtype)
+    lin = Linear(inner, outer, bias=False).to(dtype)
+    x = torch.randn(64, inner).to(dtype)
     with torch.no_grad():
+        # every row alone == the same row among 64 (on AVX512, oneDNN's one-row kernel for a
+        # 1536-wide input differed in the last bits from its several-row one, fp32 and bf16)
+        batch = lin(x)
+        assert all(torch.equal(lin(x[i:i + 1])[0], batch[i]) for i in range(64))
         alone = lin(x[:1])
         for rows in (2, 3, 5, 8, 16, 17, 64):
             assert torch.equal(lin(x[:rows])[:1], alone), rows
         for at in (1, 4, 7):
             assert torch.equal(lin(torch.cat([x[1:1 + at], x[:1]]))[at:at + 1], alone), at
+
+
+def test_a_lone_row_is_paired_only_under_exact_inference(monkeypatch):
+    """The pairing costs a pad and a two-row kernel per product; --no-exact (set_exact(False))
+    drops it with the rest of exact inference."""
+    from tiny_models import attention_config, tiny_backbone
+
+    seen = []
+    real = torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda x, *a: seen.append(x.shape[0]) or real(x, *a))
+    model = tiny_backbone(attention_config())
+    with torch.no_grad():
+        for exact in (True, False):
+            seen.clear()
+            model.set_exact(exact)
+            assert all(m.exact is exact for m in model.modules() if isinstance(m, Linear))
+            model.lm_head(torch.randn(1, model.config.hidden_size))
+            assert seen == [2 if exact else 1]

@@ -94,9 +94,10 @@ class Backbone(nn.Module):
 
     def set_exact(self, exact: bool) -> Backbone:
         """Exact inference (model/exact.py: batch- and shape-invariant attention and Mamba, the
-        default) or PyTorch's fused kernels (faster where their shapes vary, not invariant)."""
+        default, and a lone row's packed products paired, linear._packed_product) or PyTorch's fused
+        kernels (faster where their shapes vary, not invariant)."""
         for module in self.modules():
-            if isinstance(module, Attention | Mamba2):
+            if isinstance(module, Attention | Mamba2 | Linear):
                 module.exact = exact
         return self
 

@@ -49,11 +49,26 @@ def _packable(x: torch.Tensor, weight: torch.Tensor, packing: bool = True) -> bo
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
 
 
+def _packed_product(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, exact: bool = True) -> torch.Tensor:
+    """x @ W.T + bias through W's packed copy. A lone row goes with a zero row for company: on
+    AVX512 CPUs oneDNN takes another kernel for one row than for several when the inner dim is
+    large (measured, torch 2.13, AVX512-BF16 EPYC: every one of 64 rows differed in the last bits
+    for a 1536 -> 576 product in fp32, 4 of 64 in bf16; two or more rows gave a row the same bits
+    wherever it sat), and exact inference needs a row's product to be the same alone. It costs
+    ~45 us a product there (the pad and the two-row kernel), ~4 ms an fp32 AR step of SmolLM2;
+    ``exact=False`` (``--no-exact``) skips it."""
+    if not exact or x.numel() != x.shape[-1]:
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    pair = F.pad(x.reshape(1, -1), (0, 0, 0, 1))
+    return torch.ops.mkldnn._linear_pointwise(pair, packed, bias, "none", [], "")[:1].view(*x.shape[:-1], -1)
+
+
 class WeightPacks:
     """oneDNN-packed copies of weight matrices (a Linear's, or one per expert), made lazily and
     rebuilt whenever a weight is replaced, modified in place or cast. The packed product of a
-    row does not depend on how many rows share the call (measured: bitwise, fp32, 1 to 64
-    rows), which plain ``F.linear`` does not give (its one-row path is another kernel)."""
+    row does not depend on how many rows share the call (measured: bitwise, fp32 and bf16, 1 to
+    64 rows, a lone row paired with a zero row: ``_packed_product``), which plain ``F.linear``
+    does not give (its one-row path is another kernel)."""
 
     def __init__(self) -> None:
         self._packs: dict = {}
@@ -76,7 +91,7 @@ class WeightPacks:
             entry = (key, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), _PACK_BATCH_HINT))
             self._packs[name] = entry
         bias = bias.detach() if bias is not None else None
-        return torch.ops.mkldnn._linear_pointwise(x, entry[1], bias, "none", [], "")
+        return _packed_product(x, entry[1], bias)
 
 
 # The packed copies of Linear weights, keyed on the weight tensor itself (its id, checked
@@ -105,14 +120,14 @@ def packed_bytes(module: nn.Module) -> int:
 
 
 @torch.library.custom_op("twotower::packed_linear", mutates_args=())
-def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, exact: bool) -> torch.Tensor:
     """x @ weight.T + bias through the weight's packed copy: one opaque op, so that a compiled
     graph calls the row-invariant oneDNN product rather than the compiler's own."""
-    return torch.ops.mkldnn._linear_pointwise(x, _pack_of(weight), bias, "none", [], "")
+    return _packed_product(x, _pack_of(weight), bias, exact)
 
 
 @packed_linear.register_fake
-def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, exact: bool) -> torch.Tensor:
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
@@ -120,6 +135,7 @@ class Linear(nn.Linear):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.packing = packing_available()  # set False to force plain F.linear
+        self.exact = True  # a lone row's product the same as among others (Backbone.set_exact)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.weight, self.bias
@@ -127,5 +143,5 @@ class Linear(nn.Linear):
             return F.linear(x, weight, bias)
         bias = bias.detach() if bias is not None else None
         if torch.compiler.is_compiling():
-            return packed_linear(x, weight, bias)
-        return torch.ops.mkldnn._linear_pointwise(x, _pack_of(weight), bias, "none", [], "")
+            return packed_linear(x, weight, bias, self.exact)
+        return _packed_product(x, _pack_of(weight), bias, self.exact)
