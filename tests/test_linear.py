@@ -88,8 +88,9 @@ def test_copy_after_packing():
 @pytest.mark.parametrize("inner, outer", [(576, 1536), (1536, 576)])
 def test_a_row_does_not_depend_on_its_batch_mates(dtype, inner, outer):
     """What exact decoding rests on: a row's product is bitwise the same alone, among 1 to 63
-    other rows, and wherever it sits (the packed fp32 path; bf16 takes whichever path this CPU
-    has)."""
+    other rows, and wherever it sits, for an inner dim below and above the width at which
+    oneDNN's one-row kernel differed on AVX512 (the packed fp32 path; bf16 takes whichever path
+    this CPU has)."""
     torch.manual_seed(0)
     lin = Linear(inner, outer, bias=False).to(dtype)
     x = torch.randn(64, inner).to(dtype)

@@ -247,6 +247,7 @@ def markdown(results: dict) -> str:
     lines = [f"# bench serve: {results['model']}", "",
              f"- box: {box['cpu']} ({', '.join(box.get('cpu_flags', [])) or 'no flags read'}), {box['threads']} threads, "
              f"torch {box['torch']}, {results['dtype']}, quantize {results.get('quantize', 'none')}"
+             f"{'' if results.get('quantize_drafter') is None else ', drafter ' + results['quantize_drafter']}"
              f"{', compiled' if results.get('compile') else ''}{'' if results.get('exact', True) else ', --no-exact'}; "
              f"server --max-batch {results['max_batch']}",
              f"- streamed chat completions of the shipped prompt set, up to {results['max_tokens']} tokens, greedy; "

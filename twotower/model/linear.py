@@ -55,7 +55,7 @@ def _packed_product(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | 
     large (measured, torch 2.13, AVX512-BF16 EPYC: every one of 64 rows differed in the last bits
     for a 1536 -> 576 product in fp32, 4 of 64 in bf16; two or more rows gave a row the same bits
     wherever it sat), and exact inference needs a row's product to be the same alone. It costs
-    ~45 us a product there (the pad and the two-row kernel), ~4 ms an fp32 AR step of SmolLM2;
+    ~45 us a product there (the pad and the two-row kernel), ~4 ms per 90 one-row products;
     ``exact=False`` (``--no-exact``) skips it."""
     if not exact or x.numel() != x.shape[-1]:
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
