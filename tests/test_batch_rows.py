@@ -22,7 +22,7 @@ def loaded(world, request):
 
 def _row_settings(loaded, strategy: str, sampled: bool) -> list:
     rows = []
-    for i, prompt in enumerate(PROMPTS):
+    for i in range(len(PROMPTS)):
         kw = dict(strategy=strategy, max_new_tokens=[9, 17, 5, 12][i])
         if sampled:
             kw |= {"temperature": 0.9, "seed": 100 + 7 * i}

@@ -16,9 +16,9 @@ from twotower.bench.decoders import Decoded, ForwardCounter, counted, ours, tran
 from twotower.bench.report import markdown, pareto_frontier
 from twotower.bench.speed import Contender, batches_of, summarise
 from twotower.bench.timing import interleaved
-from twotower.generate.ar import shape_rows
 from twotower.cli import main
 from twotower.generate import DecodingSettings, generate_ar
+from twotower.generate.ar import shape_rows
 from twotower.generate.prompts import load_prompt_set
 from twotower.model.twotower import DenoiserConfig, TwoTower
 

@@ -156,3 +156,18 @@ def test_load_model_compiles_both_towers_and_says_so(world):
     assert loaded.context.compiler is not None and loaded.model.denoiser.compiler is not None
     assert "compiled passes of <= 64 tokens" in loaded.describe_numerics()
     assert load_model(str(world.tt)).context.compiler is None
+
+
+@SLOW
+def test_a_fast_drafter_compiles_the_drafter_alone_and_verified_is_eager_ar(world):
+    """--quantize-drafter fast: the denoiser tower compiled, the context tower eager and exact,
+    so verified decoding is the eager fp32 AR model's output."""
+    from test_quant import _verified_is_ar
+
+    from twotower import load_model
+
+    loaded = load_model(str(world.tt), quantize_drafter="fast")
+    assert loaded.context.compiler is None
+    assert loaded.model.denoiser.compiler is not None and "compiled passes" in loaded.describe_numerics()
+    _verified_is_ar(load_model(str(world.tt)), loaded)
+    assert not loaded.model.denoiser.compiler.failed

@@ -232,10 +232,65 @@ def test_the_drafter_takes_the_context_scheme_unless_told_otherwise(world, capsy
     own = load_model(str(world.tt), quantize="int4", quantize_drafter="none")  # a full-precision drafter
     assert not any(isinstance(m, QuantLinear) for m in own.model.denoiser.modules())
     assert own.model.drafter_scheme == "none" and "int4 weights, unquantized drafter" in own.describe_numerics()
-    with pytest.raises(UsageError, match="unknown quantization 'int3'"):
+    with pytest.raises(UsageError, match="unknown drafter quantization 'int3'"):
         load_model(str(world.tt), quantize_drafter="int3")
     from twotower.cli import main
 
     code = main(["generate", "the cat", "--model", str(world.tt), "--max-new-tokens", "4", "--threads", "1",
                  "--quantize-drafter", "int4", "--verify", "--no-stream"])
     assert code == 0 and "int4 drafter" in capsys.readouterr().err
+
+
+def _verified_is_ar(full, loaded) -> None:
+    """Verified decoding with ``loaded``'s drafter gives ``full``'s AR tokens, with several
+    drafted tokens kept in some step and rejections in others."""
+    prompts = ["the cat sat on the mat and the", "A dog ran", "and the dog ran and the cat"]
+    ar = decode(full.model, prompts, resolve_settings(strategy="ar", max_new_tokens=20), tokenizer=full.tokenizer)
+    out = decode(loaded.model, prompts, resolve_settings(loaded.recommended, strategy="verified", max_new_tokens=20),
+                 tokenizer=loaded.tokenizer)
+    assert out.tokens == ar.tokens
+    assert max(n for row in out.stats.accepted for n in row) > 1
+    assert any(n < d + 1 for acc, dr in zip(out.stats.accepted, out.stats.drafted) for n, d in zip(acc, dr))
+
+
+def test_a_fast_drafter_is_int4_in_its_own_dtype_on_fused_kernels_and_verified_is_still_ar(world, monkeypatch):
+    """--quantize-drafter fast: the drafter alone is int4, in auto's dtype, not exact, compiled
+    where torch.compile runs (here made unavailable: the compiled case is in test_compiled.py);
+    the context tower stays the fp32 exact AR model, so verified decoding is its output."""
+    from twotower.model import compiled
+    from twotower.model.devices import auto_dtype
+    from twotower.model.layers import Attention
+
+    monkeypatch.setattr(compiled, "compile_unavailable", lambda device: "no compiler (test)")
+    full = load_model(str(world.tt))
+    loaded = load_model(str(world.tt), quantize_drafter="fast")
+    tt = loaded.two_tower
+    dtype = auto_dtype("cpu")[0]
+    assert tt.context.dtype == torch.float32 and tt.denoiser.dtype == dtype and tt.time.t_block[1].weight.dtype == dtype
+    assert any(isinstance(m, QuantLinear) for m in tt.denoiser.modules())
+    assert not any(isinstance(m, QuantLinear) for m in tt.context.modules())
+    assert all(m.exact for m in tt.context.modules() if isinstance(m, Attention))
+    assert not any(m.exact for m in tt.denoiser.modules() if isinstance(m, Attention))
+    assert tt.denoiser.compiler is None and tt.context.compiler is None
+    numerics = loaded.describe_numerics()
+    assert f"int4 drafter ({str(dtype).removeprefix('torch.')}, fused kernels, eager)" in numerics, numerics
+    _verified_is_ar(full, loaded)
+    with pytest.raises(UsageError, match="fused pass drafts on the context tower's weights"):
+        decode(tt, ["A dog ran"], resolve_settings(loaded.recommended, strategy="fused", max_new_tokens=4),
+               tokenizer=loaded.tokenizer)
+
+
+def test_a_bf16_drafter_reads_an_fp32_mamba_context(world):
+    """cast_drafter: a hybrid (Mamba-2 + attention) denoiser in bf16 over an fp32 context tower
+    reads its conv and SSM states converted; verified decoding is still the fp32 AR model's."""
+    from test_twotower import PERTURB, two_tower
+
+    from twotower.generate import generate_ar, generate_mask_diffusion
+
+    model = two_tower("hybrid", "lora", perturb=PERTURB).merge_adapters().cast_drafter(torch.bfloat16)
+    assert model.denoiser.dtype == torch.bfloat16 and model.context.dtype == torch.float32
+    prompts = [[3, 5, 7, 9, 11], [4, 6, 8]]
+    ar = generate_ar(model.context, prompts, max_new_tokens=12, eos_token_id=[]).tokens
+    out = generate_mask_diffusion(model, prompts, max_new_tokens=12, verify=True, steps_per_block=1,
+                                  eos_token_id=[])
+    assert out.tokens == ar

@@ -33,6 +33,16 @@ __all__ = ["SHIPPED_DIR", "LoadedModel", "load_model", "shipped_denoiser", "deno
 
 log = logging.getLogger(__name__)
 
+# ``quantize_drafter="fast"``: the drafter in the fastest numerics of this machine, which verified
+# decoding may take because its output is the context tower's whatever the drafts: int4 weights,
+# bf16 where the device has native bf16 kernels (auto_dtype), PyTorch's fused kernels instead of
+# exact inference, its passes compiled where torch.compile runs. Measured on a 2-core AVX512-BF16
+# EPYC (fp32 context, the shipped preset, 5 prompts x 64 tokens, one interleaved run): int4 alone
+# 1.18x our fp32 AR, + bf16 1.20x, + fused kernels 1.28x, + compiled 1.40x.
+FAST_DRAFTER = "fast"
+FAST_DRAFTER_SCHEME = "int4"
+DRAFTER_SCHEMES = (*QUANT_SCHEMES, FAST_DRAFTER)
+
 UNTRAINED_NOTE = (
     "untrained denoiser: a lora denoiser initialised as a copy of the AR model (identity time "
     "conditioning), so expect about one committed token per step"
@@ -51,6 +61,7 @@ class LoadedModel:
     dtype_note: str | None = None  # with dtype="auto": which dtype was picked and why
     quantization: QuantReport | None = None
     drafter_quantization: QuantReport | None = None  # the denoiser tower's, when it differs from the context's
+    drafter_note: str | None = None  # a fast drafter's numerics, in words
 
     def describe_numerics(self) -> str:
         """The dtype (and why, with auto) and the quantization, for summary lines."""
@@ -62,6 +73,8 @@ class LoadedModel:
         if self.drafter_quantization is not None:
             scheme = self.drafter_quantization.scheme
             text += f", {'unquantized' if scheme == 'none' else scheme} drafter"
+        if self.drafter_note:
+            text += f" ({self.drafter_note})"
         compiler = self.context.compiler
         if compiler is not None:
             text += f", {compiler.describe()}"
@@ -106,7 +119,8 @@ def load_model(
     cannot share the context's weights across devices). ``quantize``: ``int8`` or ``int4``
     weight-only projections of both towers (model/quant.py), the AR model included, so that
     verified decoding is exact against the same quantized model. ``quantize_drafter``: the
-    denoiser tower's own scheme (None: ``quantize``'s). Verified decoding stays the context
+    denoiser tower's own scheme (None: ``quantize``'s; ``"fast"``: FAST_DRAFTER, int4 and the
+    drafter's own dtype, kernels and compiled passes). Verified decoding stays the context
     tower's AR, whatever drafts it checks, so a cheaper drafter buys speed, not errors; the dial
     commits the drafter's tokens, so there it changes the output. A lora denoiser then gets its
     merged copy to quantize, and fused passes (which draft on the context's weights) are refused.
@@ -117,10 +131,12 @@ def load_model(
     device has native bf16 kernels, else fp32 (``LoadedModel.dtype_note`` says which and why)."""
     if not isinstance(name_or_path, str) or not name_or_path.strip():
         raise UsageError(f"a model is a registry name or a path, got {name_or_path!r}")
-    for scheme in (quantize, quantize_drafter):
-        if scheme is not None and scheme not in QUANT_SCHEMES:
-            raise UsageError(f"unknown quantization {scheme!r} (choose from {', '.join(QUANT_SCHEMES)})")
-    drafter = quantize if quantize_drafter is None else quantize_drafter
+    if quantize not in QUANT_SCHEMES:
+        raise UsageError(f"unknown quantization {quantize!r} (choose from {', '.join(QUANT_SCHEMES)})")
+    if quantize_drafter is not None and quantize_drafter not in DRAFTER_SCHEMES:
+        raise UsageError(f"unknown drafter quantization {quantize_drafter!r} (choose from {', '.join(DRAFTER_SCHEMES)})")
+    fast_drafter = quantize_drafter == FAST_DRAFTER
+    drafter = FAST_DRAFTER_SCHEME if fast_drafter else quantize if quantize_drafter is None else quantize_drafter
     saved_dtype = dtype is None
     dtype_note = None
     if isinstance(dtype, str) and dtype == "auto":
@@ -149,7 +165,7 @@ def load_model(
                              UNTRAINED_NOTE)
         merge_adapters = False  # merging untrained (zero) adapters would only cost memory
     split = denoiser_device is not None and resolve_device(denoiser_device) != resolve_device(device)
-    own_drafter = drafter != quantize  # the denoiser tower needs weights of its own
+    own_drafter = drafter != quantize or fast_drafter  # the denoiser tower needs weights of its own
     if merge_adapters or split or own_drafter:
         loaded.model.merge_adapters()  # a no-op for the full flavour
     if split:
@@ -162,12 +178,26 @@ def load_model(
         report = quantize_backbone(loaded.model.denoiser_tower, drafter)
         if own_drafter:
             loaded.drafter_quantization = report
-            loaded.model.drafter_scheme = drafter
+            loaded.model.drafter_scheme = quantize_drafter if fast_drafter else drafter
     for tower in {id(t): t for t in (loaded.model.context, loaded.model.denoiser)}.values():
         tower.set_exact(exact)
         if compile:
             tower.compile_passes()
+    if fast_drafter:
+        loaded.drafter_note = _speed_up_drafter(loaded.model, device)
     return loaded
+
+
+def _speed_up_drafter(model: TwoTower, device: str | torch.device) -> str:
+    """The rest of a fast drafter after its int4 weights (see FAST_DRAFTER): its dtype, fused
+    kernels, compiled passes. Returns them in words."""
+    dtype, _ = auto_dtype(device)
+    model.cast_drafter(dtype)
+    drafter = model.denoiser_tower.set_exact(False)
+    if drafter.compiler is None:
+        drafter.compile_passes()
+    passes = drafter.compiler.describe() if drafter.compiler is not None else "eager"
+    return f"{str(dtype).removeprefix('torch.')}, fused kernels, {passes}"
 
 
 def warn_untrained(loaded: LoadedModel) -> None:

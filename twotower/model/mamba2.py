@@ -152,8 +152,9 @@ class Mamba2(nn.Module):
             xbc = xbc * valid
 
         # causal depthwise conv over [previous K-1 inputs ; new inputs]
-        # .to: a denoiser on another device reads the context tower's state across devices
-        past = state.conv.to(xbc.device) if state is not None else xbc.new_zeros(b, self.conv_dim, m.conv_kernel - 1)
+        # .to: a denoiser on another device or in another dtype (a fast drafter) reads the
+        # context tower's state across them
+        past = state.conv.to(xbc.device, xbc.dtype) if state is not None else xbc.new_zeros(b, self.conv_dim, m.conv_kernel - 1)
         window = torch.cat([past, xbc.transpose(1, 2)], dim=-1)
         xbc = exact.silu(exact.depthwise_conv(window, self.conv1d)).transpose(1, 2)
         if valid is not None:

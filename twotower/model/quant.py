@@ -153,8 +153,8 @@ class QuantLinear(nn.Module):
             report.kernel = f"aten {scheme} kernel, {str(COMPUTE_DTYPE).removeprefix('torch.')} activations"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._dequantized is not None:
-            return F.linear(x, self._dequantized, self.bias)
+        if self._dequantized is not None:  # (in x's dtype: a drafter cast after quantizing, cast_drafter)
+            return F.linear(x, self._dequantized.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         y = quantized_product(self.scheme, x.reshape(-1, self.in_features).to(COMPUTE_DTYPE), self.codes, self.scales)
         y = y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         return y if self.bias is None else y + self.bias
