@@ -184,14 +184,15 @@ def load_model(
         if compile:
             tower.compile_passes()
     if fast_drafter:
-        loaded.drafter_note = _speed_up_drafter(loaded.model, device)
+        loaded.drafter_note = _speed_up_drafter(loaded.model)
     return loaded
 
 
-def _speed_up_drafter(model: TwoTower, device: str | torch.device) -> str:
-    """The rest of a fast drafter after its int4 weights (see FAST_DRAFTER): its dtype, fused
+def _speed_up_drafter(model: TwoTower) -> str:
+    """The rest of a fast drafter after its int4 weights (see FAST_DRAFTER): its dtype (for the
+    device it sits on, which ``denoiser_device`` may have made another than the context's), fused
     kernels, compiled passes. Returns them in words."""
-    dtype, _ = auto_dtype(device)
+    dtype, _ = auto_dtype(model.denoiser_tower.device)
     model.cast_drafter(dtype)
     drafter = model.denoiser_tower.set_exact(False)
     if drafter.compiler is None:
