@@ -199,6 +199,18 @@ def test_the_command_line_takes_quantize_and_dtype_auto(world, capsys):
     assert bad.value.code == 2 and "invalid choice: 'int3'" in capsys.readouterr().err
 
 
+def _verified_is_ar(full, loaded) -> None:
+    """Verified decoding with ``loaded``'s drafter gives ``full``'s AR tokens, with several
+    drafted tokens kept in some step and rejections in others."""
+    prompts = ["the cat sat on the mat and the", "A dog ran", "and the dog ran and the cat"]
+    ar = decode(full.model, prompts, resolve_settings(strategy="ar", max_new_tokens=20), tokenizer=full.tokenizer)
+    out = decode(loaded.model, prompts, resolve_settings(loaded.recommended, strategy="verified", max_new_tokens=20),
+                 tokenizer=loaded.tokenizer)
+    assert out.tokens == ar.tokens
+    assert max(n for row in out.stats.accepted for n in row) > 1
+    assert any(n < d + 1 for acc, dr in zip(out.stats.accepted, out.stats.drafted) for n, d in zip(acc, dr))
+
+
 @pytest.mark.parametrize("drafter", ["int8", "int4"])
 def test_a_quantized_drafter_checked_by_the_full_precision_ar_model_is_that_ar_model(world, drafter):
     """--quantize-drafter: the denoiser tower alone is quantized; verified decoding is then the
@@ -210,18 +222,12 @@ def test_a_quantized_drafter_checked_by_the_full_precision_ar_model_is_that_ar_m
     assert tt.merged and any(isinstance(m, QuantLinear) for m in tt.denoiser.modules())
     assert loaded.drafter_quantization.scheme == drafter and loaded.drafter_quantization.layers > 0
     assert f"{drafter} drafter" in loaded.describe_numerics() and "weights" not in loaded.describe_numerics()
-    prompts = ["the cat sat on the mat and the", "A dog ran", "and the dog ran and the cat"]
-    ar = decode(full.model, prompts, resolve_settings(strategy="ar", max_new_tokens=20), tokenizer=full.tokenizer)
-    verified = resolve_settings(loaded.recommended, strategy="verified", max_new_tokens=20)
-    out = decode(tt, prompts, verified, tokenizer=loaded.tokenizer)
-    assert out.tokens == ar.tokens
-    assert max(n for row in out.stats.accepted for n in row) > 1  # several drafted tokens kept in a step
-    assert any(n < d + 1 for acc, dr in zip(out.stats.accepted, out.stats.drafted) for n, d in zip(acc, dr))  # rejections
+    _verified_is_ar(full, loaded)
     with torch.inference_mode():  # the drafts come from other weights than the unquantized drafter's
         ids = torch.tensor([[3, 5, 7, 9, 11, 13]])
         assert not torch.equal(tt.denoiser(ids), full.model.denoiser(ids))
     with pytest.raises(UsageError, match="fused pass drafts on the context tower's weights"):
-        decode(tt, prompts, resolve_settings(loaded.recommended, strategy="fused", max_new_tokens=4),
+        decode(tt, ["A dog ran"], resolve_settings(loaded.recommended, strategy="fused", max_new_tokens=4),
                tokenizer=loaded.tokenizer)
 
 
@@ -239,18 +245,6 @@ def test_the_drafter_takes_the_context_scheme_unless_told_otherwise(world, capsy
     code = main(["generate", "the cat", "--model", str(world.tt), "--max-new-tokens", "4", "--threads", "1",
                  "--quantize-drafter", "int4", "--verify", "--no-stream"])
     assert code == 0 and "int4 drafter" in capsys.readouterr().err
-
-
-def _verified_is_ar(full, loaded) -> None:
-    """Verified decoding with ``loaded``'s drafter gives ``full``'s AR tokens, with several
-    drafted tokens kept in some step and rejections in others."""
-    prompts = ["the cat sat on the mat and the", "A dog ran", "and the dog ran and the cat"]
-    ar = decode(full.model, prompts, resolve_settings(strategy="ar", max_new_tokens=20), tokenizer=full.tokenizer)
-    out = decode(loaded.model, prompts, resolve_settings(loaded.recommended, strategy="verified", max_new_tokens=20),
-                 tokenizer=loaded.tokenizer)
-    assert out.tokens == ar.tokens
-    assert max(n for row in out.stats.accepted for n in row) > 1
-    assert any(n < d + 1 for acc, dr in zip(out.stats.accepted, out.stats.drafted) for n, d in zip(acc, dr))
 
 
 def test_a_fast_drafter_is_int4_in_its_own_dtype_on_fused_kernels_and_verified_is_still_ar(world, monkeypatch):

@@ -145,7 +145,8 @@ class QuantLinear(nn.Module):
         else:
             raise UsageError(f"unknown quantization {scheme!r} (choose from {', '.join(SCHEMES)})")
         kernel = _kernel_works(scheme, weight.device.type)
-        self._dequantized = None if kernel else used.to(weight.dtype)  # the fallback's weights
+        # the fallback's weights: a buffer, so that a module cast (TwoTower.cast_drafter) casts them too
+        self.register_buffer("_dequantized", None if kernel else used.to(weight.dtype), persistent=False)
         report.add(weight, used, sum(b.numel() * b.element_size() for b in self.buffers()))
         if not kernel:
             report.kernel = f"no {scheme} kernel on {weight.device.type}: dequantized weights (same values, no speed-up)"
@@ -153,8 +154,8 @@ class QuantLinear(nn.Module):
             report.kernel = f"aten {scheme} kernel, {str(COMPUTE_DTYPE).removeprefix('torch.')} activations"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._dequantized is not None:  # (in x's dtype: a drafter cast after quantizing, cast_drafter)
-            return F.linear(x, self._dequantized.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        if self._dequantized is not None:
+            return F.linear(x, self._dequantized, self.bias)
         y = quantized_product(self.scheme, x.reshape(-1, self.in_features).to(COMPUTE_DTYPE), self.codes, self.scales)
         y = y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         return y if self.bias is None else y + self.bias
