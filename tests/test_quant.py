@@ -52,6 +52,22 @@ def test_the_kernel_multiplies_by_the_quantized_weights(scheme, monkeypatch):
     assert report.mean_rel_error < (0.01 if scheme == "int8" else 0.15)
 
 
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_a_module_cast_keeps_the_kernels_scales(scheme):
+    """``.to(dtype)`` (cast_drafter) casts the bias but not the scales, which the kernels take
+    in their compute dtype only: an fp32 cast (the fast drafter on a CPU without bf16 kernels)
+    made every product fail before."""
+    _, q = _layer(scheme)
+    x = torch.randn(3, 128)
+    with torch.inference_mode():
+        want = q(x)
+        q.to(torch.float32)
+        assert q.scales.dtype == quant.COMPUTE_DTYPE and torch.equal(q(x), want)
+        q.to(torch.bfloat16)
+        assert q.scales.dtype == quant.COMPUTE_DTYPE and q.bias.dtype == torch.bfloat16
+        assert torch.allclose(q(x.bfloat16()).float(), want, rtol=0.02, atol=0.02 * float(want.abs().max()))
+
+
 def test_int4_recovers_a_q4_1_grid_exactly():
     """Weights that are Q4_1 blocks dequantized (code * step + minimum, codes 0..15 with both
     ends used, as llama.cpp's quantizer makes them) come back as the same codes."""

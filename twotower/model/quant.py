@@ -153,6 +153,16 @@ class QuantLinear(nn.Module):
         elif not report.kernel:
             report.kernel = f"aten {scheme} kernel, {str(COMPUTE_DTYPE).removeprefix('torch.')} activations"
 
+    def _apply(self, fn, recurse: bool = True):
+        """A module cast (``.to(dtype)``, ``TwoTower.cast_drafter``) casts the bias and the
+        fallback's weights but never the scales: the kernels take them in COMPUTE_DTYPE only
+        (an fp32 drafter on a CPU without bf16 kernels cast them to fp32, and every product
+        failed). Device moves apply to everything."""
+        super()._apply(fn, recurse)
+        if self.scales.dtype != COMPUTE_DTYPE:
+            self.scales = self.scales.to(COMPUTE_DTYPE)
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._dequantized is not None:
             return F.linear(x, self._dequantized, self.bias)
