@@ -264,6 +264,7 @@ def run_speed_bench(
     quantize_drafter: str | None = None,
     compile: bool = False,
     fused: bool | None = None,
+    tree_nodes: list[int] | None = None,
     prompts_file: str | Path | None = None,
 ) -> dict:
     """Mask diffusion runs the model's recommended preset unless a dial option is given
@@ -280,7 +281,8 @@ def run_speed_bench(
         raise UsageError(f"{model} has no tokenizer: the benchmark prompts are text")
     warn_untrained(loaded)
     tt, context = loaded.model, loaded.context
-    dials = settings_grid(loaded.recommended, thresholds, block_sizes, verify=verify, steps_per_block=steps_per_block,
+    dials = settings_grid(loaded.recommended, thresholds, block_sizes, tree_nodes, verify=verify,
+                          steps_per_block=steps_per_block,
                           commit_rule=commit_rule, fused=fused, max_new_tokens=max_new_tokens)
     prompt_set = Path(prompts_file) if prompts_file is not None else PROMPT_SET
     texts = load_prompt_set(prompt_set, count=prompts)
@@ -305,12 +307,13 @@ def run_speed_bench(
         if "fused" in modes and tt.config.flavour != "lora":
             skipped.append("fused: needs the lora flavour (both towers on one set of weights)")
         elif "fused" in modes:
-            twins = [d.replace(fused=not d.fused) for d in dials]
+            twins = [d.replace(fused=not d.fused) for d in dials if not d.tree_nodes]  # trees run unfused
         for settings in (dials if "mask_diffusion" in modes else []) + twins:
             size = settings.block_size or tt.block_size
             add(settings.label(tt.block_size), "mask_diffusion", ours(tt, settings, eos), block_size=size,
                 threshold=settings.confidence_threshold, commit_rule=settings.commit_rule, verify=settings.verify,
-                fused=settings.fused, steps_per_block=settings.steps_per_block or size, decoding=settings.to_dict())
+                fused=settings.fused, steps_per_block=settings.steps_per_block or size, tree_nodes=settings.tree_nodes,
+                decoding=settings.to_dict())
         if hf is not None and "transformers" in modes:
             add("transformers", "transformers", transformers_decoder(hf, forwards, eos, pad, max_new_tokens))
         if hf is not None and "prompt_lookup" in modes:

@@ -42,7 +42,7 @@ AUTO_MAP = {"AutoModelForCausalLM": "modeling_twotower.TwoTowerForCausalLM"}
 # transformers' remote-code loader imports this file, which only re-exports the installed class
 SHIMS = {"modeling_twotower.py": "from twotower.hf.modeling_twotower import TwoTowerForCausalLM  # noqa: F401\n"}
 # generation_config.json keys that twotower reads: the commit rule, and a preset for the dial
-RECOMMENDED_KEYS = ("commit_rule", "verify", "fused", "steps_per_block", "block_size")
+RECOMMENDED_KEYS = ("commit_rule", "verify", "fused", "steps_per_block", "block_size", "tree_nodes")
 
 
 def read_json_object(path: Path) -> dict:
@@ -197,15 +197,17 @@ def save_two_tower(model: TwoTower, directory: str | Path, backbone_ref: str | N
 def recommended_decoding(directory: str | Path) -> dict:
     """The decoding settings a saved directory recommends, kept where transformers models keep
     their generation defaults (generation_config.json): ``commit_rule``, and a preset of
-    ``verify``, ``steps_per_block`` and ``block_size``."""
+    ``verify``, ``fused``, ``steps_per_block``, ``block_size`` and ``tree_nodes``."""
     path = Path(directory).expanduser() / GENERATION_CONFIG
     if not path.is_file():
         return {}
     config = read_json_object(path)
     recommended = {k: config[k] for k in RECOMMENDED_KEYS if k in config}
-    kinds = {"commit_rule": str, "verify": bool, "fused": bool, "steps_per_block": int, "block_size": int}
+    kinds = {"commit_rule": str, "verify": bool, "fused": bool, "steps_per_block": int, "block_size": int,
+             "tree_nodes": int}
     for key, value in recommended.items():
-        if not isinstance(value, kinds[key]) or (kinds[key] is int and (isinstance(value, bool) or value < 1)):
+        least = 0 if key == "tree_nodes" else 1
+        if not isinstance(value, kinds[key]) or (kinds[key] is int and (isinstance(value, bool) or value < least)):
             raise CheckpointError(f"{path}: {key} = {value!r} is not a valid {kinds[key].__name__}")
     return recommended
 

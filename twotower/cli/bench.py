@@ -50,7 +50,7 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
     sp = bsub.add_parser("speed", parents=[common], help="tokens/s, NFE, latency, memory and agreement across the dial")
     add_model_options(sp)
     sp.add_argument("--device", default="cpu", help="where every contender runs, e.g. cuda (llama.cpp: CPU only)")
-    add_dial_options(sp)
+    add_dial_options(sp, sweep=True)
     sp.add_argument("--modes", nargs="+", choices=speed.MODES, default=list(speed.MODES),
                     help="what to run besides our AR, which always runs as the reference (default: all)")
     sp.add_argument("--thresholds", type=float, nargs="+", default=None,
@@ -119,6 +119,7 @@ def run_speed(args: argparse.Namespace) -> None:
             max_new_tokens=args.max_new_tokens, repeats=args.repeats, warmup=args.warmup,
             prompt_lookup_tokens=args.prompt_lookup_tokens, output_dir=args.output_dir, untrained=args.untrained_denoiser,
             device=args.device, commit_rule=args.commit_rule, verify=args.verify, steps_per_block=args.steps_per_block,
-            fused=args.fused, exact=args.exact, prompts_file=args.prompts_file, quantize=args.quantize,
+            fused=args.fused, tree_nodes=args.tree_nodes, exact=args.exact, prompts_file=args.prompts_file,
+            quantize=args.quantize,
             quantize_drafter=args.quantize_drafter, compile=args.compile,
         )

@@ -24,7 +24,7 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
     q.add_argument("--thresholds", type=float, nargs="+", default=None,
                    help="a sweep of the plain dial, e.g. 0.8 0.9 (default: the model's recommended preset)")
     q.add_argument("--block-sizes", type=int, nargs="+", default=None, help="default: the model's (or its preset's)")
-    add_dial_options(q)
+    add_dial_options(q, sweep=True)
     q.add_argument("--max-new-tokens", type=int, default=qd.max_new_tokens)
     q.add_argument("--batch-size", type=int, default=qd.batch_size)
     q.add_argument("--judge", default=DEFAULT_JUDGE, help=f"judge model directory, .gguf or {DEFAULT_JUDGE}; 'none' skips it")
@@ -46,7 +46,8 @@ def run_quality(args: argparse.Namespace) -> None:
             quantize=args.quantize, quantize_drafter=args.quantize_drafter, compile=args.compile,
             prompts_file=args.prompts_file, prompts=args.prompts, chat=not args.no_chat,
             thresholds=args.thresholds, block_sizes=args.block_sizes, steps_per_block=args.steps_per_block,
-            commit_rule=args.commit_rule, verify=args.verify, fused=args.fused, max_new_tokens=args.max_new_tokens,
+            commit_rule=args.commit_rule, verify=args.verify, fused=args.fused, tree_nodes=args.tree_nodes,
+            max_new_tokens=args.max_new_tokens,
             batch_size=args.batch_size, judge=None if args.judge == "none" else args.judge, nll_t=args.nll_t,
             nll_window=args.nll_window, heldout=args.heldout, humaneval_problems=args.humaneval_problems,
             humaneval_max_new_tokens=args.humaneval_max_new_tokens, output_dir=args.output_dir,

@@ -53,8 +53,9 @@ def add_model_options(parser: argparse.ArgumentParser, dtype_default: str = "flo
                              "kernels: faster, not invariant")
 
 
-def add_dial_options(parser: argparse.ArgumentParser) -> None:
-    """The options that select a recommended preset or the plain dial (see resolve_settings)."""
+def add_dial_options(parser: argparse.ArgumentParser, sweep: bool = False) -> None:
+    """The options that select a recommended preset or the plain dial (see resolve_settings);
+    ``sweep``: a list of trees to sweep (``bench speed``, ``eval quality``)."""
     parser.add_argument("--commit-rule", choices=list(COMMIT_RULES), default=None,
                         help="which confident targets a step commits (default: the model's recommendation "
                              "(the shipped denoiser: left_prefix), else threshold)")
@@ -71,6 +72,10 @@ def add_dial_options(parser: argparse.ArgumentParser) -> None:
                              "the check of one draft and the next draft in the same pass; without, a block's "
                              "context pass and the next block's first step in one. The output is the same "
                              "(default: the model's recommendation)")
+    parser.add_argument("--tree-nodes", type=int, default=None, nargs="+" if sweep else None,
+                        help="verified whole-block drafts checked as a tree of the drafter's N likeliest "
+                             "continuations, in one context pass (attention-only models; output == ar); 0: one "
+                             "chain (default: the model's recommendation)" + ("; a sweep, e.g. 0 4 6" if sweep else ""))
 
 
 def add_decoding_options(parser: argparse.ArgumentParser) -> None:

@@ -35,6 +35,7 @@ class TwoTowerLM(LM):
         commit_rule: str | None = None,
         verify: bool | None = None,
         fused: bool | None = None,
+        tree_nodes: int | None = None,
         max_gen_toks: int = 256,
         batch_size: int | str = 1,  # accepted for lm_eval's CLI; requests run one at a time
         exact: bool = True,
@@ -53,7 +54,8 @@ class TwoTowerLM(LM):
         # checked here, once: max_new_tokens and the stop strings come with each request
         self.settings = resolve_settings(loaded.recommended, mode=mode, block_size=block_size,
                                          steps_per_block=steps_per_block, confidence_threshold=confidence_threshold,
-                                         commit_rule=commit_rule, verify=verify, fused=fused)
+                                         commit_rule=commit_rule, verify=verify, fused=fused,
+                                         tree_nodes=tree_nodes)
         self.max_gen_toks = max_gen_toks
         config = self.model.context.config
         self.max_length = config.max_position_embeddings

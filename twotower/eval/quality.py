@@ -62,6 +62,7 @@ class QualitySettings:
     commit_rule: str | None = None  # None: the model's recommendation, else the released rule
     verify: bool | None = None
     fused: bool | None = None  # with verify: one forward of both towers per step (the same output)
+    tree_nodes: list[int] | None = None  # verified tree drafts of each of these sizes (0: a chain)
     max_new_tokens: int = 64
     batch_size: int = 8
     judge: str | None = DEFAULT_JUDGE  # None: skip judge perplexity
@@ -171,7 +172,8 @@ def run_quality(settings: QualitySettings) -> dict:
     texts = [r["text"] for r in rows]
     chat = settings.chat and bool(getattr(tokenizer, "chat_template", None))  # a base model may have none: plain text
     prompt_ids = [encode_prompt(tokenizer, t, chat) for t in texts]
-    dials = settings_grid(loaded.recommended, settings.thresholds, settings.block_sizes, verify=settings.verify,
+    dials = settings_grid(loaded.recommended, settings.thresholds, settings.block_sizes, settings.tree_nodes,
+                          verify=settings.verify,
                           steps_per_block=settings.steps_per_block, commit_rule=settings.commit_rule,
                           fused=settings.fused, max_new_tokens=settings.max_new_tokens)
     settings = replace(settings, commit_rule=dials[0].commit_rule, verify=dials[0].verify, fused=dials[0].fused,

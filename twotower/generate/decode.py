@@ -28,7 +28,7 @@ from ..model.backbone import Backbone
 from ..model.fused import check_fusable
 from ..model.twotower import TwoTower
 from .ar import GenerationStats, LogitsCallback, TokenCallback, check_generation_args, prepare_prompts
-from .diffusion import StepCallback, overrun_positions
+from .diffusion import StepCallback, check_tree, overrun_positions
 from .prompts import encode_prompts
 from .rows import OnBoundary
 from .settings import DecodingSettings
@@ -137,7 +137,8 @@ def check_request(model: TwoTower | Backbone, prompt_ids: Sequence[int], setting
     reserve = 0
     if strategy.needs_denoiser:
         block = 1 if settings.mode == "mock_ar" else settings.block_size or model.block_size
-        reserve = overrun_positions(block, settings.verify, settings.fused)
+        reserve = overrun_positions(block, settings.verify, settings.fused, settings.tree_nodes)
+        check_tree(model, settings.tree_nodes, settings.verify, settings.fused)
         if model.mask_token_id in prompt_ids:
             raise UsageError(f"the prompt contains the mask token id {model.mask_token_id}")
         if settings.verify and not model.config.token_shift:

@@ -41,6 +41,7 @@ from .rows import NewRow, OnBoundary, regrouped
 from .sampling import Sampler
 from .settings import DEFAULT_COMMIT_RULE, DEFAULT_CONFIDENCE_THRESHOLD
 from .stopping import ShouldStop, Stopper
+from .tree import draft_tree, walk
 
 
 @dataclass
@@ -168,14 +169,32 @@ class _Decoding:
             self.cache.rollback(target)
 
 
-def overrun_positions(block_size: int, verify: bool, fused: bool) -> int:
+def overrun_positions(block_size: int, verify: bool, fused: bool, tree_nodes: int = 0) -> int:
     """Positions past a row's max_new_tokens that its cache may need. A context pass appends s
     tokens (a block's inputs) or, verified, up to s + 1 (the anchor and a whole-block draft) to
     every row before rolling back, finished rows too: the last block may overrun max_new_tokens
     by that much less the anchor. Fused: a draft and a guess of s, then the block after them
-    (the dial: a block, then the next)."""
+    (the dial: a block, then the next). A tree: the anchor and its nodes, or the block the
+    denoiser reads after the cache, whichever is longer."""
     s = block_size
+    if verify and tree_nodes:
+        return max(tree_nodes, s)
     return 2 * s if fused else s if verify else s - 1
+
+
+def check_tree(model: TwoTower, tree_nodes: int, verify: bool, fused: bool) -> None:
+    """Tree drafts are verified, unfused, and need an attention-only context tower."""
+    if isinstance(tree_nodes, bool) or not isinstance(tree_nodes, int) or tree_nodes < 0:
+        raise UsageError(f"tree_nodes must be an integer >= 0, got {tree_nodes!r}")
+    if not tree_nodes:
+        return
+    if not verify:
+        raise UsageError("tree_nodes: tree drafts are verified drafts (verify=True)")
+    if fused:
+        raise UsageError("tree_nodes: tree drafts run unfused (fused=False)")
+    if any(kind == "mamba" for kind in model.context.config.layer_types):
+        raise UsageError("tree_nodes: tree drafts need an attention-only model (Mamba-2 states do not branch); "
+                         "use chain drafts (tree_nodes=0)")
 
 
 @torch.inference_mode()
@@ -195,6 +214,7 @@ def generate_mask_diffusion(
     commit_rule: str | CommitRule = DEFAULT_COMMIT_RULE,
     verify: bool = False,
     fused: bool = False,
+    tree_nodes: int = 0,
     attention_mask: torch.Tensor | None = None,
     step_callback: StepCallback | None = None,
     callback: TokenCallback | None = None,
@@ -223,6 +243,10 @@ def generate_mask_diffusion(
     without fusion. The dial: a block's context pass and the next block's first denoiser step
     are one forward; the output is the unfused dial's.
 
+    ``tree_nodes=N`` (with ``verify``; attention-only models) checks a tree of the drafter's N
+    likeliest continuations of each block instead of one chain, in one context pass
+    (generate/tree.py); the output is AR's, and with sampling it draws as ``generate_ar`` does.
+
     A row ends at a stop token (``eos_token_id``, default the model's), at the token that
     completes one of ``stop_strings`` (read with ``tokenizer``) or at ``max_new_tokens``; these
     three and ``seed`` may be given per row, and ``should_stop(row)`` may end a row early (see
@@ -243,9 +267,10 @@ def generate_mask_diffusion(
         if verify and s < 2:
             raise UsageError("fused=True with verify needs block_size >= 2 (a draft and the guess after it)")
         check_fusable(model)
+    check_tree(model, tree_nodes, verify, fused)
 
     context = model.context
-    overrun = overrun_positions(s, verify, fused)
+    overrun = overrun_positions(s, verify, fused, tree_nodes)
     why = f"the last {'draft' if verify else 'block'} of {s} may run past max_new_tokens"
     prompts = prepare_prompts(input_ids, attention_mask)
     limits = _check_prompts(model, prompts, max_new_tokens, overrun, why)
@@ -274,7 +299,9 @@ def generate_mask_diffusion(
         model, cache, sampler, rule, s, steps, confidence_threshold, stopper, anchor, stats, callback, step_callback,
         list(range(batch)), on_boundary, join, logits_callback if verify else None,
     )
-    if verify:
+    if verify and tree_nodes:
+        _tree_drafts(run, tree_nodes)
+    elif verify:
         (_fused_drafts if fused else _verified_drafts)(run)
     else:
         _blocks(run, fused)
@@ -426,6 +453,54 @@ def _verified_drafts(run: _Decoding) -> None:
             run.stats.block_steps[rid].append(1)
             run.stats.drafted[rid].append(int(drafted[row]))
             run.stats.accepted[rid].append(int(appended[row]))
+        run.settle_context(before, appended)
+        draft_index += 1
+
+
+def _tree_drafts(run: _Decoding, nodes: int) -> None:
+    """Verified tree drafts (generate/tree.py): one denoiser forward drafts a block, the tree of
+    its ``nodes`` likeliest continuations goes through one context pass, and each row keeps the
+    path the AR model walks and the AR model's token after it. The kept path's keys are moved to
+    the slots of a sequence (their positions were a sequence's already), the rest rolled back."""
+    s = run.block_size
+    draft_index = 0
+    while run.boundary()[0]:
+        batch = run.batch
+        active = run.active()
+        t = active.float()  # every target of the block is unknown (finished rows: nothing to draft)
+        logits = run.model.denoise_block(run.fresh_block(), t, run.cache)
+        run.stats.nfe += 1
+        run.stats.counted("denoiser", s)
+        tree = draft_tree(logits, nodes)
+        if run.step_callback is not None:
+            chain = torch.zeros(batch, s, dtype=torch.bool, device=active.device)
+            top = tree.top_chain().to(active.device)
+            chain[:, : top.shape[1]] = top & active[:, None]
+            run.step_callback(StepEvent(draft_index, 0, chain, torch.where(chain, logits.argmax(-1), -1), t, logits,
+                                        list(run.rows)))
+
+        ids = torch.where(active[:, None], torch.cat([run.anchor[:, None], tree.tokens], 1), 0)
+        before = run.cache.lengths.clone()
+        ar_logits = run.model.context_forward(ids, run.cache, tree=tree.ancestors())
+        run.stats.context_passes += 1
+        run.stats.counted("context", nodes + 1)
+        picks = ar_logits.argmax(-1).tolist() if run.sampler.greedy else None
+        appended = torch.zeros(batch, dtype=torch.long, device=active.device)
+        span = torch.arange(nodes + 1, device=active.device)
+        source = before[:, None] + span  # the kept rows' slots (anchor, then the path), per row
+        for row in active.nonzero()[:, 0].tolist():
+            rid = run.rows[row]
+            if picks is not None:
+                pick = picks[row].__getitem__
+            else:  # one draw per emitted token from the row's stream, as generate_ar draws
+                pick = lambda r, row=row, rid=rid: int(run.sampler(ar_logits[row, r][None], [rid])[0])  # noqa: E731
+            tokens, rows = walk(tree, row, pick)
+            appended[row] = run.emit(row, tokens, ar_logits[row, rows])
+            source[row, : len(rows)] = before[row] + torch.tensor(rows, device=active.device)
+            run.stats.block_steps[rid].append(1)
+            run.stats.drafted[rid].append(nodes)
+            run.stats.accepted[rid].append(int(appended[row]))
+        run.cache.move(source, before[:, None] + span)
         run.settle_context(before, appended)
         draft_index += 1
 

@@ -8,8 +8,10 @@
 3. for mask diffusion, the recommended preset (``verify``, ``steps_per_block``, ``block_size``,
    say verified whole-block drafts of 4 tokens) applies as one unit, unless the user gave any
    option of the dial (``verify``, ``steps_per_block``, ``confidence_threshold``): then the
-   plain dial applies. A ``block_size`` given alone replaces only the preset's block size, and
-   a ``fused`` given alone only the preset's fusion.
+   plain dial applies. A ``block_size`` given alone replaces only the preset's block size, a
+   ``fused`` given alone only the preset's fusion, and a ``tree_nodes`` given alone only the
+   preset's tree; tree drafts are verified whole-block drafts, so a tree given without a
+   verified preset selects them (``verify`` and ``steps_per_block=1``) unless those are given.
 4. a strategy named instead of mode, verify and fused (a server's ``strategy`` field) sets those
    three; the recommended preset still applies when it is that strategy's.
 """
@@ -27,12 +29,12 @@ from .stopping import check_stop_strings
 
 DEFAULT_CONFIDENCE_THRESHOLD = 0.9  # the released model's default
 DEFAULT_COMMIT_RULE = "threshold"  # the released rule (DESIGN.md §1)
-PRESET_KEYS = ("verify", "fused", "steps_per_block", "block_size")  # a recommended preset of the dial
+PRESET_KEYS = ("verify", "fused", "steps_per_block", "block_size", "tree_nodes")  # a recommended preset of the dial
 DIAL_KEYS = ("verify", "steps_per_block", "confidence_threshold")  # any of these given: the plain dial
 # options that mean nothing for a mode (giving one is an error, not silently ignored)
 UNUSED_BY_MODE = {
-    "ar": ("block_size", "steps_per_block", "confidence_threshold", "commit_rule", "verify", "fused"),
-    "mock_ar": ("block_size", "steps_per_block", "confidence_threshold", "verify", "fused"),
+    "ar": ("block_size", "steps_per_block", "confidence_threshold", "commit_rule", "verify", "fused", "tree_nodes"),
+    "mock_ar": ("block_size", "steps_per_block", "confidence_threshold", "verify", "fused", "tree_nodes"),
 }
 
 
@@ -61,6 +63,7 @@ class DecodingSettings:
     commit_rule: str = DEFAULT_COMMIT_RULE
     verify: bool = False  # drafts checked by the context tower: the output is AR's
     fused: bool = False  # towers share forwards (lora flavour): verified, one per step; the dial, one per block
+    tree_nodes: int = 0  # verified: check a tree of the drafter's likeliest N continuations (0: one chain)
     temperature: float = 0.0
     top_k: int | None = None
     top_p: float | None = None
@@ -83,6 +86,11 @@ class DecodingSettings:
             raise UsageError(f"verify must be True or False, got {self.verify!r}")
         if not isinstance(self.fused, bool):
             raise UsageError(f"fused must be True or False, got {self.fused!r}")
+        _int("tree_nodes", self.tree_nodes, 0)
+        if self.tree_nodes and not (self.mode == "mask_diffusion" and self.verify and not self.fused
+                                    and self.steps_per_block == 1):
+            raise UsageError("tree_nodes: tree drafts are verified whole-block drafts (verify, steps_per_block 1, "
+                             "not fused)")
         _number("temperature", self.temperature, 0.0)
         _int("top_k", self.top_k, 1, optional=True)
         if self.top_p is not None:
@@ -116,6 +124,8 @@ class DecodingSettings:
             return f"mock-AR, rule {self.commit_rule}"
         block = self.block_size or model_block_size
         fused = ", one forward per step" if self.fused else ""
+        if self.tree_nodes:
+            return f"verified tree drafts of {self.tree_nodes} tokens (blocks of {block})"
         if self.verify and self.steps_per_block == 1:  # one draft per block: the threshold plays no part
             size = f"up to {block}" if self.fused else str(block)  # fused: as long as the last pass allowed
             return f"verified drafts of {size} tokens, rule {self.commit_rule}{fused}"
@@ -129,7 +139,8 @@ class DecodingSettings:
         text = f"mask_diffusion S={self.block_size or model_block_size}"
         if self.steps_per_block != 1:  # with one step per block the threshold plays no part
             text += f" t={self.confidence_threshold:g}"
-        return text + (" verified" if self.verify else "") + (" fused" if self.fused else "")
+        text += " verified" if self.verify else ""
+        return text + (" fused" if self.fused else "") + (f" tree={self.tree_nodes}" if self.tree_nodes else "")
 
 
 def _ids(value) -> tuple[int, ...] | None:
@@ -194,21 +205,25 @@ def resolve_settings(recommended: Mapping | None = None, *, strategy: str | None
     if mode == "mask_diffusion" and not any(k in given for k in DIAL_KEYS):
         values.update({k: recommended[k] for k in PRESET_KEYS if k in recommended})
     values.update(given)
+    if values.get("tree_nodes") and mode == "mask_diffusion":  # a tree is verified whole-block drafts
+        values.update({k: v for k, v in (("verify", True), ("steps_per_block", 1)) if k not in given})
     return DecodingSettings(**values)
 
 
 def settings_grid(recommended: Mapping | None, thresholds: Sequence[float] | None, block_sizes: Sequence[int] | None,
-                  **given) -> list[DecodingSettings]:
+                  tree_nodes: Sequence[int] | None = None, **given) -> list[DecodingSettings]:
     """Mask-diffusion settings for a sweep (``bench speed``, ``eval quality``): one per (block
-    size, threshold), each by the rule of ``resolve_settings``, so with no dial option given
-    the model's recommended preset (at each block size given). A threshold runs once where it
-    plays no part (one step per block: the whole block is committed, or drafted, at once)."""
+    size, threshold, tree), each by the rule of ``resolve_settings``, so with no dial option
+    given the model's recommended preset (at each block size given). A threshold runs once where
+    it plays no part (one step per block: the whole block is committed, or drafted, at once)."""
     out: list[DecodingSettings] = []
     for size in block_sizes or [None]:
-        for threshold in thresholds or [None]:
-            settings = resolve_settings(recommended, mode="mask_diffusion", block_size=size,
-                                        confidence_threshold=threshold, **given)
-            if settings.steps_per_block == 1 and any(o.block_size == settings.block_size for o in out):
-                continue
-            out.append(settings)
+        for nodes in tree_nodes or [None]:
+            for threshold in thresholds or [None]:
+                settings = resolve_settings(recommended, mode="mask_diffusion", block_size=size,
+                                            confidence_threshold=threshold, tree_nodes=nodes, **given)
+                if settings.steps_per_block == 1 and any(
+                        (o.block_size, o.tree_nodes) == (settings.block_size, settings.tree_nodes) for o in out):
+                    continue
+                out.append(settings)
     return out

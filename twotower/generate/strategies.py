@@ -109,7 +109,7 @@ def _diffusion(model, input_ids, settings: DecodingSettings, **common) -> Genera
     return generate_mask_diffusion(
         model, input_ids, block_size=settings.block_size, steps_per_block=settings.steps_per_block,
         confidence_threshold=settings.confidence_threshold, commit_rule=settings.commit_rule,
-        verify=settings.verify, fused=settings.fused, **common,
+        verify=settings.verify, fused=settings.fused, tree_nodes=settings.tree_nodes, **common,
     )
 
 

@@ -214,11 +214,13 @@ class TwoTowerForCausalLM(PreTrainedModel, GenerationMixin):
         top_p: float | None = None, seed: int | None = None, commit_rule: str | None = None,
         verify: bool | None = None, attention_mask: torch.Tensor | None = None, stop_strings=None,
         return_dict_in_generate: bool = False, callback=None, fused: bool | None = None,
+        tree_nodes: int | None = None,
     ):
         """Block diffusion with both towers. Options left out follow the model's recommendation
         (the shipped denoiser: verified whole-block drafts of 4 tokens, rule left_prefix); giving
         ``verify``, ``steps_per_block`` or ``confidence_threshold`` selects the plain dial;
-        ``fused=True`` with verification runs one forward of both towers per step.
+        ``fused=True`` with verification runs one forward of both towers per step;
+        ``tree_nodes=N`` checks a tree of the drafter's N likeliest continuations per step.
         ``step_callback`` has the released signature ``(step_idx, total_steps, xt, t=, logits=,
         block_idx=)``; ``callback(row, token)`` sees every token as it becomes final."""
         if mask_token_id is not None and mask_token_id != self.mask_token_id:
@@ -227,7 +229,7 @@ class TwoTowerForCausalLM(PreTrainedModel, GenerationMixin):
         settings = self._settings("mask_diffusion", max_new_tokens, temperature, top_k, top_p, seed, eos_token_id,
                                   stop_strings, block_size=block_size, steps_per_block=steps_per_block,
                                   confidence_threshold=confidence_threshold, commit_rule=commit_rule, verify=verify,
-                                  fused=fused)
+                                  fused=fused, tree_nodes=tree_nodes)
         on_step = None
         if step_callback is not None:
             steps = settings.steps_per_block or settings.block_size or self.twotower.block_size

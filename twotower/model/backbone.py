@@ -141,6 +141,7 @@ class Backbone(nn.Module):
         record: bool = False,
         boundary_every: int | None = None,
         head: bool = True,
+        tree: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits for ``input_ids`` (B, T); with ``head=False`` the final hidden states instead.
 
@@ -149,19 +150,25 @@ class Backbone(nn.Module):
         padding is given by ``attention_mask`` on the first call) and the cache advances.
         ``record`` keeps per-token Mamba states so the cache can roll back into this call;
         ``boundary_every`` keeps them every that many tokens (the denoiser's training view).
+        ``tree`` (B, T, T) bool, with a cache: the tokens are a token tree, each seeing its
+        ancestors (``cache.append_context``); attention-only models.
         """
         self.check_token_ids(input_ids)
         b, t = input_ids.shape
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
             raise UsageError(f"attention_mask {tuple(attention_mask.shape)} does not match input_ids {(b, t)}")
         valid = attention_mask.bool() if attention_mask is not None else None
+        if tree is not None and (tree.shape != (b, t, t) or tree.dtype != torch.bool):
+            raise UsageError(f"tree must be a (B, T, T) = {(b, t, t)} bool tensor, got {tuple(tree.shape)} {tree.dtype}")
         if cache is not None:
             if cache.batch_size != b:
                 raise UsageError(f"a cache for {cache.batch_size} rows cannot take a batch of {b}")
             if valid is not None:
                 cache.set_left_padding(valid, allow_empty_rows=True)  # more tokens may follow
-            ctx = cache.context(t, valid, record)
+            ctx = cache.context(t, valid, record, tree)
             ctx.boundary_every = boundary_every
+        elif tree is not None:
+            raise UsageError("a token tree extends a cache: pass one")
         elif valid is None:
             positions = torch.arange(t, device=input_ids.device).expand(b, t)
             ctx = ForwardContext(positions=positions, attn_mask=None, is_causal=True)

@@ -15,7 +15,7 @@ import torch
 
 from ..errors import UsageError
 from .config import BackboneConfig
-from .exact import KEY_CHUNK, mask_gaps
+from .exact import KEY_CHUNK, key_layout
 
 
 class KVCache:
@@ -113,9 +113,10 @@ class ForwardContext:
     write: bool = True
     prefix_len: int = 0  # context key slots each query may see (masked per row by attn_mask)
     blocks: int = 1  # the T tokens of a row are this many independent blocks (Mamba restarts each)
-    # whether attn_mask hides a key before one it sees (exact.mask_gaps), read once per forward
-    # rather than per layer: a compiled layer must not read the mask's values (model/compiled.py)
-    mask_gaps: bool | None = None
+    # where attn_mask's queries see keys out of key order (exact.key_layout), read once per
+    # forward rather than per layer: a compiled layer must not read the mask's values
+    # (model/compiled.py)
+    key_layout: tuple[int, int] | None = None
 
 
 def left_padding(valid: torch.Tensor, allow_empty_rows: bool = False) -> torch.Tensor:
@@ -135,13 +136,27 @@ def append_context(
     num_new: int,
     valid: torch.Tensor | None = None,
     record: bool = False,
+    tree: torch.Tensor | None = None,
 ) -> ForwardContext:
-    """Context for ``num_new`` tokens written after each row's ``lengths[b]`` slots."""
+    """Context for ``num_new`` tokens written after each row's ``lengths[b]`` slots. ``tree``
+    (B, T, T) bool: the new tokens are a token tree rather than a sequence, token i seeing the
+    new tokens j with ``tree[b, i, j]`` (its ancestors and itself, token 0 the root) besides
+    every cached one; its position is the row's next one plus its depth. A path of the tree
+    then gets the keys and positions it would get as a sequence of its own (verified tree
+    drafts, generate/tree.py)."""
     device = lengths.device
     slots = lengths[:, None] + torch.arange(num_new, device=device)  # (B, T)
     kv_len = int(lengths.max()) + num_new
     uniform = bool((lengths == lengths[0]).all())
-    if uniform and num_new == 1 and not bool(starts.any()):
+    positions = slots - starts[:, None]
+    if tree is not None:
+        keys = torch.arange(kv_len, device=device)
+        mask = ((keys >= starts[:, None, None]) & (keys < lengths[:, None, None])).expand(-1, num_new, -1).clone()
+        mask.scatter_(2, slots[:, None, :].expand(-1, num_new, -1), tree)
+        mask = mask[:, None]
+        positions = lengths[:, None] - starts[:, None] + tree.sum(-1) - 1  # the row's next position + depth
+        torch._dynamo.mark_static(mask, 1)
+    elif uniform and num_new == 1 and not bool(starts.any()):
         mask = None  # a single query that sees every slot written so far
     else:
         keys = torch.arange(kv_len, device=device)
@@ -151,14 +166,14 @@ def append_context(
         mask = (mask | (keys == slots[:, :, None]))[:, None]
         torch._dynamo.mark_static(mask, 1)  # the heads axis: a broadcast, not a size (model/compiled.py)
     return ForwardContext(
-        positions=slots - starts[:, None],
+        positions=positions,
         attn_mask=mask,
         slots=slots,
         uniform_slot=int(lengths[0]) if uniform else None,
         kv_len=kv_len,
         valid=valid,
         record=record,
-        mask_gaps=mask_gaps(mask),
+        key_layout=key_layout(mask),
     )
 
 
@@ -186,13 +201,16 @@ class ModelCache:
     def batch_size(self) -> int:
         return self.lengths.shape[0]
 
-    def context(self, num_new: int, valid: torch.Tensor | None = None, record: bool = False) -> ForwardContext:
-        """Context for appending ``num_new`` tokens to every row."""
+    def context(self, num_new: int, valid: torch.Tensor | None = None, record: bool = False,
+                tree: torch.Tensor | None = None) -> ForwardContext:
+        """Context for appending ``num_new`` tokens to every row (a token tree: append_context)."""
         if int(self.lengths.max()) + num_new > self.max_len:
             raise UsageError(
                 f"cache overflow: {int(self.lengths.max())} + {num_new} tokens exceed its {self.max_len} slots"
             )
-        return append_context(self.lengths, self.starts, num_new, valid, record)
+        if tree is not None and any(isinstance(s, MambaState) for s in self.layers):
+            raise UsageError("a token tree needs an attention-only model: Mamba-2 states do not branch")
+        return append_context(self.lengths, self.starts, num_new, valid, record, tree)
 
     def set_left_padding(self, valid: torch.Tensor, allow_empty_rows: bool = False) -> None:
         """Declare a fresh cache's left padding from the first call's (B, T) attention mask."""
@@ -226,6 +244,16 @@ class ModelCache:
                 layer.conv = torch.cat([part.conv[i] for part, i in zip(parts, every)])
                 layer.ssm = torch.cat([part.ssm[i] for part, i in zip(parts, every)])
                 layer.conv_window = layer.ssm_history = layer.boundary_ssm = None
+
+    def move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy the keys/values of slots ``src`` (B, n) to slots ``dst`` (B, n), row by row (a
+        row with nothing to move gives src == dst): the accepted path of a token tree moved to
+        the slots of a sequence (its positions were the sequence's already)."""
+        rows = torch.arange(src.shape[0], device=src.device)[:, None]
+        for layer in self.layers:
+            if isinstance(layer, KVCache):
+                layer.k[rows, :, dst] = layer.k[rows, :, src]
+                layer.v[rows, :, dst] = layer.v[rows, :, src]
 
     def rollback(self, lengths: torch.Tensor) -> None:
         """Return every row to ``lengths[b]`` tokens (slots). Mamba layers need the last

@@ -69,39 +69,60 @@ def _in_key_order(chunks: torch.Tensor, dim: int) -> torch.Tensor:
     return chunks.cumsum(dim).select(dim, -1)
 
 
-def mask_gaps(mask: torch.Tensor | None) -> bool:
-    """Whether some query of a (..., T, L) attention mask hides a key before one it sees."""
-    return mask is not None and bool((mask[..., 1:] & ~mask[..., :-1]).any())
+def key_layout(mask: torch.Tensor | None) -> tuple[int, int]:
+    """Where a (..., T, L) mask's queries see their keys out of key order: (in_place, moved).
+    A query whose mask hides a key before one it sees (left padding, a denoiser block after rows
+    of other lengths, a node of a token tree off its first path) must have its keys compacted
+    (its seen keys first, in key order) to get the bits it gets alone. ``in_place``: the leading
+    keys, in whole KEY_CHUNKs, before any such hidden key of any query (every query reads them
+    where they lie); ``moved``: the first query index from which on queries may need it (those
+    before it need none). (0, T) where no query needs it (and (0, 0) without a mask)."""
+    t = 0 if mask is None else mask.shape[-2]
+    if mask is None or mask.shape[-1] < 2:
+        return 0, t
+    seen_later = mask.flip(-1).cummax(-1).values.flip(-1)[..., 1:]  # (..., T, L - 1): some later key seen
+    hidden_first = ~mask[..., :-1] & seen_later  # (..., T, L - 1)
+    per_query = hidden_first.flatten(0, -3).any(-1).any(0)  # (T,)
+    if not bool(per_query.any()):
+        return 0, t
+    first_key = int(hidden_first.long().argmax(-1).masked_fill(~hidden_first.any(-1), mask.shape[-1]).min())
+    return first_key // KEY_CHUNK * KEY_CHUNK, int(per_query.long().argmax())
 
 
-def _compact_keys(k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor):
-    """Per query, its visible keys first, in key order (the rest after them, masked): a row's
-    keys then sit where they sit when the row runs alone, whatever left padding or block layout
-    the batch put around them. Returns k, v (B, Hkv, T, L, D) and the mask (B, 1, T, L)."""
-    order = torch.sort((~mask).to(torch.uint8), dim=-1, stable=True).indices  # (B|1, 1, T, L)
-    b, t, length = max(mask.shape[0], k.shape[0]), order.shape[2], order.shape[3]
-    index = order.expand(b, k.shape[1], t, length)[..., None].expand(-1, -1, -1, -1, k.shape[-1])
-    gather = lambda x: x[:, :, None].expand(b, -1, t, -1, -1).gather(3, index)  # noqa: E731
-    return gather(k), gather(v), mask.gather(3, order.expand(mask.shape[0], 1, t, length))
+def _whole_chunks(k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, length: int):
+    """Keys and values padded with zeros to whole chunks (..., L', D), and the mask with them
+    (False there), or where there is no mask, a (L',) mask of the real keys if any were added."""
+    pad = -k.shape[-2] % KEY_CHUNK
+    if pad:  # zero keys and values, masked, so that the chunks are whole
+        k, v = (torch.cat([x, x.new_zeros(*x.shape[:-2], pad, x.shape[-1])], dim=-2) for x in (k, v))
+    padded = k.shape[-2]
+    if mask is None:
+        mask = torch.arange(padded, device=k.device) < length if padded > length else None
+    elif mask.shape[-1] < padded:
+        mask = torch.cat([mask, mask.new_zeros(*mask.shape[:-1], padded - mask.shape[-1])], dim=-1)
+    return k, v, mask
 
 
 def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool = False,
-    length: int | None = None, gaps: bool | None = None,
+    length: int | None = None, layout: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Attention whose result for a query depends only on that query and the keys it sees, in
     key order: bitwise the same whatever its batch mates and however many queries share the pass
-    (one for AR, k + 1 for a verification, a block for the denoiser).
+    (one for AR, k + 1 for a verification, a block for the denoiser, the nodes of a token tree).
 
     The scores and the weighted values are products whose shapes are fixed per query (the query
     heads sharing a key/value head times head_dim, and chunks of KEY_CHUNK keys), so they take
     the same kernel for any pass; the softmax's denominator and the chunks' weighted values are
     accumulated chunk by chunk in key order; all in fp32 (bf16 inputs are widened exactly).
+    Every query reads the keys where they lie; a query that sees its keys out of order (see
+    ``key_layout``) then has the chunks past the in-place ones summed again over its own keys in
+    key order, which is what it sums alone.
 
     Shapes as ``layers.attend``: q (B, Hq, T, D), k and v (B, Hkv, L, D), mask (B or 1, 1, T,
-    ``length``) bool; keys from ``length`` (default L) on are padding, never seen. ``gaps``:
-    whether a query's mask hides a key before one it sees (``mask_gaps``; computed here when
-    None, a read of the mask that a compiled graph would break at)."""
+    ``length``) bool; keys from ``length`` (default L) on are padding, never seen. ``layout``:
+    ``key_layout(mask)``, computed here when None (a read of the mask that a compiled graph
+    would break at: a pass computes it once, ``ForwardContext.key_layout``)."""
     out_dtype = q.dtype
     q, k, v = q.float(), k.float(), v.float()
     b, hq, t, d = q.shape
@@ -110,68 +131,85 @@ def attention(
     group = hq // kv_heads
     if mask is None and is_causal:
         mask = torch.ones(t, length, dtype=torch.bool, device=q.device).tril(length - t)[None, None]
-    gathered = mask is not None and (mask_gaps(mask) if gaps is None else gaps)
-    if gathered:
-        k, v, mask = _compact_keys(k[:, :, :length], v[:, :, :length], mask)
-    pad = -k.shape[-2] % KEY_CHUNK
-    if pad:  # zero keys and values, masked, so that the chunks are whole
-        k, v = (torch.cat([x, x.new_zeros(*x.shape[:-2], pad, d)], dim=-2) for x in (k, v))
+    if mask is not None:
+        mask = mask[..., :length]
+    in_place, moved = (0, t) if mask is None else key_layout(mask) if layout is None else layout
+    k, v, mask = _whole_chunks(k, v, mask, length)
     padded = k.shape[-2]
-    if mask is None:
-        mask = torch.arange(padded, device=q.device) < length if padded > length else None
-    elif mask.shape[-1] < padded:
-        mask = torch.cat([mask, mask.new_zeros(*mask.shape[:-1], padded - mask.shape[-1])], dim=-1)
     q = q.view(b, kv_heads, group, t, d).transpose(2, 3) * (1.0 / math.sqrt(d))  # (B, Hkv, T, g, D)
-    if gathered:  # each query its own keys: (B, Hkv, T) problems of g query columns
-        seen = mask[:, :, :, None]  # (B|1, 1, T, 1, L)
-        y = _columns(q, k, v, seen)
-    else:  # one set of keys per row: (B, Hkv) problems of T * g query columns
-        seen = None if mask is None else mask if mask.dim() == 1 else \
-            mask[:, :, :, None].expand(-1, -1, -1, group, -1).reshape(mask.shape[0], 1, t * group, padded)
-        y = _columns(q.reshape(b, kv_heads, t * group, d), k, v, seen).view(b, kv_heads, t, group, d)
+    # one set of keys per row: (B, Hkv) problems of T * g query columns
+    seen = None if mask is None else mask if mask.dim() == 1 else \
+        mask[:, :, :, None].expand(-1, -1, -1, group, -1).reshape(mask.shape[0], 1, t * group, padded)
+    weights, sums = _softmax_parts(_scores(q.reshape(b, kv_heads, t * group, d), k), seen)
+    parts = _chunk_values(weights, v)  # (B, Hkv, T * g, chunks, D)
+    if moved < t:  # the queries from `moved` on: their chunks past the in-place ones, in their key order
+        m, tail = t - moved, padded - in_place
+        order = torch.sort((~mask[:, :, moved:, in_place:]).to(torch.uint8), dim=-1, stable=True).indices
+        own = weights.view(b, kv_heads, t, group, padded)[:, :, moved:, :, in_place:]
+        own = own.gather(-1, order[:, :, :, None].expand(b, kv_heads, m, group, tail))  # (B, Hkv, m, g, tail)
+        # their values in their key order: one index_select over the rows' tails (a gather with
+        # an expanded index is ~3x slower on the CPU)
+        slot = (order[:, 0].expand(b, m, tail) + torch.arange(b, device=q.device)[:, None, None] * tail).reshape(-1)
+        own_v = v[:, :, in_place:].transpose(1, 2).reshape(b * tail, kv_heads, d).index_select(0, slot)
+        own_v = own_v.view(b, m, tail, kv_heads, d).permute(0, 3, 1, 2, 4)  # (B, Hkv, m, tail, D)
+        kept = in_place // KEY_CHUNK
+        own_sums = torch.cat([sums.view(b, kv_heads, t, group, -1)[:, :, moved:, :, :kept],
+                              _in_key_order(own.unflatten(-1, (tail // KEY_CHUNK, KEY_CHUNK)), -1)], -1)
+        own_parts = torch.cat([parts.view(b, kv_heads, t, group, -1, d)[:, :, moved:, :, :kept],
+                               _chunk_values(own, own_v)], -2)
+        y_moved = _in_key_order(own_parts, -2) / _in_key_order(own_sums, -1)[..., None]  # (B, Hkv, m, g, D)
+    y = (_in_key_order(parts, -2) / _in_key_order(sums, -1)[..., None]).view(b, kv_heads, t, group, d)
+    if moved < t:
+        y = torch.cat([y[:, :, :moved], y_moved], 2)
     return y.transpose(2, 3).reshape(b, hq, t, d).to(out_dtype)
 
 
 QUERY_COLUMNS = 16  # query columns per product: a fixed width, whatever the pass's query count
 
 
-def _columns(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Softmax attention of the query columns q (..., n, D) over the keys k, v (..., L, D), L a
-    whole number of chunks, ``mask`` broadcastable to (..., n, L) or None. Returns (..., n, D).
+def _in_blocks(x: torch.Tensor, blocks: int) -> torch.Tensor:
+    """(..., n, X) -> (..., blocks, QUERY_COLUMNS, X), zero rows filling the last block."""
+    pad = blocks * QUERY_COLUMNS - x.shape[-2]
+    if pad:
+        x = torch.cat([x, x.new_zeros(*x.shape[:-2], pad, x.shape[-1])], dim=-2)
+    return x.unflatten(-2, (blocks, QUERY_COLUMNS))
 
-    The scores are (L, D) x (D, QUERY_COLUMNS) products, the queries QUERY_COLUMNS at a time as
-    the columns (zero columns fill the last product), so keys are read in place, never copied
-    per query; the weighted values are (QUERY_COLUMNS, C) x (C, D) products per chunk of C keys.
-    A score depends neither on the number of keys (the product's rows) nor on its column, nor
-    a weighted value on its row (measured bitwise on torch 2.13's CPU kernels, fp32; the tests in
-    tests/test_exact.py check it wherever they run); the sums over keys run chunk by chunk in
-    key order, so trailing chunks of unseen keys leave the bits unchanged."""
-    *batch, n, d = q.shape
-    length = k.shape[-2]
+
+def _per_block(x: torch.Tensor, blocks: int, inner: int = 2) -> torch.Tensor:
+    """A blocks axis before x's last ``inner`` dims, materialised (a broadcast would change the
+    product's kernel)."""
+    x = x.unsqueeze(-inner - 1)
+    return x.expand(*x.shape[:-inner - 1], blocks, *x.shape[-inner:]).contiguous() if blocks > 1 else x
+
+
+def _scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """The scores (..., n, L) of the query columns q (..., n, D) against the keys k (..., L, D):
+    (L, D) x (D, QUERY_COLUMNS) products, the queries QUERY_COLUMNS at a time as the columns, so
+    keys are read in place, never copied per query."""
+    *batch, n, _ = q.shape
     blocks = -(-n // QUERY_COLUMNS)
-    pad = blocks * QUERY_COLUMNS - n
+    columns = _in_blocks(q, blocks).transpose(-1, -2).contiguous()  # (..., blocks, D, Q)
+    scores = torch.matmul(_per_block(k, blocks), columns)  # (..., blocks, L, Q)
+    return scores.transpose(-1, -2).reshape(*batch, blocks * QUERY_COLUMNS, k.shape[-2])[..., :n, :]
 
-    def in_blocks(x: torch.Tensor) -> torch.Tensor:  # (..., n, X) -> (..., blocks, QUERY_COLUMNS, X)
-        if pad:
-            x = torch.cat([x, x.new_zeros(*x.shape[:-2], pad, x.shape[-1])], dim=-2)
-        return x.unflatten(-2, (blocks, QUERY_COLUMNS))
 
-    def per_block(x: torch.Tensor, inner: int = 2) -> torch.Tensor:
-        """A blocks axis before x's last ``inner`` dims, materialised (a broadcast would change
-        the product's kernel)."""
-        x = x.unsqueeze(-inner - 1)
-        return x.expand(*x.shape[:-inner - 1], blocks, *x.shape[-inner:]).contiguous() if blocks > 1 else x
-
-    columns = in_blocks(q).transpose(-1, -2).contiguous()  # (..., blocks, D, Q)
-    scores = torch.matmul(per_block(k), columns)  # (..., blocks, L, Q)
-    scores = scores.transpose(-1, -2).reshape(*batch, blocks * QUERY_COLUMNS, length)[..., :n, :]
+def _softmax_parts(scores: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The unnormalised softmax weights (..., n, L) of masked scores, L whole chunks, and each
+    chunk's sum (..., n, chunks), accumulated in key order: ``sum`` picks its order by the
+    tensor's shape (measured, torch 2.13 CPU: a chunk summed alone and beside a second chunk
+    differed in the last bit)."""
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    weights = (scores - scores.amax(-1, keepdim=True)).exp()  # (..., n, L)
-    chunks = length // KEY_CHUNK
-    denominator = _in_key_order(weights.unflatten(-1, (chunks, KEY_CHUNK)).sum(-1), -1)  # (..., n)
-    w = in_blocks(weights).unflatten(-1, (chunks, KEY_CHUNK)).transpose(-2, -3).contiguous()  # (.., blocks, chunks, Q, C)
-    values = per_block(v.unflatten(-2, (chunks, KEY_CHUNK)), inner=3)  # (..., blocks, chunks, C, D)
-    numerator = _in_key_order(torch.matmul(w, values), -3)  # (..., blocks, Q, D)
-    numerator = numerator.reshape(*batch, blocks * QUERY_COLUMNS, d)[..., :n, :]
-    return numerator / denominator[..., None]
+    weights = (scores - scores.amax(-1, keepdim=True)).exp()
+    return weights, _in_key_order(weights.unflatten(-1, (scores.shape[-1] // KEY_CHUNK, KEY_CHUNK)), -1)
+
+
+def _chunk_values(weights: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Each chunk's weighted values (..., n, chunks, D) for the weights (..., n, L) of the
+    values v (..., L, D): (QUERY_COLUMNS, C) x (C, D) products per chunk of C keys."""
+    *batch, n, length = weights.shape
+    blocks, chunks = -(-n // QUERY_COLUMNS), length // KEY_CHUNK
+    w = _in_blocks(weights, blocks).unflatten(-1, (chunks, KEY_CHUNK)).transpose(-2, -3).contiguous()
+    values = _per_block(v.unflatten(-2, (chunks, KEY_CHUNK)), blocks, inner=3)  # (..., blocks, chunks, C, D)
+    parts = torch.matmul(w, values)  # (..., blocks, chunks, Q, D)
+    return parts.transpose(-2, -3).reshape(*batch, blocks * QUERY_COLUMNS, chunks, v.shape[-1])[..., :n, :, :]

@@ -130,7 +130,7 @@ class Attention(nn.Module):
                     for c, x in ((cache.k, k), (cache.v, v)))
             length = ctx.prefix_len + t
         if exactly:
-            y = exact.attention(q, k, v, ctx.attn_mask, ctx.is_causal, length, ctx.mask_gaps)
+            y = exact.attention(q, k, v, ctx.attn_mask, ctx.is_causal, length, ctx.key_layout)
         else:
             y = attend(q, k, v, ctx.attn_mask, ctx.is_causal)
         return y.transpose(1, 2).reshape(b, t, -1)

@@ -24,7 +24,7 @@ from .backbone import Backbone
 from .cache import ForwardContext, MambaState, ModelCache
 from .compiled import spans
 from .devices import resolve_device
-from .exact import mask_gaps
+from .exact import key_layout
 from .lora_rows import lora_delta_on_rows
 from .timecond import TimeConditioning
 
@@ -299,7 +299,7 @@ class TwoTower(nn.Module):
         torch._dynamo.mark_static(mask, 1)  # the heads axis: a broadcast, not a size (model/compiled.py)
         positions = (lengths - starts)[:, None] + torch.arange(width, device=lengths.device)
         return ForwardContext(positions=positions, attn_mask=mask, write=False, prefix_len=prefix,
-                              mask_gaps=mask_gaps(mask))
+                              key_layout=key_layout(mask))
 
     def denoise_block(self, block_ids: torch.Tensor, t: torch.Tensor, cache: ModelCache) -> torch.Tensor:
         """Inference: one block per row after the context in ``cache``."""

@@ -51,6 +51,7 @@ class DialFields(BaseModel):
     commit_rule: str | None = None
     verify: bool | None = None
     fused: bool | None = None
+    tree_nodes: Annotated[int, Field(ge=0)] | None = None
     top_k: Annotated[int, Field(ge=1)] | None = None
     show_steps: bool = False  # stream twotower.step / twotower.commit events (the live view)
 
@@ -143,7 +144,8 @@ class ChatCompletionRequest(Common):
         return [m.as_template_message() for m in self.messages]
 
 
-DIAL = ("mode", "block_size", "steps_per_block", "confidence_threshold", "commit_rule", "verify", "fused", "top_k")
+DIAL = ("mode", "block_size", "steps_per_block", "confidence_threshold", "commit_rule", "verify", "fused", "tree_nodes",
+        "top_k")
 
 
 def settings_for(request: Common, recommended: dict, default_max_tokens: int) -> DecodingSettings:
