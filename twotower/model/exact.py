@@ -141,9 +141,13 @@ def attention(
     seen = None if mask is None else mask if mask.dim() == 1 else \
         mask[:, :, :, None].expand(-1, -1, -1, group, -1).reshape(mask.shape[0], 1, t * group, padded)
     weights, sums = _softmax_parts(_scores(q.reshape(b, kv_heads, t * group, d), k), seen)
-    parts = _chunk_values(weights, v)  # (B, Hkv, T * g, chunks, D)
-    if moved < t:  # the queries from `moved` on: their chunks past the in-place ones, in their key order
-        m, tail = t - moved, padded - in_place
+    # (the rows are query-major: query i's g columns are rows i * g .. i * g + g - 1)
+    outs = []
+    if moved:  # the queries before `moved` see their keys in key order: read in place
+        parts = _chunk_values(weights[:, :, : moved * group], v)  # (B, Hkv, moved * g, chunks, D)
+        outs.append(_in_key_order(parts, -2) / _in_key_order(sums[:, :, : moved * group], -1)[..., None])
+    if moved < t:  # the others: the in-place chunks, then their own keys past them in their key order
+        m, tail, kept = t - moved, padded - in_place, in_place // KEY_CHUNK
         order = torch.sort((~mask[:, :, moved:, in_place:]).to(torch.uint8), dim=-1, stable=True).indices
         own = weights.view(b, kv_heads, t, group, padded)[:, :, moved:, :, in_place:]
         own = own.gather(-1, order[:, :, :, None].expand(b, kv_heads, m, group, tail))  # (B, Hkv, m, g, tail)
@@ -152,15 +156,16 @@ def attention(
         slot = (order[:, 0].expand(b, m, tail) + torch.arange(b, device=q.device)[:, None, None] * tail).reshape(-1)
         own_v = v[:, :, in_place:].transpose(1, 2).reshape(b * tail, kv_heads, d).index_select(0, slot)
         own_v = own_v.view(b, m, tail, kv_heads, d).permute(0, 3, 1, 2, 4)  # (B, Hkv, m, tail, D)
-        kept = in_place // KEY_CHUNK
-        own_sums = torch.cat([sums.view(b, kv_heads, t, group, -1)[:, :, moved:, :, :kept],
-                              _in_key_order(own.unflatten(-1, (tail // KEY_CHUNK, KEY_CHUNK)), -1)], -1)
-        own_parts = torch.cat([parts.view(b, kv_heads, t, group, -1, d)[:, :, moved:, :, :kept],
-                               _chunk_values(own, own_v)], -2)
+        own_sums = _in_key_order(own.unflatten(-1, (tail // KEY_CHUNK, KEY_CHUNK)), -1)
+        own_parts = _chunk_values(own, own_v)  # (B, Hkv, m, g, tail chunks, D)
+        if kept:
+            rows = weights[:, :, moved * group :, :in_place]
+            shared = _chunk_values(rows, v[:, :, :in_place]).view(b, kv_heads, m, group, kept, d)
+            own_parts = torch.cat([shared, own_parts], -2)
+            own_sums = torch.cat([sums.view(b, kv_heads, t, group, -1)[:, :, moved:, :, :kept], own_sums], -1)
         y_moved = _in_key_order(own_parts, -2) / _in_key_order(own_sums, -1)[..., None]  # (B, Hkv, m, g, D)
-    y = (_in_key_order(parts, -2) / _in_key_order(sums, -1)[..., None]).view(b, kv_heads, t, group, d)
-    if moved < t:
-        y = torch.cat([y[:, :, :moved], y_moved], 2)
+        outs.append(y_moved.reshape(b, kv_heads, m * group, d))
+    y = (outs[0] if len(outs) == 1 else torch.cat(outs, 2)).view(b, kv_heads, t, group, d)
     return y.transpose(2, 3).reshape(b, hq, t, d).to(out_dtype)
 
 
