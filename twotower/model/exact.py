@@ -131,8 +131,9 @@ def attention(
     group = hq // kv_heads
     if mask is None and is_causal:
         mask = torch.ones(t, length, dtype=torch.bool, device=q.device).tril(length - t)[None, None]
+        layout = (0, t)  # every query's keys in key order
     if mask is not None:
-        mask = mask[..., :length]
+        mask = mask.narrow(-1, 0, length)  # narrow, not slices: a compiled pass knows the sizes (model/compiled.py)
     in_place, moved = (0, t) if mask is None else key_layout(mask) if layout is None else layout
     k, v, mask = _whole_chunks(k, v, mask, length)
     padded = k.shape[-2]
@@ -144,25 +145,28 @@ def attention(
     # (the rows are query-major: query i's g columns are rows i * g .. i * g + g - 1)
     outs = []
     if moved:  # the queries before `moved` see their keys in key order: read in place
-        parts = _chunk_values(weights[:, :, : moved * group], v)  # (B, Hkv, moved * g, chunks, D)
-        outs.append(_in_key_order(parts, -2) / _in_key_order(sums[:, :, : moved * group], -1)[..., None])
+        rows = moved * group
+        parts = _chunk_values(weights.narrow(2, 0, rows), v)  # (B, Hkv, moved * g, chunks, D)
+        outs.append(_in_key_order(parts, -2) / _in_key_order(sums.narrow(2, 0, rows), -1)[..., None])
     if moved < t:  # the others: the in-place chunks, then their own keys past them in their key order
         m, tail, kept = t - moved, padded - in_place, in_place // KEY_CHUNK
-        order = torch.sort((~mask[:, :, moved:, in_place:]).to(torch.uint8), dim=-1, stable=True).indices
-        own = weights.view(b, kv_heads, t, group, padded)[:, :, moved:, :, in_place:]
+        order = torch.sort((~mask.narrow(2, moved, m).narrow(3, in_place, tail)).to(torch.uint8), dim=-1,
+                           stable=True).indices
+        own = weights.view(b, kv_heads, t, group, padded).narrow(2, moved, m).narrow(4, in_place, tail)
         own = own.gather(-1, order[:, :, :, None].expand(b, kv_heads, m, group, tail))  # (B, Hkv, m, g, tail)
         # their values in their key order: one index_select over the rows' tails (a gather with
         # an expanded index is ~3x slower on the CPU)
         slot = (order[:, 0].expand(b, m, tail) + torch.arange(b, device=q.device)[:, None, None] * tail).reshape(-1)
-        own_v = v[:, :, in_place:].transpose(1, 2).reshape(b * tail, kv_heads, d).index_select(0, slot)
+        own_v = v.narrow(2, in_place, tail).transpose(1, 2).reshape(b * tail, kv_heads, d).index_select(0, slot)
         own_v = own_v.view(b, m, tail, kv_heads, d).permute(0, 3, 1, 2, 4)  # (B, Hkv, m, tail, D)
         own_sums = _in_key_order(own.unflatten(-1, (tail // KEY_CHUNK, KEY_CHUNK)), -1)
         own_parts = _chunk_values(own, own_v)  # (B, Hkv, m, g, tail chunks, D)
         if kept:
-            rows = weights[:, :, moved * group :, :in_place]
-            shared = _chunk_values(rows, v[:, :, :in_place]).view(b, kv_heads, m, group, kept, d)
+            rows = weights.narrow(2, moved * group, m * group).narrow(3, 0, in_place)
+            shared = _chunk_values(rows, v.narrow(2, 0, in_place)).view(b, kv_heads, m, group, kept, d)
             own_parts = torch.cat([shared, own_parts], -2)
-            own_sums = torch.cat([sums.view(b, kv_heads, t, group, -1)[:, :, moved:, :, :kept], own_sums], -1)
+            own_sums = torch.cat([sums.view(b, kv_heads, t, group, -1).narrow(2, moved, m).narrow(4, 0, kept), own_sums],
+                                 -1)
         y_moved = _in_key_order(own_parts, -2) / _in_key_order(own_sums, -1)[..., None]  # (B, Hkv, m, g, D)
         outs.append(y_moved.reshape(b, kv_heads, m * group, d))
     y = (outs[0] if len(outs) == 1 else torch.cat(outs, 2)).view(b, kv_heads, t, group, d)
