@@ -227,10 +227,13 @@ def test_bench_speed_verified_drafting_reproduces_ar(tiny_dir, tmp_path):
     code = main(["bench", "speed", "--model", str(tiny_dir), "--threads", "1", "--modes", "mask_diffusion", "fused",
                  "--thresholds", "0.9", "0.5", "--block-sizes", "4", "--batch-sizes", "1", "--prompts", "2",
                  "--max-new-tokens", "8", "--repeats", "1", "--verify", "--steps-per-block", "1",
-                 "--output-dir", str(out)])
+                 "--tree-nodes", "0", "3", "--output-dir", str(out)])
     assert code == 0
     data = json.loads((out / "speed.json").read_text())
-    diffusion, fused = [r for r in data["runs"] if r["mode"] == "mask_diffusion"]
+    diffusion, tree, fused = [r for r in data["runs"] if r["mode"] == "mask_diffusion"]  # trees have no fused twin
+    # a tree of 3 drafts: one denoiser forward and one tree pass of 4 rows a step, the same output
+    assert tree["label"] == "mask_diffusion S=4 verified tree=3" and tree["tree_nodes"] == 3
+    assert tree["exact_match"] == 1.0 and set(tree["forward_shapes"]) == {"denoiser 4", "tree 4"}
     # the threshold plays no part with one step per block: it is not in the label
     assert diffusion["label"] == "mask_diffusion S=4 verified" and diffusion["steps_per_block"] == 1
     assert diffusion["exact_match"] == 1.0 and diffusion["verify"] is True
@@ -246,10 +249,11 @@ def test_bench_speed_verified_drafting_reproduces_ar(tiny_dir, tmp_path):
         assert r["rows_per_forward"] == pytest.approx(rows) and r["predicted_speedup"] > 0
         # a forward costs one AR step up to 64 rows: the prediction is tokens per forward
         assert r["predicted_speedup_flat64"] == pytest.approx(r["generated_tokens"] / forwards)
-    shapes = {s for r in (diffusion, fused) for s in r["forward_shapes"]}
+    shapes = {s for r in (diffusion, tree, fused) for s in r["forward_shapes"]}
     assert set(data["cost_model"]["forward_ms"]) == shapes | {"context 1"}
     assert data["cost_model"]["relative_to_ar_step"]["context 1"] == 1.0
     table = (out / "speed.md").read_text()
     assert "verified against the context tower, 1 denoiser step(s) per block" in table
+    assert "| 1 | mask_diffusion verified tree of 3 | 4 | – |" in table
     assert "| 1 | mask_diffusion verified | 4 | – |" in table and "| 1 | mask_diffusion fused | 4 | – |" in table
     assert "Cost model" in table

@@ -3,7 +3,8 @@ AR step, and the speed-up over AR that a strategy's pass counts predict from it.
 
 A strategy's decode is a sequence of forwards of a few shapes (``GenerationStats.forward_shapes``):
 AR, "context 1" each; verified drafting, "denoiser S" (a block) then "context k+1" (the anchor and
-the draft); the fused step, "fused W+S" (both at once). Its predicted speed-up is
+the draft), or "tree N+1" (the anchor and a tree of N drafts); the fused step, "fused W+S" (both at
+once). Its predicted speed-up is
 
     tokens x cost("context 1") / sum over its forwards of cost(shape)
 
@@ -58,6 +59,8 @@ def measure_forward_costs(model: TwoTower, shapes: set[str], context_tokens: int
             with torch.inference_mode():
                 if kind == "context":
                     backbone(new[:, : rows[0]], cache, last_only=rows[0] == 1, record=True)
+                elif kind == "tree":
+                    backbone(new[:, : rows[0]], cache, tree=typical_tree(rows[0]).to(ids.device))
                 elif kind == "denoiser":
                     model.denoise_block(block(rows[0]), torch.ones(1, device=ids.device), cache)
                 else:
@@ -72,6 +75,18 @@ def measure_forward_costs(model: TwoTower, shapes: set[str], context_tokens: int
 
     timings = interleaved({s: forward(s) for s in sorted(shapes)}, repeats, warmup=1)
     return {s: timings.median(s) for s in sorted(shapes)}
+
+
+def typical_tree(n: int) -> torch.Tensor:
+    """(1, n, n) ancestors of a token tree of n rows shaped like the drafter's: the root, a path
+    of half the rest (the likeliest continuation), then the other nodes, each a second choice
+    after a node of the path (the queries exact attention gathers keys for: model/exact.py)."""
+    path = n // 2
+    parents = [-1] + list(range(path)) + [i % max(path, 1) for i in range(n - 1 - path)]
+    seen = torch.eye(n, dtype=torch.bool)
+    for i in range(1, n):
+        seen[i] |= seen[parents[i]]
+    return seen[None]
 
 
 def predicted_speedup(forward_shapes: dict[str, int], tokens: float, costs: dict[str, float]) -> float | None:

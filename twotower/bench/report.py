@@ -57,6 +57,7 @@ def markdown(results: dict) -> str:
     ]
     for r in results["runs"]:
         mode = r["mode"] + (" fused" if r.get("fused") else " verified" if r.get("verify") else "")
+        mode += f" tree of {r['tree_nodes']}" if r.get("tree_nodes") else ""
         predicted = (f"{_fmt(r.get('predicted_speedup'), '.2f')} / {_fmt(r.get('predicted_speedup_flat64'), '.2f')}"
                      if r.get("predicted_speedup") is not None else "–")
         lines.append(
@@ -94,6 +95,7 @@ def plot(runs: list[dict], path: Path, title: str) -> None:
         for r, (x, y) in zip(rows, points):
             ax.scatter(x, y, marker=markers[r["mode"]], color=colour, s=50, alpha=0.8)
             short = f"S{r['block_size']} t{r['threshold']}" if r["mode"] == "mask_diffusion" else r["mode"]
+            short += f" tree{r['tree_nodes']}" if r.get("tree_nodes") else ""
             ax.annotate(short, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
         front = [points[j] for j in pareto_frontier(points)]
         ax.plot([x for x, _ in front], [y for _, y in front], color=colour, linestyle="--", marker="o",

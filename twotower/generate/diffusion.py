@@ -483,7 +483,7 @@ def _tree_drafts(run: _Decoding, nodes: int) -> None:
         before = run.cache.lengths.clone()
         ar_logits = run.model.context_forward(ids, run.cache, tree=tree.ancestors())
         run.stats.context_passes += 1
-        run.stats.counted("context", nodes + 1)
+        run.stats.counted("tree", nodes + 1)
         picks = ar_logits.argmax(-1).tolist() if run.sampler.greedy else None
         appended = torch.zeros(batch, dtype=torch.long, device=active.device)
         span = torch.arange(nodes + 1, device=active.device)
