@@ -1,5 +1,5 @@
 """Compiled decoding passes (model/compiled.py): the same greedy tokens as eager for AR, the
-dial, verified and fused decoding; lossless decoding gives compiled AR's tokens, on fp32 and
+dial, verified, fused and tree decoding; lossless decoding gives compiled AR's tokens, on fp32 and
 int4 weights; a row's tokens do not depend on the pass length or its batch mates; long prompts
 stay eager; a missing toolchain or a failing compilation falls back to eager with one line."""
 
@@ -31,6 +31,7 @@ STRATEGIES = {
     "verified": dict(verify=True, steps_per_block=1),
     "fused": dict(verify=True, steps_per_block=1, fused=True),
     "fused_dial": dict(confidence_threshold=0.5, fused=True),
+    "tree": dict(verify=True, steps_per_block=1, tree_nodes=4),
 }
 
 
@@ -66,7 +67,7 @@ def test_compiled_decoding_gives_eager_tokens(models, strategy):
 def test_lossless_strategies_are_compiled_ar(models):
     _, fast = models
     ar = _decode(fast, "ar")
-    assert _decode(fast, "verified") == ar == _decode(fast, "fused")
+    assert _decode(fast, "verified") == ar == _decode(fast, "fused") == _decode(fast, "tree")
 
 
 @SLOW

@@ -150,26 +150,30 @@ def attention(
         outs.append(_in_key_order(parts, -2) / _in_key_order(sums.narrow(2, 0, rows), -1)[..., None])
     if moved < t:  # the others: the in-place chunks, then their own keys past them in their key order
         m, tail, kept = t - moved, padded - in_place, in_place // KEY_CHUNK
+        # bounds a compiled pass cannot prove: without them it sizes the narrows below with clamps
+        # that its generated code fails to print
+        torch._check(in_place >= 0)
+        torch._check(in_place <= padded)
         order = torch.sort((~mask.narrow(2, moved, m).narrow(3, in_place, tail)).to(torch.uint8), dim=-1,
                            stable=True).indices
-        own = weights.view(b, kv_heads, t, group, padded).narrow(2, moved, m).narrow(4, in_place, tail)
+        own = weights.narrow(2, moved * group, m * group).narrow(3, in_place, tail).unflatten(2, (m, group))
         own = own.gather(-1, order[:, :, :, None].expand(b, kv_heads, m, group, tail))  # (B, Hkv, m, g, tail)
         # their values in their key order: one index_select over the rows' tails (a gather with
         # an expanded index is ~3x slower on the CPU)
         slot = (order[:, 0].expand(b, m, tail) + torch.arange(b, device=q.device)[:, None, None] * tail).reshape(-1)
         own_v = v.narrow(2, in_place, tail).transpose(1, 2).reshape(b * tail, kv_heads, d).index_select(0, slot)
-        own_v = own_v.view(b, m, tail, kv_heads, d).permute(0, 3, 1, 2, 4)  # (B, Hkv, m, tail, D)
+        own_v = own_v.reshape(b, m, tail, kv_heads, d).permute(0, 3, 1, 2, 4)  # (B, Hkv, m, tail, D)
         own_sums = _in_key_order(own.unflatten(-1, (tail // KEY_CHUNK, KEY_CHUNK)), -1)
         own_parts = _chunk_values(own, own_v)  # (B, Hkv, m, g, tail chunks, D)
         if kept:
             rows = weights.narrow(2, moved * group, m * group).narrow(3, 0, in_place)
-            shared = _chunk_values(rows, v.narrow(2, 0, in_place)).view(b, kv_heads, m, group, kept, d)
+            shared = _chunk_values(rows, v.narrow(2, 0, in_place)).reshape(b, kv_heads, m, group, kept, d)
             own_parts = torch.cat([shared, own_parts], -2)
-            own_sums = torch.cat([sums.view(b, kv_heads, t, group, -1).narrow(2, moved, m).narrow(4, 0, kept), own_sums],
-                                 -1)
+            own_sums = torch.cat([sums.narrow(2, moved * group, m * group).narrow(3, 0, kept).unflatten(2, (m, group)),
+                                  own_sums], -1)
         y_moved = _in_key_order(own_parts, -2) / _in_key_order(own_sums, -1)[..., None]  # (B, Hkv, m, g, D)
         outs.append(y_moved.reshape(b, kv_heads, m * group, d))
-    y = (outs[0] if len(outs) == 1 else torch.cat(outs, 2)).view(b, kv_heads, t, group, d)
+    y = (outs[0] if len(outs) == 1 else torch.cat(outs, 2)).reshape(b, kv_heads, t, group, d)
     return y.transpose(2, 3).reshape(b, hq, t, d).to(out_dtype)
 
 
