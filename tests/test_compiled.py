@@ -68,6 +68,7 @@ def test_lossless_strategies_are_compiled_ar(models):
     _, fast = models
     ar = _decode(fast, "ar")
     assert _decode(fast, "verified") == ar == _decode(fast, "fused") == _decode(fast, "tree")
+    assert not fast.context.compiler.failed  # (a failure mid-decode would compare eager with eager)
 
 
 @SLOW
