@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from ..generate.ar import shape_rows
+from ..generate.tree import ancestors
 from ..model.fused import fused_forward
 from ..model.twotower import TwoTower
 from .timing import interleaved
@@ -82,11 +83,7 @@ def typical_tree(n: int) -> torch.Tensor:
     of half the rest (the likeliest continuation), then the other nodes, each a second choice
     after a node of the path (the queries exact attention gathers keys for: model/exact.py)."""
     path = n // 2
-    parents = [-1] + list(range(path)) + [i % max(path, 1) for i in range(n - 1 - path)]
-    seen = torch.eye(n, dtype=torch.bool)
-    for i in range(1, n):
-        seen[i] |= seen[parents[i]]
-    return seen[None]
+    return ancestors(torch.tensor([list(range(path)) + [i % max(path, 1) for i in range(n - 1 - path)]]))
 
 
 def predicted_speedup(forward_shapes: dict[str, int], tokens: float, costs: dict[str, float]) -> float | None:

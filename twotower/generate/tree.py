@@ -39,12 +39,7 @@ class DraftTree:
 
     def ancestors(self) -> torch.Tensor:
         """(B, N + 1, N + 1) bool: row i sees row j (j an ancestor of i, or i itself)."""
-        batch, n = self.tokens.shape
-        seen = torch.eye(n + 1, dtype=torch.bool, device=self.tokens.device).repeat(batch, 1, 1)
-        seen[:, 1:, 0] = True
-        for i in range(1, n + 1):  # parents come first, so their rows are complete
-            seen[:, i] |= seen[torch.arange(batch), self.parents[:, i - 1]]
-        return seen
+        return ancestors(self.parents)
 
     def children(self, row: int) -> dict[tuple[int, int], int]:
         """(parent row, token) -> child row, for one batch row."""
@@ -62,6 +57,18 @@ class DraftTree:
                     break
                 chain[b, d] = True
         return chain
+
+
+def ancestors(parents: torch.Tensor) -> torch.Tensor:
+    """The (B, N + 1, N + 1) bool ancestor rows of trees over [anchor, node 1, ..., node N] given
+    each node's parent row (B, N), parents before their children: row i sees row j where j is
+    an ancestor of i or i itself."""
+    batch, n = parents.shape
+    seen = torch.eye(n + 1, dtype=torch.bool, device=parents.device).repeat(batch, 1, 1)
+    seen[:, 1:, 0] = True
+    for i in range(1, n + 1):  # parents come first, so their rows are complete
+        seen[:, i] |= seen[torch.arange(batch), parents[:, i - 1]]
+    return seen
 
 
 def draft_tree(logits: torch.Tensor, nodes: int) -> DraftTree:

@@ -156,7 +156,9 @@ def attention(
         torch._check(in_place <= padded)
         order = torch.sort((~mask.narrow(2, moved, m).narrow(3, in_place, tail)).to(torch.uint8), dim=-1,
                            stable=True).indices
-        own = weights.narrow(2, moved * group, m * group).narrow(3, in_place, tail).unflatten(2, (m, group))
+        # narrowed while flat, then unflattened: inductor cannot lower a slice of the unflattened view
+        moved_rows = weights.narrow(2, moved * group, m * group)
+        own = moved_rows.narrow(3, in_place, tail).unflatten(2, (m, group))
         own = own.gather(-1, order[:, :, :, None].expand(b, kv_heads, m, group, tail))  # (B, Hkv, m, g, tail)
         # their values in their key order: one index_select over the rows' tails (a gather with
         # an expanded index is ~3x slower on the CPU)
@@ -166,8 +168,8 @@ def attention(
         own_sums = _in_key_order(own.unflatten(-1, (tail // KEY_CHUNK, KEY_CHUNK)), -1)
         own_parts = _chunk_values(own, own_v)  # (B, Hkv, m, g, tail chunks, D)
         if kept:
-            rows = weights.narrow(2, moved * group, m * group).narrow(3, 0, in_place)
-            shared = _chunk_values(rows, v.narrow(2, 0, in_place)).reshape(b, kv_heads, m, group, kept, d)
+            shared = _chunk_values(moved_rows.narrow(3, 0, in_place), v.narrow(2, 0, in_place))
+            shared = shared.reshape(b, kv_heads, m, group, kept, d)
             own_parts = torch.cat([shared, own_parts], -2)
             own_sums = torch.cat([sums.narrow(2, moved * group, m * group).narrow(3, 0, kept).unflatten(2, (m, group)),
                                   own_sums], -1)
