@@ -499,6 +499,9 @@ def _file_cases() -> list[Case]:
         "generation_config.json")
     add(f, "generation_config.json with block_size 0", "tt",
         edit_json("generation_config.json", lambda g: {**g, "block_size": 0}), "block_size")
+    add(f, "generation_config.json recommending an unknown drafter", "tt",
+        edit_json("generation_config.json", lambda g: {**g, "quantize_drafter": "int3"}),
+        "quantize_drafter = 'int3' is not a drafter quantization", CheckpointError)
     f = "files: a backbone directory"
     add(f, "config.json of an unsupported architecture", "backbone",
         edit_json("config.json", lambda c: {**c, "model_type": "gpt2"}), "config.json")

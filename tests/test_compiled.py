@@ -161,15 +161,15 @@ def test_load_model_compiles_both_towers_and_says_so(world):
 
 
 @SLOW
-def test_a_fast_drafter_compiles_the_drafter_alone_and_verified_is_eager_ar(world):
-    """--quantize-drafter fast: the denoiser tower compiled, the context tower eager and exact,
-    so verified decoding is the eager fp32 AR model's output."""
+def test_a_fast_drafter_compiles_with_compile_and_verified_is_compiled_ar(world):
+    """--quantize-drafter fast --compile: the verification drafter's passes compiled too, and
+    verified decoding is the compiled fp32 AR model's output."""
     from test_quant import _verified_is_ar
 
     from twotower import load_model
 
-    loaded = load_model(str(world.tt), quantize_drafter="fast")
-    assert loaded.context.compiler is None
-    assert loaded.model.denoiser.compiler is not None and "compiled passes" in loaded.describe_numerics()
-    _verified_is_ar(load_model(str(world.tt)), loaded)
-    assert not loaded.model.denoiser.compiler.failed
+    loaded = load_model(str(world.tt), quantize_drafter="fast", compile=True)
+    drafter = loaded.model.verify_drafter.tower
+    assert drafter.compiler is not None and "compiled passes" in loaded.describe_numerics()
+    _verified_is_ar(load_model(str(world.tt), compile=True), loaded)
+    assert not drafter.compiler.failed and not loaded.context.compiler.failed

@@ -263,31 +263,58 @@ def test_the_drafter_takes_the_context_scheme_unless_told_otherwise(world, capsy
     assert code == 0 and "int4 drafter" in capsys.readouterr().err
 
 
-def test_a_fast_drafter_is_int4_in_its_own_dtype_on_fused_kernels_and_verified_is_still_ar(world, monkeypatch):
-    """--quantize-drafter fast: the drafter alone is int4, in auto's dtype, not exact, compiled
-    where torch.compile runs (here made unavailable: the compiled case is in test_compiled.py);
-    the context tower stays the fp32 exact AR model, so verified decoding is its output."""
-    from twotower.model import compiled
+def test_a_fast_drafter_drafts_for_verified_decoding_alone(world):
+    """--quantize-drafter fast: a copy of the denoiser, int4 in auto's dtype on fused kernels,
+    drafts for verified decoding, whose output stays the fp32 exact AR model's; the dial and the
+    fused strategy keep the model's own denoiser, so their tokens do not change either."""
     from twotower.model.devices import auto_dtype
     from twotower.model.layers import Attention
 
-    monkeypatch.setattr(compiled, "compile_unavailable", lambda device: "no compiler (test)")
     full = load_model(str(world.tt))
     loaded = load_model(str(world.tt), quantize_drafter="fast")
     tt = loaded.two_tower
+    drafter = tt.verify_drafter
     dtype = auto_dtype("cpu")[0]
-    assert tt.context.dtype == torch.float32 and tt.denoiser.dtype == dtype and tt.time.t_block[1].weight.dtype == dtype
-    assert any(isinstance(m, QuantLinear) for m in tt.denoiser.modules())
-    assert not any(isinstance(m, QuantLinear) for m in tt.context.modules())
-    assert all(m.exact for m in tt.context.modules() if isinstance(m, Attention))
-    assert not any(m.exact for m in tt.denoiser.modules() if isinstance(m, Attention))
-    assert tt.denoiser.compiler is None and tt.context.compiler is None
+    assert drafter.tower.dtype == dtype and drafter.time.t_block[1].weight.dtype == dtype
+    assert any(isinstance(m, QuantLinear) for m in drafter.tower.modules())
+    assert not any(m.exact for m in drafter.tower.modules() if isinstance(m, Attention))
+    assert drafter.tower.compiler is None  # compiled only with compile=True (test_compiled.py)
+    for tower in (tt.context, tt.denoiser):  # the model's own towers, as loaded without it
+        assert tower.dtype == torch.float32 and not any(isinstance(m, QuantLinear) for m in tower.modules())
+        assert all(m.exact for m in tower.modules() if isinstance(m, Attention))
+    assert tt.drafter_scheme is None and loaded.drafter_quantization is None
     numerics = loaded.describe_numerics()
-    assert f"int4 drafter ({str(dtype).removeprefix('torch.')}, fused kernels, eager)" in numerics, numerics
+    assert f"verified drafts by a fast copy: int4, {str(dtype).removeprefix('torch.')}, fused kernels, eager" \
+        in numerics, numerics
+    with tt.drafting_to_verify():
+        assert tt.denoiser is drafter.tower and tt.time is drafter.time
+    assert tt.denoiser is not drafter.tower and tt.time is not drafter.time
+    forwards = []
+    drafter.tower.norm.register_forward_hook(lambda *_: forwards.append(1))
     _verified_is_ar(full, loaded)
-    with pytest.raises(UsageError, match="fused pass drafts on the context tower's weights"):
-        decode(tt, ["A dog ran"], resolve_settings(loaded.recommended, strategy="fused", max_new_tokens=4),
-               tokenizer=loaded.tokenizer)
+    assert forwards, "verified decoding did not draft with the fast copy"
+    drafted = len(forwards)
+    prompts = ["the cat sat on the mat and the", "A dog ran"]
+    for strategy in ("mask_diffusion", "fused", "fused_dial"):
+        settings = resolve_settings(loaded.recommended, strategy=strategy, max_new_tokens=12)
+        ours = decode(tt, prompts, settings, tokenizer=loaded.tokenizer).tokens
+        assert ours == decode(full.model, prompts, settings, tokenizer=full.tokenizer).tokens, strategy
+    assert len(forwards) == drafted, "the dial or a fused pass drafted with the verification drafter"
+
+
+def test_a_model_may_recommend_its_drafter_and_an_explicit_choice_wins(world, tmp_path):
+    """generation_config.json's quantize_drafter applies when load_model is given none."""
+    import json
+    import shutil
+
+    directory = tmp_path / "tt"
+    shutil.copytree(world.tt, directory)
+    config = directory / "generation_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "quantize_drafter": "fast"}))
+    assert load_model(str(directory)).model.verify_drafter is not None
+    assert load_model(str(directory), quantize_drafter="none").model.verify_drafter is None
+    assert load_model(str(directory), quantize_drafter="int8").model.drafter_scheme == "int8"
+    assert load_model(str(world.tt)).model.verify_drafter is None
 
 
 def test_a_bf16_drafter_reads_an_fp32_mamba_context(world):

@@ -52,7 +52,8 @@ def test_shipped_denoiser_loads_as_trained_lora(shipped):
     assert shipped.note is None  # not the untrained fallback
     # it recommends the left_prefix rule and, for generate, verified whole-block drafts
     # (generation_config.json); an explicit choice wins
-    assert shipped.recommended == {"commit_rule": "left_prefix", "verify": True, "steps_per_block": 1, "block_size": 4}
+    assert shipped.recommended == {"commit_rule": "left_prefix", "verify": True, "steps_per_block": 1, "block_size": 4,
+                                   "quantize_drafter": "fast"}
     preset = resolve_settings(shipped.recommended)
     assert (preset.verify, preset.steps_per_block, preset.block_size, preset.commit_rule) == (True, 1, 4, "left_prefix")
     assert resolve_settings(shipped.recommended, commit_rule="threshold").commit_rule == "threshold"

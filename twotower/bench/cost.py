@@ -2,8 +2,8 @@
 AR step, and the speed-up over AR that a strategy's pass counts predict from it.
 
 A strategy's decode is a sequence of forwards of a few shapes (``GenerationStats.forward_shapes``):
-AR, "context 1" each; verified drafting, "denoiser S" (a block) then "context k+1" (the anchor and
-the draft), or "tree N+1" (the anchor and a tree of N drafts); the fused step, "fused W+S" (both at
+AR, "context 1" each; verified drafting, "denoiser S" (a block; "drafter S" where the model drafts
+with a verify_drafter of its own) then "context k+1" (the anchor and the draft), or "tree N+1" (the anchor and a tree of N drafts); the fused step, "fused W+S" (both at
 once). Its predicted speed-up is
 
     tokens x cost("context 1") / sum over its forwards of cost(shape)
@@ -15,6 +15,8 @@ FLAT_ROWS rows.
 """
 
 from __future__ import annotations
+
+from contextlib import nullcontext
 
 import torch
 
@@ -32,7 +34,8 @@ def measure_forward_costs(model: TwoTower, shapes: set[str], context_tokens: int
                           synchronize=None) -> dict[str, float]:
     """Median seconds of a forward of each shape (and of one AR step) after a ``context_tokens``
     context, batch 1, interleaved (every shape once per round): the context tower over n new
-    tokens, the denoiser over a block of n (as decoding runs it, merged adapters included), or
+    tokens, the denoiser (or the verify_drafter) over a block of n (as decoding runs it, merged
+    adapters included), or
     the fused pass over w context rows and a block."""
     shapes = set(shapes) | {AR_STEP}
     widest = max(shape_rows(s) for s in shapes)
@@ -62,8 +65,9 @@ def measure_forward_costs(model: TwoTower, shapes: set[str], context_tokens: int
                     backbone(new[:, : rows[0]], cache, last_only=rows[0] == 1, record=True)
                 elif kind == "tree":
                     backbone(new[:, : rows[0]], cache, tree=typical_tree(rows[0]).to(ids.device))
-                elif kind == "denoiser":
-                    model.denoise_block(block(rows[0]), torch.ones(1, device=ids.device), cache)
+                elif kind in ("denoiser", "drafter"):
+                    with model.drafting_to_verify() if kind == "drafter" else nullcontext():
+                        model.denoise_block(block(rows[0]), torch.ones(1, device=ids.device), cache)
                 else:
                     fused_forward(model, new[:, : rows[0]], block(rows[1]), torch.ones(1, device=ids.device),
                                   torch.tensor([rows[0] - 1], device=ids.device), cache)

@@ -30,6 +30,7 @@ from ..files import read_json, write_json
 from ..model.backbone import Backbone
 from ..model.config import BackboneConfig
 from ..model.devices import resolve_device, warn_if_slow
+from ..model.quant import DRAFTER_SCHEMES
 from ..model.twotower import DenoiserConfig, TwoTower
 from .load import _read_safetensors, backbone_from_state_dict, load_backbone
 from .tensors import save_tensors
@@ -42,7 +43,9 @@ AUTO_MAP = {"AutoModelForCausalLM": "modeling_twotower.TwoTowerForCausalLM"}
 # transformers' remote-code loader imports this file, which only re-exports the installed class
 SHIMS = {"modeling_twotower.py": "from twotower.hf.modeling_twotower import TwoTowerForCausalLM  # noqa: F401\n"}
 # generation_config.json keys that twotower reads: the commit rule, and a preset for the dial
-RECOMMENDED_KEYS = ("commit_rule", "verify", "fused", "steps_per_block", "block_size", "tree_nodes")
+# the decoding preset, and the drafter load_model makes for verified decoding (quantize_drafter)
+RECOMMENDED_KEYS = ("commit_rule", "verify", "fused", "steps_per_block", "block_size", "tree_nodes",
+                    "quantize_drafter")
 
 
 def read_json_object(path: Path) -> dict:
@@ -196,15 +199,20 @@ def save_two_tower(model: TwoTower, directory: str | Path, backbone_ref: str | N
 
 def recommended_decoding(directory: str | Path) -> dict:
     """The decoding settings a saved directory recommends, kept where transformers models keep
-    their generation defaults (generation_config.json): ``commit_rule``, and a preset of
-    ``verify``, ``fused``, ``steps_per_block``, ``block_size`` and ``tree_nodes``."""
+    their generation defaults (generation_config.json): ``commit_rule``, a preset of
+    ``verify``, ``fused``, ``steps_per_block``, ``block_size`` and ``tree_nodes``, and the
+    ``quantize_drafter`` that load_model applies when none is given."""
     path = Path(directory).expanduser() / GENERATION_CONFIG
     if not path.is_file():
         return {}
     config = read_json_object(path)
     recommended = {k: config[k] for k in RECOMMENDED_KEYS if k in config}
     kinds = {"commit_rule": str, "verify": bool, "fused": bool, "steps_per_block": int, "block_size": int,
-             "tree_nodes": int}
+             "tree_nodes": int, "quantize_drafter": str}
+    drafter = recommended.get("quantize_drafter")
+    if drafter is not None and drafter not in DRAFTER_SCHEMES:
+        raise CheckpointError(f"{path}: quantize_drafter = {drafter!r} is not a drafter quantization "
+                              f"({', '.join(DRAFTER_SCHEMES)})")
     for key, value in recommended.items():
         least = 0 if key == "tree_nodes" else 1
         if not isinstance(value, kinds[key]) or (kinds[key] is int and (isinstance(value, bool) or value < least)):

@@ -21,9 +21,9 @@ import torch
 from ..errors import UsageError
 from ..model.backbone import Backbone
 from ..model.devices import auto_dtype, resolve_device, torch_dtype
+from ..model.quant import DRAFTER_SCHEMES, FAST_DRAFTER, QuantReport, quantize_backbone
 from ..model.quant import SCHEMES as QUANT_SCHEMES
-from ..model.quant import QuantReport, quantize_backbone
-from ..model.twotower import DenoiserConfig, TwoTower
+from ..model.twotower import DenoiserConfig, TwoTower, VerifyDrafter
 from .build import SHIPPED_DIR, build_two_tower, denoiser_dir, shipped_denoiser
 from .load import DEFAULT_MODEL, load_backbone
 from .saved import is_two_tower_dir, load_two_tower_dir, recommended_decoding
@@ -33,15 +33,15 @@ __all__ = ["SHIPPED_DIR", "LoadedModel", "load_model", "shipped_denoiser", "deno
 
 log = logging.getLogger(__name__)
 
-# ``quantize_drafter="fast"``: the drafter in the fastest numerics of this machine, which verified
-# decoding may take because its output is the context tower's whatever the drafts: int4 weights,
-# bf16 where the device has native bf16 kernels (auto_dtype), PyTorch's fused kernels instead of
-# exact inference, its passes compiled where torch.compile runs. Measured on a 2-core AVX512-BF16
-# EPYC (fp32 context, the shipped preset, 5 prompts x 64 tokens, one interleaved run): int4 alone
-# 1.18x our fp32 AR, + bf16 1.20x, + fused kernels 1.28x, + compiled 1.40x.
-FAST_DRAFTER = "fast"
+# ``quantize_drafter="fast"``: verified decoding drafts with a copy of the denoiser in the fastest
+# numerics of this machine (TwoTower.verify_drafter), which it may take because its output is the
+# context tower's whatever the drafts: int4 weights, bf16 where the device has native bf16 kernels
+# (auto_dtype), PyTorch's fused kernels instead of exact inference, compiled passes with
+# ``compile``. The dial keeps the model's own denoiser, whose tokens it commits. Measured on a
+# 2-core AVX512-BF16 EPYC (fp32 context, the shipped preset, 5 prompts x 64 tokens, one
+# interleaved run): int4 alone 1.18x our fp32 AR, + bf16 1.20x, + fused kernels 1.28x, + compiled
+# 1.40x. The shipped denoiser recommends it (its generation_config.json).
 FAST_DRAFTER_SCHEME = "int4"
-DRAFTER_SCHEMES = (*QUANT_SCHEMES, FAST_DRAFTER)
 
 UNTRAINED_NOTE = (
     "untrained denoiser: a lora denoiser initialised as a copy of the AR model (identity time "
@@ -119,11 +119,14 @@ def load_model(
     cannot share the context's weights across devices). ``quantize``: ``int8`` or ``int4``
     weight-only projections of both towers (model/quant.py), the AR model included, so that
     verified decoding is exact against the same quantized model. ``quantize_drafter``: the
-    denoiser tower's own scheme (None: ``quantize``'s; ``"fast"``: FAST_DRAFTER, int4 and the
-    drafter's own dtype, kernels and compiled passes). Verified decoding stays the context
-    tower's AR, whatever drafts it checks, so a cheaper drafter buys speed, not errors; the dial
-    commits the drafter's tokens, so there it changes the output. A lora denoiser then gets its
-    merged copy to quantize, and fused passes (which draft on the context's weights) are refused.
+    denoiser tower's own scheme (none, int8, int4), or ``"fast"`` (FAST_DRAFTER: a copy of the
+    denoiser that drafts for verified decoding alone, in int4 and the device's fastest dtype and
+    kernels; the dial keeps the denoiser as ``quantize`` left it); None: what the model
+    recommends (its generation_config.json's ``quantize_drafter``), else ``quantize``'s.
+    Verified decoding stays the context tower's AR, whatever drafts it checks, so a cheaper
+    drafter buys speed, not errors; the dial commits the drafter's tokens, so a scheme of the
+    denoiser tower's own changes its output. A lora denoiser then gets its merged copy to
+    quantize, and fused passes (which draft on the context's weights) are refused.
     ``compile``: decoding passes
     (not prompts) through torch.compile'd spans of sub-layers in both towers (model/compiled.py):
     faster steps, the same tokens, exact among themselves though not bitwise eager; where
@@ -135,8 +138,6 @@ def load_model(
         raise UsageError(f"unknown quantization {quantize!r} (choose from {', '.join(QUANT_SCHEMES)})")
     if quantize_drafter is not None and quantize_drafter not in DRAFTER_SCHEMES:
         raise UsageError(f"unknown drafter quantization {quantize_drafter!r} (choose from {', '.join(DRAFTER_SCHEMES)})")
-    fast_drafter = quantize_drafter == FAST_DRAFTER
-    drafter = FAST_DRAFTER_SCHEME if fast_drafter else quantize if quantize_drafter is None else quantize_drafter
     saved_dtype = dtype is None
     dtype_note = None
     if isinstance(dtype, str) and dtype == "auto":
@@ -164,12 +165,19 @@ def load_model(
         loaded = LoadedModel(model.eval(), tokenizer, name_or_path, "backbone with an untrained denoiser",
                              UNTRAINED_NOTE)
         merge_adapters = False  # merging untrained (zero) adapters would only cost memory
+    if quantize_drafter is None and "quantize_drafter" in loaded.recommended:
+        quantize_drafter = loaded.recommended["quantize_drafter"]  # (checked where it was read)
+    fast_drafter = quantize_drafter == FAST_DRAFTER
+    drafter = quantize if quantize_drafter is None or fast_drafter else quantize_drafter
     split = denoiser_device is not None and resolve_device(denoiser_device) != resolve_device(device)
-    own_drafter = drafter != quantize or fast_drafter  # the denoiser tower needs weights of its own
+    own_drafter = drafter != quantize  # the denoiser tower needs weights of its own
     if merge_adapters or split or own_drafter:
         loaded.model.merge_adapters()  # a no-op for the full flavour
     if split:
         loaded.model.place_towers(device, denoiser_device)
+    if fast_drafter:  # from the weights as loaded: before quantization, before compilation
+        loaded.model.verify_drafter = fast_verify_drafter(loaded.model, compile)
+        loaded.drafter_note = loaded.model.verify_drafter.note
     loaded.dtype_note = dtype_note
     if quantize != "none" or drafter != "none":
         loaded.model.requires_grad_(False)  # (a training checkpoint's full denoiser comes trainable)
@@ -178,27 +186,28 @@ def load_model(
         report = quantize_backbone(loaded.model.denoiser_tower, drafter)
         if own_drafter:
             loaded.drafter_quantization = report
-            loaded.model.drafter_scheme = quantize_drafter if fast_drafter else drafter
+            loaded.model.drafter_scheme = drafter
     for tower in {id(t): t for t in (loaded.model.context, loaded.model.denoiser)}.values():
         tower.set_exact(exact)
         if compile:
             tower.compile_passes()
-    if fast_drafter:
-        loaded.drafter_note = _speed_up_drafter(loaded.model)
     return loaded
 
 
-def _speed_up_drafter(model: TwoTower) -> str:
-    """The rest of a fast drafter after its int4 weights (see FAST_DRAFTER): its dtype (for the
-    device it sits on, which ``denoiser_device`` may have made another than the context's), fused
-    kernels, compiled passes. Returns them in words."""
-    dtype, _ = auto_dtype(model.denoiser_tower.device)
-    model.cast_drafter(dtype)
-    drafter = model.denoiser_tower.set_exact(False)
-    if drafter.compiler is None:
-        drafter.compile_passes()
-    passes = drafter.compiler.describe() if drafter.compiler is not None else "eager"
-    return f"{str(dtype).removeprefix('torch.')}, fused kernels, {passes}"
+def fast_verify_drafter(model: TwoTower, compile: bool = False) -> VerifyDrafter:
+    """FAST_DRAFTER: a copy of the denoiser (merged, for the lora flavour) in int4, in the
+    fastest dtype of the device the denoiser sits on (which ``denoiser_device`` may have made
+    another than the context's), with fused kernels, compiled with ``compile``."""
+    tower, time = model.denoiser_copy()
+    quantize_backbone(tower, FAST_DRAFTER_SCHEME)
+    dtype, _ = auto_dtype(tower.device)
+    tower.to(dtype).set_exact(False)
+    if compile and tower.compiler is None:
+        tower.compile_passes()
+    passes = tower.compiler.describe() if tower.compiler is not None else "eager"
+    note = f"verified drafts by a fast copy: {FAST_DRAFTER_SCHEME}, {str(dtype).removeprefix('torch.')}, " \
+           f"fused kernels, {passes}"
+    return VerifyDrafter(tower, time.to(dtype), note)
 
 
 def warn_untrained(loaded: LoadedModel) -> None:

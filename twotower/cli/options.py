@@ -35,13 +35,13 @@ def add_model_options(parser: argparse.ArgumentParser, dtype_default: str = "flo
                         help="weight-only quantization of both towers' projections (the AR model too): int8 per "
                              "channel or int4 in groups of 32 (a GGUF's Q4_1 blocks), through PyTorch's packed kernels")
     parser.add_argument("--quantize-drafter", choices=list(DRAFTER_SCHEMES), default=None,
-                        help="the denoiser tower's own quantization (default: --quantize's): verified decoding "
-                             "stays the AR model's output whatever drafts it checks, so a cheaper drafter is "
-                             "speed without errors (the dial commits the drafter's tokens: there it changes "
-                             "them; fused passes are refused). fast: int4, bf16 where the CPU or GPU has native "
-                             "bf16 kernels, PyTorch's fused kernels and compiled passes (a one-off compilation), "
-                             "the fastest drafter here; for verified decoding (the dial's output would then "
-                             "depend on batch mates)")
+                        help="the denoiser tower's own quantization (none, int8, int4: the dial commits the "
+                             "drafter's tokens, so there it changes them; fused passes are refused), or fast: a copy "
+                             "of the denoiser that drafts for verified decoding alone, int4, bf16 where the CPU or GPU "
+                             "has native bf16 kernels, PyTorch's fused kernels, compiled with --compile. Verified "
+                             "decoding stays the AR model's output whatever drafts it checks, so a cheaper drafter "
+                             "is speed without errors. Default: what the model recommends (the shipped denoiser: "
+                             "fast), else --quantize's")
     parser.add_argument("--compile", action="store_true",
                         help="decoding passes through torch.compile (both towers; prompts stay eager): faster steps "
                              "after a one-off compilation (minutes on 2 cores, then cached on disk); the same tokens")

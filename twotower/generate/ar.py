@@ -46,8 +46,9 @@ class GenerationStats:
 
     def counted(self, kind: str, rows: int, block: int = 0) -> None:
         """One more forward: the context tower over ``rows`` tokens per batch row ("context", or
-        "tree": a token tree), the denoiser over a block of ``rows``, or both at once ("fused":
-        ``rows`` context rows and ``block``)."""
+        "tree": a token tree), the denoiser over a block of ``rows`` ("denoiser", or "drafter":
+        the model's verify_drafter), or both at once ("fused": ``rows`` context rows and
+        ``block``)."""
         self.forwards += 1
         shape = f"{kind} {rows}+{block}" if kind == "fused" else f"{kind} {rows}"
         self.forward_shapes[shape] = self.forward_shapes.get(shape, 0) + 1

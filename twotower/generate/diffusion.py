@@ -107,6 +107,9 @@ class _Decoding:
     on_boundary: OnBoundary | None = None
     join: Callable[[list[NewRow]], tuple[ModelCache, torch.Tensor, list[int]]] | None = None
     logits_callback: LogitsCallback | None = None  # verified strategies: see ar.LogitsCallback
+    # the forward shape a denoiser step counts as: "drafter" where verified decoding drafts with
+    # the model's verify_drafter (another cost than the denoiser's: bench/cost.py)
+    draft_kind: str = "denoiser"
 
     @property
     def batch(self) -> int:
@@ -299,10 +302,12 @@ def generate_mask_diffusion(
         model, cache, sampler, rule, s, steps, confidence_threshold, stopper, anchor, stats, callback, step_callback,
         list(range(batch)), on_boundary, join, logits_callback if verify else None,
     )
-    if verify and tree_nodes:
-        _tree_drafts(run, tree_nodes)
+    if verify and fused:
+        _fused_drafts(run)
     elif verify:
-        (_fused_drafts if fused else _verified_drafts)(run)
+        run.draft_kind = "denoiser" if model.verify_drafter is None else "drafter"
+        with model.drafting_to_verify():  # a cheaper drafter of its own, where load_model made one
+            _tree_drafts(run, tree_nodes) if tree_nodes else _verified_drafts(run)
     else:
         _blocks(run, fused)
     stats.decode_seconds = time.perf_counter() - start
@@ -345,7 +350,7 @@ def _propose(run: _Decoding, block_in: torch.Tensor, unknown: torch.Tensor,
         t = unknown.sum(1).float() / run.block_size
         logits = run.model.denoise_block(block_in, t, run.cache)
         run.stats.nfe += 1
-        run.stats.counted("denoiser", block_in.shape[1])
+        run.stats.counted(run.draft_kind, block_in.shape[1])
     else:
         t, logits = computed
     live = unknown.any(1).nonzero()[:, 0]
@@ -470,7 +475,7 @@ def _tree_drafts(run: _Decoding, nodes: int) -> None:
         t = active.float()  # every target of the block is unknown (finished rows: nothing to draft)
         logits = run.model.denoise_block(run.fresh_block(), t, run.cache)
         run.stats.nfe += 1
-        run.stats.counted("denoiser", s)
+        run.stats.counted(run.draft_kind, s)
         tree = draft_tree(logits, nodes)
         if run.step_callback is not None:
             chain = torch.zeros(batch, s, dtype=torch.bool, device=active.device)

@@ -41,6 +41,10 @@ from .linear import Linear
 log = logging.getLogger(__name__)
 
 SCHEMES = ("none", "int8", "int4")
+# a drafter's own scheme (load_model's quantize_drafter): one of those, or "fast", a copy of the
+# denoiser that drafts for verified decoding alone in int4 and the device's fastest numerics
+FAST_DRAFTER = "fast"
+DRAFTER_SCHEMES = (*SCHEMES, FAST_DRAFTER)
 GROUP = 32  # int4 group size: the GGUF's Q4_0/Q4_1/Q8_0 block
 INNER_K_TILES = 2  # the int4 packing's tile parameter (CUDA: 2, 4 or 8; the CPU packing ignores it)
 COMPUTE_DTYPE = torch.bfloat16  # the kernels' fast activation dtype on CPU, their only one on CUDA

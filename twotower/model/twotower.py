@@ -69,6 +69,17 @@ class DenoiserConfig:
             raise UsageError(f"invalid denoiser settings: {', '.join(bad)}")
 
 
+@dataclass
+class VerifyDrafter:
+    """A copy of the denoiser that drafts for verified decoding only (``drafting_to_verify``):
+    its tower (merged for the lora flavour; quantized, cast, compiled as load_model chose) and its
+    time conditioning in the tower's dtype."""
+
+    tower: Backbone
+    time: TimeConditioning
+    note: str  # its numerics, in words
+
+
 def _switch_adapters(layers: list, enabled: bool) -> None:
     # PEFT's enable_adapters() also flips requires_grad on every adapter, which here would
     # freeze the denoiser's trainable weights and costs ~7 ms per denoiser step on SmolLM2's
@@ -94,6 +105,9 @@ class TwoTower(nn.Module):
         # set (load_model's quantize_drafter) when the denoiser tower's weights are quantized
         # otherwise than the context's: a fused pass, which drafts on the context's, would not use them
         self.drafter_scheme: str | None = None
+        # set (load_model's quantize_drafter="fast") when verified decoding drafts with a cheaper
+        # copy of the denoiser (drafting_to_verify); not a submodule: never saved, never trained
+        self.verify_drafter: VerifyDrafter | None = None
         if config.flavour == "full":
             self.denoiser_tower: Backbone | None = copy.deepcopy(context).requires_grad_(True)
             self._lora_layers: list = []
@@ -158,6 +172,11 @@ class TwoTower(nn.Module):
         place (saving is unchanged); ``unmerge_adapters`` drops the copy again."""
         if self.config.flavour != "lora" or self.merged:
             return self
+        self.denoiser_tower = self._merged_copy()
+        return self
+
+    def _merged_copy(self) -> Backbone:
+        """A copy of the backbone with the LoRA deltas folded into its weights."""
         with self.adapters(True):
             copy_ = copy.deepcopy(self.context)
         for name, module in list(copy_.named_modules()):
@@ -165,8 +184,34 @@ class TwoTower(nn.Module):
                 module.merge()
                 parent, _, child = name.rpartition(".")
                 setattr(copy_.get_submodule(parent) if parent else copy_, child, module.get_base_layer())
-        self.denoiser_tower = copy_.requires_grad_(False)
-        return self
+        return copy_.requires_grad_(False)
+
+    @torch.no_grad()
+    def denoiser_copy(self) -> tuple[Backbone, TimeConditioning]:
+        """A copy of the denoiser's own parts (its tower, merged for the lora flavour, and its time
+        conditioning), to be made into a verification drafter (``VerifyDrafter``)."""
+        tower = copy.deepcopy(self.denoiser_tower) if self.denoiser_tower is not None else self._merged_copy()
+        return tower.requires_grad_(False), copy.deepcopy(self.time).requires_grad_(False)
+
+    @contextmanager
+    def drafting_to_verify(self):
+        """Inside it the denoiser is ``verify_drafter``'s where one is set, else the model's own.
+        Verified (unfused) decoding drafts in here: its output is the context tower's whatever the
+        drafts, so a cheaper drafter buys speed and changes no token, while the dial, which
+        commits the denoiser's own tokens, and fused passes, which draft on the context tower's
+        weights, never see it. Holds ``decode_lock``: no other decode runs while the parts are
+        swapped."""
+        drafter = self.verify_drafter
+        if drafter is None:
+            yield
+            return
+        with self.decode_lock:
+            own = self.denoiser_tower, self.time
+            self.denoiser_tower, self.time = drafter.tower, drafter.time
+            try:
+                yield
+            finally:
+                self.denoiser_tower, self.time = own
 
     def unmerge_adapters(self) -> TwoTower:
         if self.merged:
