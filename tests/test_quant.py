@@ -284,7 +284,7 @@ def test_a_fast_drafter_drafts_for_verified_decoding_alone(world):
         assert all(m.exact for m in tower.modules() if isinstance(m, Attention))
     assert tt.drafter_scheme is None and loaded.drafter_quantization is None
     numerics = loaded.describe_numerics()
-    assert f"verified drafts by a fast copy: int4, {str(dtype).removeprefix('torch.')}, fused kernels, eager" \
+    assert f"fast verify drafter: int4, {str(dtype).removeprefix('torch.')}, fused kernels, eager" \
         in numerics, numerics
     with tt.drafting_to_verify():
         assert tt.denoiser is drafter.tower and tt.time is drafter.time

@@ -61,7 +61,7 @@ class LoadedModel:
     dtype_note: str | None = None  # with dtype="auto": which dtype was picked and why
     quantization: QuantReport | None = None
     drafter_quantization: QuantReport | None = None  # the denoiser tower's, when it differs from the context's
-    drafter_note: str | None = None  # a fast drafter's numerics, in words
+    drafter_note: str | None = None  # the fast verify drafter's numerics, in words
 
     def describe_numerics(self) -> str:
         """The dtype (and why, with auto) and the quantization, for summary lines."""
@@ -74,7 +74,7 @@ class LoadedModel:
             scheme = self.drafter_quantization.scheme
             text += f", {'unquantized' if scheme == 'none' else scheme} drafter"
         if self.drafter_note:
-            text += f" ({self.drafter_note})"
+            text += f", {self.drafter_note}"
         compiler = self.context.compiler
         if compiler is not None:
             text += f", {compiler.describe()}"
@@ -205,7 +205,7 @@ def fast_verify_drafter(model: TwoTower, compile: bool = False) -> VerifyDrafter
     if compile and tower.compiler is None:
         tower.compile_passes()
     passes = tower.compiler.describe() if tower.compiler is not None else "eager"
-    note = f"verified drafts by a fast copy: {FAST_DRAFTER_SCHEME}, {str(dtype).removeprefix('torch.')}, " \
+    note = f"fast verify drafter: {FAST_DRAFTER_SCHEME}, {str(dtype).removeprefix('torch.')}, " \
            f"fused kernels, {passes}"
     return VerifyDrafter(tower, time.to(dtype), note)
 
