@@ -233,12 +233,16 @@ class TwoTower(nn.Module):
                     "the lora flavour's two towers share one set of weights and cannot sit on different "
                     f"devices ({ctx_dev} and {den_dev}); merge the adapters (load_model's default) or use the "
                     "full flavour for one tower per device")
-            return self.to(ctx_dev)
-        self.context.to(ctx_dev)
-        self.denoiser_tower.to(den_dev)
-        self.time.to(den_dev)
-        if self.mask_embedding is not None:
-            self.mask_embedding.data = self.mask_embedding.data.to(den_dev)
+            self.to(ctx_dev)
+        else:
+            self.context.to(ctx_dev)
+            self.denoiser_tower.to(den_dev)
+            self.time.to(den_dev)
+            if self.mask_embedding is not None:
+                self.mask_embedding.data = self.mask_embedding.data.to(den_dev)
+        if self.verify_drafter is not None:  # (not a submodule: moved here, with the denoiser)
+            self.verify_drafter.tower.to(den_dev)
+            self.verify_drafter.time.to(den_dev)
         return self
 
     def cast_drafter(self, dtype: torch.dtype) -> TwoTower:
