@@ -54,7 +54,7 @@ def test_the_kernel_multiplies_by_the_quantized_weights(scheme, monkeypatch):
 
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_a_module_cast_keeps_the_kernels_scales(scheme):
-    """``.to(dtype)`` (cast_drafter) casts the bias but not the scales, which the kernels take
+    """``.to(dtype)`` (the fast verify drafter's cast) casts the bias but not the scales, which the kernels take
     in their compute dtype only: an fp32 cast (the fast drafter on a CPU without bf16 kernels)
     made every product fail before."""
     _, q = _layer(scheme)
@@ -318,14 +318,18 @@ def test_a_model_may_recommend_its_drafter_and_an_explicit_choice_wins(world, tm
 
 
 def test_a_bf16_drafter_reads_an_fp32_mamba_context(world):
-    """cast_drafter: a hybrid (Mamba-2 + attention) denoiser in bf16 over an fp32 context tower
-    reads its conv and SSM states converted; verified decoding is still the fp32 AR model's."""
+    """A verify drafter (a hybrid Mamba-2 + attention denoiser copy) in bf16 over an fp32 context
+    tower reads its conv and SSM states converted; verified decoding is still the fp32 AR model's."""
     from test_twotower import PERTURB, two_tower
 
     from twotower.generate import generate_ar, generate_mask_diffusion
+    from twotower.model.twotower import VerifyDrafter
 
-    model = two_tower("hybrid", "lora", perturb=PERTURB).merge_adapters().cast_drafter(torch.bfloat16)
-    assert model.denoiser.dtype == torch.bfloat16 and model.context.dtype == torch.float32
+    model = two_tower("hybrid", "lora", perturb=PERTURB)
+    tower, time_cond = model.denoiser_copy()
+    model.verify_drafter = VerifyDrafter(tower.to(torch.bfloat16), time_cond.to(torch.bfloat16), "bf16 (test)")
+    with model.drafting_to_verify():
+        assert model.denoiser.dtype == torch.bfloat16 and model.context.dtype == torch.float32
     prompts = [[3, 5, 7, 9, 11], [4, 6, 8]]
     ar = generate_ar(model.context, prompts, max_new_tokens=12, eos_token_id=[]).tokens
     out = generate_mask_diffusion(model, prompts, max_new_tokens=12, verify=True, steps_per_block=1,

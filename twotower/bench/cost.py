@@ -3,8 +3,8 @@ AR step, and the speed-up over AR that a strategy's pass counts predict from it.
 
 A strategy's decode is a sequence of forwards of a few shapes (``GenerationStats.forward_shapes``):
 AR, "context 1" each; verified drafting, "denoiser S" (a block; "drafter S" where the model drafts
-with a verify_drafter of its own) then "context k+1" (the anchor and the draft), or "tree N+1" (the anchor and a tree of N drafts); the fused step, "fused W+S" (both at
-once). Its predicted speed-up is
+with a verify_drafter of its own) then "context k+1" (the anchor and the draft), or "tree N+1"
+(the anchor and a tree of N drafts); the fused step, "fused W+S" (both at once). Its predicted speed-up is
 
     tokens x cost("context 1") / sum over its forwards of cost(shape)
 
@@ -35,8 +35,7 @@ def measure_forward_costs(model: TwoTower, shapes: set[str], context_tokens: int
     """Median seconds of a forward of each shape (and of one AR step) after a ``context_tokens``
     context, batch 1, interleaved (every shape once per round): the context tower over n new
     tokens, the denoiser (or the verify_drafter) over a block of n (as decoding runs it, merged
-    adapters included), or
-    the fused pass over w context rows and a block."""
+    adapters included), or the fused pass over w context rows and a block."""
     shapes = set(shapes) | {AR_STEP}
     widest = max(shape_rows(s) for s in shapes)
     backbone = model.context

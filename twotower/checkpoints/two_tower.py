@@ -198,7 +198,7 @@ def fast_verify_drafter(model: TwoTower, compile: bool = False) -> VerifyDrafter
     """FAST_DRAFTER: a copy of the denoiser (merged, for the lora flavour) in int4, in the
     fastest dtype of the device the denoiser sits on (which ``denoiser_device`` may have made
     another than the context's), with fused kernels, compiled with ``compile``."""
-    tower, time = model.denoiser_copy()
+    tower, time_cond = model.denoiser_copy()
     quantize_backbone(tower, FAST_DRAFTER_SCHEME)
     dtype, _ = auto_dtype(tower.device)
     tower.to(dtype).set_exact(False)
@@ -207,7 +207,7 @@ def fast_verify_drafter(model: TwoTower, compile: bool = False) -> VerifyDrafter
     passes = tower.compiler.describe() if tower.compiler is not None else "eager"
     note = f"fast verify drafter: {FAST_DRAFTER_SCHEME}, {str(dtype).removeprefix('torch.')}, " \
            f"fused kernels, {passes}"
-    return VerifyDrafter(tower, time.to(dtype), note)
+    return VerifyDrafter(tower, time_cond.to(dtype), note)
 
 
 def warn_untrained(loaded: LoadedModel) -> None:

@@ -149,7 +149,7 @@ class QuantLinear(nn.Module):
         else:
             raise UsageError(f"unknown quantization {scheme!r} (choose from {', '.join(SCHEMES)})")
         kernel = _kernel_works(scheme, weight.device.type)
-        # the fallback's weights: a buffer, so that a module cast (TwoTower.cast_drafter) casts them too
+        # the fallback's weights: a buffer, so that a module cast (the fast verify drafter's) casts them too
         self.register_buffer("_dequantized", None if kernel else used.to(weight.dtype), persistent=False)
         report.add(weight, used, sum(b.numel() * b.element_size() for b in self.buffers()))
         if not kernel:
@@ -158,7 +158,7 @@ class QuantLinear(nn.Module):
             report.kernel = f"aten {scheme} kernel, {str(COMPUTE_DTYPE).removeprefix('torch.')} activations"
 
     def _apply(self, fn, recurse: bool = True):
-        """A module cast (``.to(dtype)``, ``TwoTower.cast_drafter``) casts the bias and the
+        """A module cast (``.to(dtype)``, as of the fast verify drafter) casts the bias and the
         fallback's weights but never the scales: the kernels take them in COMPUTE_DTYPE only
         (an fp32 drafter on a CPU without bf16 kernels cast them to fp32, and every product
         failed). Device moves apply to everything."""

@@ -245,17 +245,6 @@ class TwoTower(nn.Module):
             self.verify_drafter.time.to(den_dev)
         return self
 
-    def cast_drafter(self, dtype: torch.dtype) -> TwoTower:
-        """The denoiser tower (a copy of its own: merged or full) and the time conditioning in
-        ``dtype``, the context tower as it is: the denoiser reads the context's cache converted
-        (its keys, Mamba states), and its logits come back in ``dtype``."""
-        if self.denoiser_tower is None:
-            raise UsageError("the drafter shares the context tower's weights (unmerged lora): merge the adapters "
-                             "to give it a dtype of its own")
-        self.denoiser_tower.to(dtype)
-        self.time.to(dtype)
-        return self
-
     @property
     def split(self) -> bool:
         """The towers sit on different devices (place_towers)."""
