@@ -106,19 +106,36 @@ def test_a_row_does_not_depend_on_its_batch_mates(dtype, inner, outer):
             assert torch.equal(lin(torch.cat([x[1:1 + at], x[:1]]))[at:at + 1], alone), at
 
 
-def test_a_lone_row_is_paired_only_under_exact_inference(monkeypatch):
-    """The pairing costs a pad and a two-row kernel per product; --no-exact (set_exact(False))
-    drops it with the rest of exact inference."""
+@pytest.mark.parametrize("lone_row_kernel_differs", [False, True])
+def test_a_lone_row_is_paired_only_where_its_kernel_differs(monkeypatch, lone_row_kernel_differs):
+    """Exact inference pairs a lone row with a zero row only where the probe finds that oneDNN's
+    one-row kernel gives other bits than its several-row one (AVX512 CPUs): the pairing costs a
+    pad and a two-row kernel per product. The probe runs once per shape; --no-exact
+    (set_exact(False)) never pairs."""
+    import twotower.model.linear as linear
     from tiny_models import attention_config, tiny_backbone
 
+    monkeypatch.setattr(linear, "_LONE_ROW_EXACT", {})
     seen = []
     real = torch.ops.mkldnn._linear_pointwise
-    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda x, *a: seen.append(x.shape[0]) or real(x, *a))
+
+    def kernel(x, *a):  # like an AVX512 CPU where asked: one row rounds otherwise than several
+        seen.append(x.shape[0])
+        y = real(x, *a)
+        return y * (1 + 2**-20) if lone_row_kernel_differs and x.shape[0] == 1 else y
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", kernel)
     model = tiny_backbone(attention_config())
+    x = torch.randn(8, model.config.hidden_size)
     with torch.no_grad():
         for exact in (True, False):
-            seen.clear()
             model.set_exact(exact)
             assert all(m.exact is exact for m in model.modules() if isinstance(m, Linear))
-            model.lm_head(torch.randn(1, model.config.hidden_size))
-            assert seen == [2 if exact else 1]
+            model.lm_head(x[:1])  # the probe, where exact
+            seen.clear()
+            alone = model.lm_head(x[:1])
+            assert seen == [2 if exact and lone_row_kernel_differs else 1]
+            if exact:
+                assert torch.equal(alone, model.lm_head(x)[:1])  # exact either way
+        assert len(linear._LONE_ROW_EXACT) == 1  # one probe for the one shape
+        assert list(linear._LONE_ROW_EXACT.values()) == [not lone_row_kernel_differs]

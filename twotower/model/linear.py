@@ -50,17 +50,43 @@ def _packable(x: torch.Tensor, weight: torch.Tensor, packing: bool = True) -> bo
 
 
 def _packed_product(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, exact: bool = True) -> torch.Tensor:
-    """x @ W.T + bias through W's packed copy. A lone row goes with a zero row for company: on
-    AVX512 CPUs oneDNN takes another kernel for one row than for several when the inner dim is
-    large (measured, torch 2.13, AVX512-BF16 EPYC: every one of 64 rows differed in the last bits
-    for a 1536 -> 576 product in fp32, 4 of 64 in bf16; two or more rows gave a row the same bits
-    wherever it sat), and exact inference needs a row's product to be the same alone. It costs
-    ~45 us a product there (the pad and the two-row kernel), ~4 ms per 90 one-row products;
-    ``exact=False`` (``--no-exact``) skips it."""
-    if not exact or x.numel() != x.shape[-1]:
+    """x @ W.T + bias through W's packed copy. Exact inference needs a row's product to be the
+    same alone as among others, and on some CPUs oneDNN takes another kernel for one row than
+    for several (measured, torch 2.13, AVX512-BF16 EPYC: every one of 64 rows differed in the
+    last bits for a 1536 -> 576 product in fp32, 4 of 64 in bf16; two or more rows gave a row the
+    same bits wherever it sat). There a lone row goes with a zero row for company, which costs
+    ~35-70 us a product (the pad and the two-row kernel; ~5 ms per fp32 SmolLM2 step on a 2-core
+    EPYC). Where ``lone_row_is_exact`` finds that the one-row kernel gives the bits of the
+    several-row one for this shape (the same 2-core EPYC with AVX2 only: every shape of
+    SmolLM2), the row goes alone. ``exact=False`` (``--no-exact``) never pairs."""
+    if not exact or x.numel() != x.shape[-1] or lone_row_is_exact(packed, x.dtype, bias is not None):
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
     pair = F.pad(x.reshape(1, -1), (0, 0, 0, 1))
     return torch.ops.mkldnn._linear_pointwise(pair, packed, bias, "none", [], "")[:1].view(*x.shape[:-1], -1)
+
+
+PROBE_ROWS = 16  # rows of the probe's several-row product (the packing's batch hint)
+# (dtype, weight shape, bias, threads) -> whether a lone row's product has its bits among others
+_LONE_ROW_EXACT: dict[tuple, bool] = {}
+
+
+def lone_row_is_exact(packed: torch.Tensor, dtype: torch.dtype, bias: bool) -> bool:
+    """Whether one row's product through the packed weight ``packed`` (N, K) is bitwise its
+    product among PROBE_ROWS rows, for this CPU, dtype, shape and thread count: probed once per
+    such key on random rows and the weight itself (where the kernels differ, they differ on
+    nearly every row: another order of the sums)."""
+    key = (dtype, tuple(packed.shape), bias, torch.get_num_threads())
+    known = _LONE_ROW_EXACT.get(key)
+    if known is None:
+        n, inner = packed.shape
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(PROBE_ROWS, inner, generator=gen).to(dtype)
+        b = torch.randn(n, generator=gen).to(dtype) if bias else None
+        many = torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
+        known = all(torch.equal(torch.ops.mkldnn._linear_pointwise(x[i : i + 1], packed, b, "none", [], ""), many[i : i + 1])
+                    for i in range(0, PROBE_ROWS, 3))
+        _LONE_ROW_EXACT[key] = known
+    return known
 
 
 class WeightPacks:
