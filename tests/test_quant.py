@@ -263,6 +263,23 @@ def test_the_drafter_takes_the_context_scheme_unless_told_otherwise(world, capsy
     assert code == 0 and "int4 drafter" in capsys.readouterr().err
 
 
+def test_a_long_lived_load_compiles_the_fast_drafter_alone(world):
+    """A front end that decodes many prompts with one load (serve, bench, eval) pays the fast
+    drafter's compilation once; the model's own towers stay eager (they compile with compile=True
+    only), so its outputs are those of a one-shot load. Nothing is compiled until the first draft."""
+    from twotower.model.compiled import compile_unavailable
+
+    reason = compile_unavailable(torch.device("cpu"))
+    if reason:
+        pytest.skip(f"torch.compile cannot run here: {reason}")
+    loaded = load_model(str(world.tt), quantize_drafter="fast", long_lived=True)
+    tt = loaded.two_tower
+    assert tt.verify_drafter.tower.compiler is not None
+    assert tt.context.compiler is None and tt.denoiser.compiler is None
+    assert "fused kernels, compiled passes" in loaded.describe_numerics()
+    assert load_model(str(world.tt), quantize_drafter="fast").two_tower.verify_drafter.tower.compiler is None
+
+
 def test_a_fast_drafter_drafts_for_verified_decoding_alone(world):
     """--quantize-drafter fast: a copy of the denoiser, int4 in auto's dtype on fused kernels,
     drafts for verified decoding, whose output stays the fp32 exact AR model's; the dial and the

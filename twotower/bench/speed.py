@@ -275,7 +275,7 @@ def run_speed_bench(
     _check(thresholds or [], block_sizes or [], batch_sizes, max_new_tokens, repeats, warmup)
     out = prepare_output_dir(output_dir)
     loaded = load_model(model, dtype, device, untrained=untrained, exact=exact, quantize=quantize,
-                        quantize_drafter=quantize_drafter, compile=compile)
+                        quantize_drafter=quantize_drafter, compile=compile, long_lived=True)
     asked_dtype, dtype = dtype, str(loaded.context.dtype).removeprefix("torch.")  # auto resolved
     if loaded.tokenizer is None:
         raise UsageError(f"{model} has no tokenizer: the benchmark prompts are text")

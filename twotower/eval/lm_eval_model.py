@@ -47,7 +47,7 @@ class TwoTowerLM(LM):
         end uses (``twotower.generate.settings.resolve_settings``)."""
         super().__init__()
         loaded = load_model(pretrained, dtype, exact=exact, quantize=quantize, quantize_drafter=quantize_drafter,
-                            compile=compile)
+                            compile=compile, long_lived=True)
         warn_untrained(loaded)
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
         self.note = loaded.note  # set when the denoiser is untrained

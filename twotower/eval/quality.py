@@ -164,7 +164,7 @@ def run_quality(settings: QualitySettings) -> dict:
     rows = load_prompt_set(settings.prompts_file, settings.prompts)
     loaded = load_model(settings.model, settings.dtype, settings.device, untrained=settings.untrained,
                         exact=settings.exact, quantize=settings.quantize,
-                        quantize_drafter=settings.quantize_drafter, compile=settings.compile)
+                        quantize_drafter=settings.quantize_drafter, compile=settings.compile, long_lived=True)
     warn_untrained(loaded)
     model, tokenizer, note = loaded.model, loaded.tokenizer, loaded.note
     if tokenizer is None:
