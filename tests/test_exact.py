@@ -12,6 +12,7 @@ from test_twotower import perturb_
 from tiny_models import attention_config, hybrid_config, tiny_backbone
 
 from twotower.generate import generate_ar, generate_mask_diffusion
+from twotower.model import exact_sdpa
 from twotower.model.twotower import DenoiserConfig, TwoTower
 
 CONFIGS = {
@@ -20,6 +21,17 @@ CONFIGS = {
     "moe": lambda: hybrid_config(layer_types=["attention", "moe"] * 2),
 }
 DTYPES = [torch.float32, torch.bfloat16]
+
+
+@pytest.fixture(params=["sdpa", "chunked"])
+def attention_kernel(request, monkeypatch):
+    """Each exact attention: on SDPA's kernel (model/exact_sdpa.py, where this CPU passes its
+    probe) and the fallback of fixed-shape products and chunked sums (model/exact.py)."""
+    if request.param == "chunked":
+        monkeypatch.setattr(exact_sdpa, "row_multiple", lambda *args: 0)
+    elif not exact_sdpa.row_multiple(torch.device("cpu"), 16, 2):  # the tiny configs' heads
+        pytest.skip("SDPA's CPU kernel failed exact_sdpa's probe on this CPU")
+    return request.param
 
 
 def backbone(kind: str, dtype: torch.dtype):
@@ -34,7 +46,7 @@ def prompts(count: int, seed: int = 0) -> list[list[int]]:
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
 @pytest.mark.parametrize("kind", CONFIGS)
-def test_a_row_is_the_same_in_any_batch(kind, dtype):
+def test_a_row_is_the_same_in_any_batch(kind, dtype, attention_kernel):
     model = backbone(kind, dtype)
     rows = prompts(8)
     with torch.inference_mode():
@@ -54,7 +66,7 @@ def test_a_row_is_the_same_in_any_batch(kind, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
 @pytest.mark.parametrize("kind", CONFIGS)
-def test_one_token_and_k_token_passes_agree(kind, dtype):
+def test_one_token_and_k_token_passes_agree(kind, dtype, attention_kernel):
     """The same positions through one long pass, through a prompt pass then single tokens, and
     through a recorded k-token extension (a verification's shape): the same bits."""
     model = backbone(kind, dtype)
@@ -74,7 +86,7 @@ def test_one_token_and_k_token_passes_agree(kind, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
 @pytest.mark.parametrize("kind", CONFIGS)
-def test_a_denoiser_step_is_the_same_in_any_batch(kind, dtype):
+def test_a_denoiser_step_is_the_same_in_any_batch(kind, dtype, attention_kernel):
     model = TwoTower(backbone(kind, dtype), DenoiserConfig(flavour="lora", block_size=4, lora_rank=4)).eval()
     with torch.no_grad():
         perturb_(model, 0.3)

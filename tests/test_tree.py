@@ -7,6 +7,7 @@ off-chain node holds."""
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 
@@ -18,7 +19,7 @@ from test_twotower import PERTURB, two_tower
 from twotower.errors import UsageError
 from twotower.generate import generate_ar, generate_mask_diffusion, resolve_settings
 from twotower.generate.tree import draft_tree, walk
-from twotower.model import exact
+from twotower.model import exact, exact_sdpa
 from twotower.model.twotower import TwoTower
 
 DTYPES = [torch.float32, torch.bfloat16]
@@ -70,25 +71,33 @@ def test_the_walk_goes_down_while_the_pick_is_a_child():
     assert walk(tree, 0, lambda r: 3) == ([3], [0])  # the first pick is no child: AR's token alone
 
 
-def _own_keys_alone(q, k, v, mask, length):
+def exact_attention(kind: str, head_dim: int, group: int):
+    """One of the two exact attentions: ``chunked`` (model/exact.py) or ``sdpa``
+    (model/exact_sdpa.py, where this CPU passes its probe)."""
+    if kind == "chunked":
+        return exact.attention
+    rows = exact_sdpa.row_multiple(torch.device("cpu"), head_dim, group)
+    if not rows:
+        pytest.skip(f"SDPA's CPU kernel failed exact_sdpa's probe here (head_dim {head_dim}, group {group})")
+    return functools.partial(exact_sdpa.attention, rows=rows)
+
+
+def _own_keys_alone(attention, q, k, v, mask, length):
     """Each query over exactly the keys it sees, in key order, alone (the reference)."""
     b, hq, t, d = q.shape
     out = torch.empty_like(q)
     for r in range(b):
         for i in range(t):
             seen = mask[min(r, mask.shape[0] - 1), 0, i, :length].nonzero()[:, 0]
-            out[r, :, i : i + 1] = exact.attention(q[r : r + 1, :, i : i + 1], k[r : r + 1, :, seen],
-                                                   v[r : r + 1, :, seen], None)
+            out[r, :, i : i + 1] = attention(q[r : r + 1, :, i : i + 1], k[r : r + 1, :, seen], v[r : r + 1, :, seen],
+                                             None)
     return out
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
-def test_exact_attention_gives_each_query_its_keys_alone(dtype):
-    """Trees after long and short prefixes, left padding, rows of different lengths: every
-    query's output is bitwise what it gets over its own keys alone (in key order), whichever
-    of them are read in place and whichever compacted."""
-    gen = torch.Generator().manual_seed(1)
-    for prefix, t, b in ((150, 6, 2), (10, 5, 1), (70, 9, 3), (200, 1, 2)):
+def _trees_after_prefixes(dtype, gen):
+    """(q, k, v, mask, length) of trees after long and short prefixes, left padding, rows of
+    different lengths; keys past ``length`` are padding."""
+    for prefix, t, b in ((150, 6, 2), (10, 5, 1), (70, 9, 3), (200, 1, 2), (530, 4, 2)):
         length = prefix + t
         q, k, v = (torch.randn(b, n, m, 16, generator=gen).to(dtype) for n, m in ((4, t), (2, length + 7), (2, length + 7)))
         keys = torch.arange(length)
@@ -101,10 +110,32 @@ def test_exact_attention_gives_each_query_its_keys_alone(dtype):
                 while j >= 0:
                     mask[r, i, prefix + j] = True
                     j = parents[j]
-        mask = mask[:, None]
-        got = exact.attention(q, k, v, mask, length=length)
-        assert torch.equal(got, _own_keys_alone(q, k, v, mask, length)), (prefix, t, b)
-        assert torch.equal(exact.attention(q, k, v, mask, length=length, layout=exact.key_layout(mask)), got)
+        yield q, k, v, mask[:, None], length
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("kind", ["chunked", "sdpa"])
+def test_exact_attention_gives_each_query_its_keys_alone(kind, dtype):
+    """Trees after long and short prefixes (one past a block of SDPA's key split), left padding,
+    rows of different lengths: every query's output is bitwise what it gets over its own keys
+    alone (in key order), whichever of them are read in place and whichever compacted."""
+    attention = exact_attention(kind, 16, 2)
+    for q, k, v, mask, length in _trees_after_prefixes(dtype, torch.Generator().manual_seed(1)):
+        got = attention(q, k, v, mask, length=length)
+        assert torch.equal(got, _own_keys_alone(attention, q, k, v, mask, length)), (q.shape, length)
+        assert torch.equal(attention(q, k, v, mask, length=length, layout=exact.key_layout(mask)), got)
+
+
+@pytest.mark.parametrize("kind", ["chunked", "sdpa"])
+def test_exact_attention_is_attention(kind):
+    """Both exact attentions compute softmax(q k^T / sqrt(d)) v over each query's keys (fp64
+    reference), in order and out of order."""
+    attention = exact_attention(kind, 16, 2)
+    for q, k, v, mask, length in _trees_after_prefixes(torch.float32, torch.Generator().manual_seed(2)):
+        scores = q.double() @ k[:, :, :length].double().repeat_interleave(2, 1).transpose(-1, -2) / 4.0
+        weights = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+        expected = weights @ v[:, :, :length].double().repeat_interleave(2, 1)
+        torch.testing.assert_close(attention(q, k, v, mask, length=length).double(), expected, atol=2e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])

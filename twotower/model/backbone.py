@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
+from . import exact_sdpa
 from .cache import ForwardContext, ModelCache, append_context, left_padding
 from .compiled import MAX_TOKENS, LayerCompiler, compiler_for, spans
 from .config import BackboneConfig
@@ -85,6 +86,9 @@ class Backbone(nn.Module):
         """Run the sub-layers of passes with at most ``max_tokens`` tokens per row compiled
         (model/compiled.py); where torch.compile cannot run, say so once and stay eager."""
         self.compiler = compiler_for(self.device, max_tokens)
+        cfg = self.config
+        if "attention" in cfg.layer_types:  # the graphs read the probe's verdict: probed here, eagerly
+            exact_sdpa.row_multiple(self.device, cfg.head_dim, cfg.num_attention_heads // cfg.num_key_value_heads)
         return self
 
     def run(self, fn, tokens: int, *args):

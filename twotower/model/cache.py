@@ -15,15 +15,17 @@ import torch
 
 from ..errors import UsageError
 from .config import BackboneConfig
-from .exact import KEY_CHUNK, key_layout
+from .exact import key_layout
+from .exact_sdpa import KEY_BLOCK
 
 
 class KVCache:
     """Keys/values of one attention sub-layer, (batch, kv_heads, max_len, head_dim)."""
 
     def __init__(self, batch: int, kv_heads: int, max_len: int, head_dim: int, dtype, device) -> None:
-        # room for whole chunks of keys, which exact attention reads (model/exact.py)
-        capacity = -(-max_len // KEY_CHUNK) * KEY_CHUNK
+        # room for whole units of keys, which exact attention reads (model/exact.py: chunks of 64;
+        # model/exact_sdpa.py: blocks of 512, a multiple of those)
+        capacity = -(-max_len // KEY_BLOCK) * KEY_BLOCK
         self.k = torch.zeros(batch, kv_heads, capacity, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
 
@@ -49,10 +51,10 @@ class KVCache:
             v = torch.nn.functional.pad(v, (0, 0, 0, pad))
         return k, v
 
-    def whole_chunks(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def whole_units(self, length: int, unit: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys/values of the first ``length`` slots and what follows them up to a whole number
-        of KEY_CHUNK slots (the rest is to be masked)."""
-        end = -(-length // KEY_CHUNK) * KEY_CHUNK
+        of ``unit`` slots (the rest is to be masked)."""
+        end = -(-length // unit) * unit
         return self.k.narrow(2, 0, end), self.v.narrow(2, 0, end)
 
 
@@ -229,7 +231,7 @@ class ModelCache:
         keep = keep.to(self.lengths.device)
         caches = [self] if joining is None else [self, joining]
         self.max_len = max(c.max_len for c in caches)
-        capacity = -(-self.max_len // KEY_CHUNK) * KEY_CHUNK
+        capacity = -(-self.max_len // KEY_BLOCK) * KEY_BLOCK
         every = [torch.arange(c.batch_size, device=keep.device) for c in caches]
         every[0] = keep
         self.lengths = torch.cat([c.lengths[i] for c, i in zip(caches, every)])

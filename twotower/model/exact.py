@@ -8,6 +8,9 @@ whose values depend on an element's place in the tensor (exp, log1p, tanh, rsqrt
 those are built from operations that do not vary: exp and correctly rounded arithmetic, and
 reductions whose size and order are fixed.
 
+Attention runs on SDPA's own kernel at fixed shapes where the device passes that path's probe
+(model/exact_sdpa.py); ``attention`` here is the fallback everywhere else.
+
 Each function takes the fast, non-exact PyTorch path when autograd records (training), where
 bitwise invariance buys nothing and the fused kernels save memory.
 """

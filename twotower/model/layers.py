@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UsageError
-from . import exact
+from . import exact, exact_sdpa
 from .cache import ForwardContext, KVCache
 from .config import BackboneConfig, MoEConfig, RopeConfig
 from .linear import Linear, WeightPacks
@@ -116,20 +116,25 @@ class Attention(nn.Module):
         context keys of the cache and appends its block's own, unstored."""
         b, _, t, _ = q.shape
         exactly = self.exact and not torch.is_grad_enabled()
-        length = None  # real key slots, where exact attention reads whole chunks beyond them
+        # exact attention on SDPA's kernel where the device passes its probe (model/exact_sdpa.py)
+        rows = exact_sdpa.row_multiple(q.device, self.head_dim, self.n_heads // self.n_kv) if exactly else 0
+        unit = exact_sdpa.KEY_BLOCK if rows else exact.KEY_CHUNK  # the keys exact attention reads are whole units
+        length = None  # real key slots, where exact attention reads whole units beyond them
         if cache is not None and ctx.write:
             k, v = cache.write(k, v, ctx)
             if exactly:
                 length = k.shape[2]
-                k, v = cache.whole_chunks(length)
+                k, v = cache.whole_units(length, unit)
         elif cache is not None:  # denoiser: the context tower's keys, then the block's own (not stored)
             # (the context tower's cache may live on another device)
-            pad = -(ctx.prefix_len + t) % exact.KEY_CHUNK if exactly else 0
+            pad = -(ctx.prefix_len + t) % unit if exactly else 0
             k, v = (torch.cat([c.narrow(2, 0, ctx.prefix_len).to(x.device, x.dtype), x, x.new_zeros(b, self.n_kv, pad,
                                                                                                   self.head_dim)], dim=2)
                     for c, x in ((cache.k, k), (cache.v, v)))
             length = ctx.prefix_len + t
-        if exactly:
+        if rows:
+            y = exact_sdpa.attention(q, k, v, ctx.attn_mask, ctx.is_causal, length, ctx.key_layout, rows)
+        elif exactly:
             y = exact.attention(q, k, v, ctx.attn_mask, ctx.is_causal, length, ctx.key_layout)
         else:
             y = attend(q, k, v, ctx.attn_mask, ctx.is_causal)
