@@ -112,8 +112,9 @@ def test_a_lone_row_is_paired_only_where_its_kernel_differs(monkeypatch, lone_ro
     one-row kernel gives other bits than its several-row one (AVX512 CPUs): the pairing costs a
     pad and a two-row kernel per product. The probe runs once per shape; --no-exact
     (set_exact(False)) never pairs."""
-    import twotower.model.linear as linear
     from tiny_models import attention_config, tiny_backbone
+
+    import twotower.model.linear as linear
 
     monkeypatch.setattr(linear, "_LONE_ROW_EXACT", {})
     seen = []
