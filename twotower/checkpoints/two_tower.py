@@ -37,10 +37,11 @@ log = logging.getLogger(__name__)
 # numerics of this machine (TwoTower.verify_drafter), which it may take because its output is the
 # context tower's whatever the drafts: int4 weights, bf16 where the device has native bf16 kernels
 # (auto_dtype), PyTorch's fused kernels instead of exact inference, compiled passes with
-# ``compile`` or ``long_lived`` (a front end that decodes many prompts with one load). The dial keeps the model's own denoiser, whose tokens it commits. Measured on a
-# 2-core AVX512-BF16 EPYC (fp32 context, the shipped preset, 5 prompts x 64 tokens, one
-# interleaved run): int4 alone 1.18x our fp32 AR, + bf16 1.20x, + fused kernels 1.28x, + compiled
-# 1.40x. The shipped denoiser recommends it (its generation_config.json).
+# ``compile`` or ``long_lived`` (a front end that decodes many prompts with one load). The dial
+# keeps the model's own denoiser, whose tokens it commits. Measured on a 2-core AVX512-BF16 EPYC
+# (fp32 context, the shipped preset, 5 prompts x 64 tokens, one interleaved run): int4 alone 1.18x
+# our fp32 AR, + bf16 1.20x, + fused kernels 1.28x, + compiled 1.40x. The shipped denoiser
+# recommends it (its generation_config.json).
 FAST_DRAFTER_SCHEME = "int4"
 
 UNTRAINED_NOTE = (
@@ -135,8 +136,8 @@ def load_model(
     prompts with this load (a server, a benchmark, an evaluation), so one-off costs that make
     every later decode faster are paid: the fast verify drafter is compiled (inductor's 8-24 s
     once on a 2-core CPU, at the first verified decode or a server's warm-up; its drafts then
-    cost ~25% less), which a one-shot ``generate`` would never earn back. ``dtype="auto"``: bf16 where the
-    device has native bf16 kernels, else fp32 (``LoadedModel.dtype_note`` says which and why)."""
+    cost ~25% less), which a one-shot ``generate`` would never earn back. ``dtype="auto"``: bf16
+    where the device has native bf16 kernels, else fp32 (``LoadedModel.dtype_note`` says which and why)."""
     if not isinstance(name_or_path, str) or not name_or_path.strip():
         raise UsageError(f"a model is a registry name or a path, got {name_or_path!r}")
     if quantize not in QUANT_SCHEMES:

@@ -52,7 +52,8 @@ def run(args: argparse.Namespace) -> None:
         resolve_device(device)  # a typo or a missing GPU: one clear error before the weights load
     loaded = load_model(args.model, args.dtype, args.context_device, untrained=args.untrained_denoiser,
                         exact=args.exact, denoiser_device=args.denoiser_device,
-                        quantize=args.quantize, quantize_drafter=args.quantize_drafter, compile=args.compile, long_lived=True)
+                        quantize=args.quantize, quantize_drafter=args.quantize_drafter, compile=args.compile,
+                        long_lived=True)
     warn_untrained(loaded)
     if loaded.tokenizer is None:
         raise UsageError(f"{args.model} has no tokenizer: the server takes text")

@@ -16,7 +16,7 @@ import torch
 from ..errors import UsageError
 from .config import BackboneConfig
 from .exact import key_layout
-from .exact_sdpa import KEY_BLOCK
+from .exact_sdpa import padded_keys
 
 
 class KVCache:
@@ -25,7 +25,7 @@ class KVCache:
     def __init__(self, batch: int, kv_heads: int, max_len: int, head_dim: int, dtype, device) -> None:
         # room for whole units of keys, which exact attention reads (model/exact.py: chunks of 64;
         # model/exact_sdpa.py: blocks of 512, a multiple of those)
-        capacity = -(-max_len // KEY_BLOCK) * KEY_BLOCK
+        capacity = padded_keys(max_len)
         self.k = torch.zeros(batch, kv_heads, capacity, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
 
@@ -231,7 +231,7 @@ class ModelCache:
         keep = keep.to(self.lengths.device)
         caches = [self] if joining is None else [self, joining]
         self.max_len = max(c.max_len for c in caches)
-        capacity = -(-self.max_len // KEY_BLOCK) * KEY_BLOCK
+        capacity = padded_keys(self.max_len)
         every = [torch.arange(c.batch_size, device=keep.device) for c in caches]
         every[0] = keep
         self.lengths = torch.cat([c.lengths[i] for c, i in zip(caches, every)])

@@ -37,6 +37,7 @@ _ROWS: dict[tuple, int] = {}  # (device type, head_dim, group) -> the probe's ro
 
 
 def padded_keys(length: int) -> int:
+    """``length`` key slots rounded up to whole KEY_BLOCKs (a KV cache's capacity too)."""
     return -(-length // KEY_BLOCK) * KEY_BLOCK
 
 
