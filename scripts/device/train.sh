@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The second call on a lent GPU machine (see pack.sh): installs what pack.sh carried, trains the
+# The last call on a lent GPU machine (see pack.sh): installs what pack.sh carried, trains the
 # default denoiser with scripts/train_default_gpu.sh (warm-started from the shipped one, suffix
 # masks, the AR-distillation term) and leaves in $OUT what comes back:
 #   adapter/       the trained denoiser, weights in bf16 (model.safetensors, config.json; < 16 MiB)

