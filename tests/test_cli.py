@@ -27,7 +27,7 @@ def test_generate_defaults_to_mask_diffusion_with_the_shipped_denoiser():
     assert "Paris" in r.stdout
     assert "[mask_diffusion] 8 tokens" in r.stderr and "tokens/NFE" in r.stderr  # AR's answer, EOS included
     # the shipped denoiser's recommendation: verified whole-block drafts with the left_prefix rule
-    assert "verified drafts of 3 tokens, rule left_prefix" in r.stderr
+    assert "verified drafts of 2 tokens, rule left_prefix" in r.stderr
     assert "untrained" not in r.stderr  # the shipped denoiser was loaded
 
 

@@ -14,7 +14,8 @@ from twotower import decode, load_model, resolve_settings
 from twotower.errors import UsageError
 from twotower.model import devices, quant
 from twotower.model.linear import Linear
-from twotower.model.quant import QuantLinear, QuantReport, quantize_backbone
+from twotower.model.quant import (DynamicInt8Head, QuantLinear, QuantReport, dynamic_int8_head_unavailable,
+                                   quantize_backbone)
 
 SCHEMES = ["int8", "int4"]
 
@@ -301,7 +302,9 @@ def test_a_fast_drafter_drafts_for_verified_decoding_alone(world):
         assert all(m.exact for m in tower.modules() if isinstance(m, Attention))
     assert tt.drafter_scheme is None and loaded.drafter_quantization is None
     numerics = loaded.describe_numerics()
-    assert f"fast verify drafter: int4, {str(dtype).removeprefix('torch.')}, fused kernels, eager" \
+    head = "int8 head, " if dynamic_int8_head_unavailable() is None else ""
+    assert isinstance(drafter.tower.lm_head, DynamicInt8Head) == bool(head)
+    assert f"fast verify drafter: int4, {str(dtype).removeprefix('torch.')}, {head}fused kernels, eager" \
         in numerics, numerics
     with tt.drafting_to_verify():
         assert tt.denoiser is drafter.tower and tt.time is drafter.time
@@ -352,3 +355,32 @@ def test_a_bf16_drafter_reads_an_fp32_mamba_context(world):
     out = generate_mask_diffusion(model, prompts, max_new_tokens=12, verify=True, steps_per_block=1,
                                   eos_token_id=[])
     assert out.tokens == ar
+
+
+@pytest.mark.skipif(dynamic_int8_head_unavailable() is not None, reason=f"{dynamic_int8_head_unavailable()}")
+def test_the_drafters_int8_head_ranks_like_the_full_one():
+    """DynamicInt8Head (the fast drafter's LM head on a CPU): logits within the int8 error of the
+    full product, the same top token on nearly every row, in the input's dtype and shape."""
+    torch.manual_seed(0)
+    weight = torch.randn(512, 64) * torch.rand(512, 1)  # rows of different norms: per-row scales matter
+    head = DynamicInt8Head(weight)
+    x = torch.randn(2, 100, 64)
+    full = x @ weight.T
+    ours = head(x)
+    assert ours.shape == full.shape and ours.dtype == torch.float32
+    assert (ours - full).abs().max() < 0.05 * full.abs().max()
+    assert (ours.argmax(-1) == full.argmax(-1)).float().mean() > 0.9
+    assert head(x.bfloat16()).dtype == torch.bfloat16
+    assert head.held_bytes < weight.numel() * weight.element_size() / 3
+
+
+def test_a_fast_drafter_keeps_its_head_where_the_quantized_engine_is_missing(world, monkeypatch, caplog):
+    import twotower.checkpoints.two_tower as two_tower
+
+    monkeypatch.setattr(two_tower, "dynamic_int8_head_unavailable", lambda: "no quantized engine (test)")
+    with caplog.at_level("INFO"):
+        loaded = load_model(str(world.tt), quantize_drafter="fast")
+    assert not isinstance(loaded.two_tower.verify_drafter.tower.lm_head, DynamicInt8Head)
+    assert "int8 head" not in loaded.describe_numerics()
+    assert "keeps its" in caplog.text and "no quantized engine (test)" in caplog.text
+    _verified_is_ar(load_model(str(world.tt)), loaded)
