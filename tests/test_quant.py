@@ -14,8 +14,13 @@ from twotower import decode, load_model, resolve_settings
 from twotower.errors import UsageError
 from twotower.model import devices, quant
 from twotower.model.linear import Linear
-from twotower.model.quant import (DynamicInt8Head, QuantLinear, QuantReport, dynamic_int8_head_unavailable,
-                                   quantize_backbone)
+from twotower.model.quant import (
+    DynamicInt8Head,
+    QuantLinear,
+    QuantReport,
+    dynamic_int8_head_unavailable,
+    quantize_backbone,
+)
 
 SCHEMES = ["int8", "int4"]
 

@@ -21,8 +21,14 @@ import torch
 from ..errors import UsageError
 from ..model.backbone import Backbone
 from ..model.devices import auto_dtype, resolve_device, torch_dtype
-from ..model.quant import (DRAFTER_SCHEMES, FAST_DRAFTER, DynamicInt8Head, QuantReport, dynamic_int8_head_unavailable,
-                           quantize_backbone)
+from ..model.quant import (
+    DRAFTER_SCHEMES,
+    FAST_DRAFTER,
+    DynamicInt8Head,
+    QuantReport,
+    dynamic_int8_head_unavailable,
+    quantize_backbone,
+)
 from ..model.quant import SCHEMES as QUANT_SCHEMES
 from ..model.twotower import DenoiserConfig, TwoTower, VerifyDrafter
 from .build import SHIPPED_DIR, build_two_tower, denoiser_dir, shipped_denoiser
