@@ -89,8 +89,10 @@ def test_speedup_is_a_generated_throughput_ratio():
     """A mode that stops early must not look fast: half the wall time for half the tokens is
     no speed-up."""
     c = one_pass(lambda batch: Decoded([[7, 2]], 2), [[[1, 3]]])
-    row = summarise(c, 2.0, [[5, 6, 7, 2]])
+    row = summarise(c, 2.0, [[5, 6, 7, 2]], ar_seconds=[2 * c.seconds[0]])
     assert row["wall_time_ratio_vs_ar"] == 2.0 and row["speedup_vs_ar"] == 1.0
+    assert row["speedup_per_round"] == [1.0]  # each round: AR's time over the mode's, per token
+    assert row["ar_tokens_per_second_beside"] == 4 / (2 * c.seconds[0])
     assert row["token_agreement"] == 0.0 and row["generated_tokens"] == 2
 
 
@@ -198,6 +200,9 @@ def test_bench_speed_end_to_end(tiny_dir, tmp_path, capsys):
         pairs = sum(1 for b, _ in runs if b == r["batch_size"]) - 1
         assert len(r["seconds"]) == 2 * (pairs if r["mode"] == "ar" else 1)
         assert r["tokens_per_second"] > 0 and r["latency_s"]["p90"] >= r["latency_s"]["median"] > 0
+        # each round's speed-up, and our AR's speed in the rounds beside this contender
+        assert len(r["speedup_per_round"]) == len(r["seconds"]) and r["ar_tokens_per_second_beside"] > 0
+        assert min(r["speedup_per_round"]) - 1e-9 <= r["speedup_vs_ar"] <= max(r["speedup_per_round"]) + 1e-9
         assert r["requests"] == 2 and 0 < r["generated_tokens"] <= 2 * 6
     ar = runs[(1, "ar")]
     assert ar["speedup_vs_ar"] == 1.0 and ar["nfe_per_token"] == 1.0

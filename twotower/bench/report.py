@@ -22,6 +22,12 @@ def _fmt(value, spec: str) -> str:
     return "–" if value is None else format(value, spec)
 
 
+def _rounds(row: dict) -> str:
+    """Each interleaved round's speed-up, where there were several (not for our AR itself)."""
+    rounds = row.get("speedup_per_round") or []
+    return f" ({', '.join(f'{x:.2f}' for x in rounds)})" if row["mode"] != "ar" and len(rounds) > 1 else ""
+
+
 def _threshold_cell(row: dict) -> str:
     """The threshold where it plays a part: not for baselines, nor with one step per block
     (the whole block is committed, or drafted, at once)."""
@@ -45,15 +51,17 @@ def markdown(results: dict) -> str:
         f"after {results['warmup']} warm-up; mask diffusion commit rule: {results.get('commit_rule', 'threshold')}"
         + (", verified against the context tower" if results.get("verify") else "")
         + (f", {results['steps_per_block']} denoiser step(s) per block" if results.get("steps_per_block") else ""),
-        "- speed-up: generated tokens/s of the mode / of our AR, timed A B A B in one run; "
-        "agreement: greedy tokens vs our AR",
+        "- speed-up: generated tokens/s of the mode / of our AR, timed A B A B in one run: the median over "
+        "rounds, each round's in brackets; our AR's tok/s is given for the rounds beside each mode, since the "
+        "box's speed may move between them; agreement: greedy tokens vs our AR",
         f"- memory: {memory}",
         "",
-        "| batch | mode | block | threshold | tok/s | speed-up vs AR | predicted (here / flat to 64 rows) "
+        "| batch | mode | block | threshold | tok/s | our AR beside it (tok/s) | speed-up vs AR (per round) "
+        "| predicted (here / flat to 64 rows) "
         "| NFE/token | forwards/token | rows/forward | latency median (s) "
         f"| latency p90 (s) | {'peak GPU mem' if on_gpu else 'peak mem over start'} (MB) | token agreement "
         "| exact match |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results["runs"]:
         mode = r["mode"] + (" fused" if r.get("fused") else " verified" if r.get("verify") else "")
@@ -62,7 +70,8 @@ def markdown(results: dict) -> str:
                      if r.get("predicted_speedup") is not None else "–")
         lines.append(
             f"| {r['batch_size']} | {mode} | {r.get('block_size', '')} | {_threshold_cell(r)} "
-            f"| {r['tokens_per_second']:.1f} | {r['speedup_vs_ar']:.2f} | {predicted} "
+            f"| {r['tokens_per_second']:.1f} | {_fmt(r.get('ar_tokens_per_second_beside'), '.1f')} "
+            f"| {r['speedup_vs_ar']:.2f}{_rounds(r)} | {predicted} "
             f"| {_fmt(r['nfe_per_token'], '.2f')} | {_fmt(r.get('forwards_per_token'), '.2f')} "
             f"| {_fmt(r.get('rows_per_forward'), '.1f')} "
             f"| {r['latency_s']['median']:.2f} | {r['latency_s']['p90']:.2f} "

@@ -134,11 +134,15 @@ class Contender:
         self.seconds.extend(timings.seconds[self.name])
 
 
-def summarise(c: Contender, time_ratio: float, reference: list[list[int]]) -> dict:
+def summarise(c: Contender, time_ratio: float, reference: list[list[int]], ar_seconds: list[float] | None = None) -> dict:
     """``time_ratio``: median over interleaved rounds of time(our AR) / time(c);
-    ``reference``: our AR's tokens for the same requests."""
+    ``reference``: our AR's tokens for the same requests; ``ar_seconds``: our AR's pass times in
+    the rounds interleaved with ``c`` (its own for our AR), so that a row says how fast our AR was
+    beside it: a shared box's speed moves between the groups of one run."""
     last = c.kept[-1]
     generated = sum(len(row) for row in last.tokens)
+    ar_generated = sum(len(row) for row in reference)
+    ar_seconds = c.seconds if ar_seconds is None else ar_seconds
     shapes = last.forward_shapes
     forwards = sum(shapes.values()) if shapes else None
     latencies = [s for p in c.kept for s, batch in zip(p.batch_seconds, c.batches) for _ in batch]
@@ -147,8 +151,10 @@ def summarise(c: Contender, time_ratio: float, reference: list[list[int]]) -> di
         "requests": len(last.tokens),
         "generated_tokens": generated,
         "tokens_per_second": generated / statistics.median(c.seconds),
-        "speedup_vs_ar": time_ratio * generated / sum(len(row) for row in reference),
+        "speedup_vs_ar": time_ratio * generated / ar_generated,
         "wall_time_ratio_vs_ar": time_ratio,
+        "ar_tokens_per_second_beside": ar_generated / statistics.median(ar_seconds),
+        "speedup_per_round": [a / t * generated / ar_generated for a, t in zip(ar_seconds, c.seconds)],
         "nfe_per_token": last.nfe / last.longest_rows if last.nfe is not None and last.longest_rows else None,
         # every forward of either tower (or both at once), per position decoded, and its width
         "forwards_per_token": forwards / last.longest_rows if forwards and last.longest_rows else None,
@@ -340,7 +346,7 @@ def run_speed_bench(
         batches = others[0].batches if others else batches_of(encoded, batch_size)
         ar = Contender("ar", {"batch_size": batch_size, "mode": "ar", "label": "ar"}, ours(context, ar_settings, eos),
                        batches)
-        ratios = {}
+        ratios, beside = {}, {}
         for c in others or [None]:
             pair = {"ar": ar} if c is None else {"ar": ar, c.name: c}
             bar.set_postfix_str(f"batch {batch_size} {c.name if c else 'ar'}")
@@ -349,9 +355,10 @@ def run_speed_bench(
             if c is not None:
                 c.keep(timings, warmup)
                 ratios[c.name] = timings.ratio("ar", c.name)
+                beside[c.name] = timings.seconds["ar"]
         reference = ar.kept[-1].tokens
         runs.append(summarise(ar, 1.0, reference))
-        runs.extend(summarise(c, ratios[c.name], reference) for c in others)
+        runs.extend(summarise(c, ratios[c.name], reference, beside[c.name]) for c in others)
     bar.close()
     cost_model = _cost_model(tt, runs, device)
 
