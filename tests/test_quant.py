@@ -376,7 +376,9 @@ def test_the_drafters_int8_head_ranks_like_the_full_one():
     assert (ours - full).abs().max() < 0.05 * full.abs().max()
     assert (ours.argmax(-1) == full.argmax(-1)).float().mean() > 0.9
     assert head(x.bfloat16()).dtype == torch.bfloat16
-    assert head.held_bytes < weight.numel() * weight.element_size() / 3
+    # it holds quantize_int8's codes (int8, one scale per row), packed for the engine
+    packed = torch.ops.quantized.linear_unpack(head._packed)[0]
+    assert torch.equal(packed.int_repr(), quant.quantize_int8(weight)[0])
 
 
 def test_a_fast_drafter_keeps_its_head_where_the_quantized_engine_is_missing(world, monkeypatch, caplog):

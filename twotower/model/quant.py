@@ -82,10 +82,15 @@ class QuantReport:
                 f"{self.weight_bytes_after / 2**20:.0f} MiB, mean relative error {self.mean_rel_error:.2e}, {self.kernel})")
 
 
+def int8_scales(weight: torch.Tensor) -> torch.Tensor:
+    """(N, K) -> one symmetric int8 scale per row (N,), fp32."""
+    return (weight.detach().float().abs().amax(1) / 127).clamp_min(1e-12)
+
+
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, K) -> int8 codes (N, K) and one scale per row (N,), symmetric."""
     w = weight.detach().float()
-    scales = (w.abs().amax(1) / 127).clamp_min(1e-12)
+    scales = int8_scales(w)
     codes = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
     return codes, scales
 
@@ -239,12 +244,11 @@ class DynamicInt8Head(nn.Module):
         super().__init__()
         w = weight.detach().float()
         self.out_features, self.in_features = w.shape
-        scales = (w.abs().amax(1) / 127).clamp_min(1e-12).double()
+        scales = int8_scales(w).double()  # quantize_int8's scales: the same codes as QuantLinear's int8
         with warnings.catch_warnings():  # quantized tensors are deprecated for new code, not removed
             warnings.simplefilter("ignore", UserWarning)
             codes = torch.quantize_per_channel(w, scales, torch.zeros_like(scales, dtype=torch.long), 0, torch.qint8)
             self._packed = torch.ops.quantized.linear_prepack(codes, None)
-        self.held_bytes = w.numel() + scales.numel() * 4  # int8 codes and fp32 scales
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # reduce_range: 7-bit activations, so that AVX2's pairwise int8 products cannot saturate
