@@ -391,3 +391,13 @@ def test_a_fast_drafter_keeps_its_head_where_the_quantized_engine_is_missing(wor
     assert "int8 head" not in loaded.describe_numerics()
     assert "keeps its" in caplog.text and "no quantized engine (test)" in caplog.text
     _verified_is_ar(load_model(str(world.tt)), loaded)
+
+
+def test_a_fast_drafter_over_a_bf16_context_is_that_bf16_ar_model(world):
+    """Verified decoding's exactness holds in bf16 too: a bf16 context tower checking the fast
+    drafter (int4, its int8 head where the CPU has the engine) gives the bf16 AR model's tokens.
+    On a CPU without bf16 kernels (AVX2 only) bf16 takes the plain, slower path; it still runs."""
+    full = load_model(str(world.tt), dtype="bfloat16")
+    loaded = load_model(str(world.tt), dtype="bfloat16", quantize_drafter="fast")
+    assert loaded.two_tower.context.dtype == torch.bfloat16
+    _verified_is_ar(full, loaded)
