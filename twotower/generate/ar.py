@@ -254,14 +254,17 @@ def generate_ar(
     stopper = new_stopper(model, batch, limits, eos_token_id, stop_strings, tokenizer, should_stop)
     stats = GenerationStats(new_tokens=[0] * batch)
 
+    # greedy steps without a logits callback read only each row's argmax: the passes end at the
+    # final hidden states and Backbone.argmax_tokens picks (the full head's tokens, cheaper)
+    picks_only = sampler.greedy and logits_callback is None
     start = time.perf_counter()
-    cache, logits = _prefill(model, prompts, limits)
+    cache, logits = _prefill(model, prompts, limits, head=not picks_only)
     stats.nfe = 1
     stats.prefill_seconds = time.perf_counter() - start
     start = time.perf_counter()
     rows = list(range(batch))  # the row id of each batch row (rows leave and join with on_boundary)
-    while True:
-        tokens = sampler(logits[:, -1], rows)
+    while True:  # logits: (rows, 1, V), or their hidden states (rows, 1, H) where picks_only
+        tokens = model.argmax_tokens(logits[:, -1]) if picks_only else sampler(logits[:, -1], rows)
         # one transfer per step, then plain Python: per-row tensor indexing costs milliseconds
         # a step at distillation's batch sizes
         for i, (row, tok) in enumerate(zip(rows, tokens.tolist())):
@@ -282,7 +285,7 @@ def generate_ar(
                 cache.regroup(torch.tensor(keep, dtype=torch.long))
                 tokens = tokens[keep]
         if rows:
-            logits = model(tokens[:, None], cache, last_only=True)
+            logits = model(tokens[:, None], cache, last_only=True, head=not picks_only)
             stats.nfe += 1
             stats.counted("context", 1)
         if on_boundary is not None and joining:
@@ -291,7 +294,7 @@ def generate_ar(
             going_on = len(rows)  # rows of the cache (and of logits, when there are any)
             rows += stopper.add(new_limits, [r.stop_strings for r in joining])
             sampler.add([r.seed for r in joining])
-            new_cache, new_logits = _prefill(model, joined, new_limits)
+            new_cache, new_logits = _prefill(model, joined, new_limits, head=not picks_only)
             cache.regroup(torch.arange(going_on), new_cache)
             logits = torch.cat([logits, new_logits]) if going_on else new_logits
         if not rows:
@@ -338,6 +341,7 @@ def prefill_unpadded(model: Backbone, prompts: Prompts, limits: list[int], reser
     return cache, out
 
 
-def _prefill(model: Backbone, prompts: Prompts, limits: list[int]) -> tuple[ModelCache, torch.Tensor]:
-    """A cache for ``prompts`` and the logits of the next token after each."""
-    return prefill_unpadded(model, prompts, limits, 0, lambda ids, cache: model(ids, cache, last_only=True))
+def _prefill(model: Backbone, prompts: Prompts, limits: list[int], head: bool = True) -> tuple[ModelCache, torch.Tensor]:
+    """A cache for ``prompts`` and the logits of the next token after each (``head=False``: the
+    final hidden states instead)."""
+    return prefill_unpadded(model, prompts, limits, 0, lambda ids, cache: model(ids, cache, last_only=True, head=head))

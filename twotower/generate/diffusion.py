@@ -115,6 +115,13 @@ class _Decoding:
     def batch(self) -> int:
         return len(self.anchor)
 
+    @property
+    def picks_only(self) -> bool:
+        """Whether a check needs no more of the AR model's logits than their argmax (greedy, no
+        logits callback): its pass then ends at the hidden states, and Backbone.argmax_tokens
+        picks (the full head's tokens, cheaper)."""
+        return self.sampler.greedy and self.logits_callback is None
+
     def active(self) -> torch.Tensor:
         finished = self.stopper.finished
         return torch.tensor([not finished[r] for r in self.rows], dtype=torch.bool, device=self.anchor.device)
@@ -445,15 +452,20 @@ def _verified_drafts(run: _Decoding) -> None:
         ext = torch.cat([run.anchor[:, None], proposal[:, : width - 1]], dim=1)
         ext = torch.where(active[:, None] & (torch.arange(width, device=ext.device) <= drafted[:, None]), ext, 0)
         before = run.cache.lengths.clone()
-        ar_logits = run.model.context_forward(ext, run.cache, record=True)
+        picks_only = run.picks_only
+        ar_logits = run.model.context_forward(ext, run.cache, record=True, head=not picks_only)
         run.stats.context_passes += 1
         run.stats.counted("context", width)
+        if picks_only:  # the AR model's greedy tokens; ar_logits are hidden states
+            picks = run.model.context.argmax_tokens(ar_logits)
+        else:
+            picks = ar_logits.argmax(-1) if run.sampler.greedy else None
         q = None if run.sampler.greedy else run.sampler.probs(logits[:, : int(drafted.max())])
         appended = torch.zeros(batch, dtype=torch.long, device=active.device)
         for row in active.nonzero()[:, 0].tolist():
-            new = _accept(run.sampler, run.rows[row], proposal[row, : int(drafted[row])], ar_logits[row],
-                          None if q is None else q[row])
-            appended[row] = run.emit(row, new, ar_logits[row])
+            new = _accept(run.sampler, run.rows[row], proposal[row, : int(drafted[row])],
+                          None if picks is None else picks[row], ar_logits[row], None if q is None else q[row])
+            appended[row] = run.emit(row, new, None if picks_only else ar_logits[row])
             rid = run.rows[row]
             run.stats.block_steps[rid].append(1)
             run.stats.drafted[rid].append(int(drafted[row]))
@@ -486,10 +498,14 @@ def _tree_drafts(run: _Decoding, nodes: int) -> None:
 
         ids = torch.where(active[:, None], torch.cat([run.anchor[:, None], tree.tokens], 1), 0)
         before = run.cache.lengths.clone()
-        ar_logits = run.model.context_forward(ids, run.cache, tree=tree.ancestors())
+        picks_only = run.picks_only
+        ar_logits = run.model.context_forward(ids, run.cache, tree=tree.ancestors(), head=not picks_only)
         run.stats.context_passes += 1
         run.stats.counted("tree", nodes + 1)
-        picks = ar_logits.argmax(-1).tolist() if run.sampler.greedy else None
+        if picks_only:  # the AR model's greedy tokens; ar_logits are hidden states
+            picks = run.model.context.argmax_tokens(ar_logits).tolist()
+        else:
+            picks = ar_logits.argmax(-1).tolist() if run.sampler.greedy else None
         appended = torch.zeros(batch, dtype=torch.long, device=active.device)
         span = torch.arange(nodes + 1, device=active.device)
         source = before[:, None] + span  # the kept rows' slots (anchor, then the path), per row
@@ -500,7 +516,7 @@ def _tree_drafts(run: _Decoding, nodes: int) -> None:
             else:  # one draw per emitted token from the row's stream, as generate_ar draws
                 pick = lambda r, row=row, rid=rid: int(run.sampler(ar_logits[row, r][None], [rid])[0])  # noqa: E731
             tokens, rows = walk(tree, row, pick)
-            appended[row] = run.emit(row, tokens, ar_logits[row, rows])
+            appended[row] = run.emit(row, tokens, None if picks_only else ar_logits[row, rows])
             source[row, : len(rows)] = before[row] + torch.tensor(rows, device=active.device)
             run.stats.block_steps[rid].append(1)
             run.stats.drafted[rid].append(nodes)
@@ -565,6 +581,7 @@ def _fused_drafts(run: _Decoding) -> None:
             run.step_callback(StepEvent(step, 0, active[:, None].expand(batch, s).clone(),
                                         torch.where(active[:, None], proposal, -1), t, out.den_logits, list(run.rows)))
         probs = None if run.sampler.greedy else run.sampler.probs(out.den_logits)
+        picks = out.ar_logits.argmax(-1) if run.sampler.greedy else None
 
         appended = torch.zeros(batch, dtype=torch.long, device=device)
         next_draft, next_drafted = torch.zeros_like(draft), torch.zeros_like(drafted)
@@ -573,8 +590,8 @@ def _fused_drafts(run: _Decoding) -> None:
             k, guess = int(drafted[row]), bool(guessed[row])
             checked = draft[row, : k + guess]
             # the row's k + 1 context rows check d_1..d_k and the guess, or give AR's next token
-            new = _accept(run.sampler, run.rows[row], checked, out.ar_logits[row, : k + 1],
-                          None if q is None else q[row])
+            new = _accept(run.sampler, run.rows[row], checked, None if picks is None else picks[row, : k + 1],
+                          out.ar_logits[row, : k + 1], None if q is None else q[row])
             appended[row] = kept = run.emit(row, new, out.ar_logits[row])
             rid = run.rows[row]
             run.stats.block_steps[rid].append(1)
@@ -601,19 +618,20 @@ def _fused_drafts(run: _Decoding) -> None:
         step += 1
 
 
-def _accept(sampler: Sampler, row: int, draft: torch.Tensor, ar_logits: torch.Tensor, q: torch.Tensor | None) -> list[int]:
-    """A row's draft (k,) checked against the AR logits of its targets (k rows, or k + 1 with
-    the target after the draft): the accepted prefix, then the AR model's token at the first
-    rejection or after the draft. Greedy: accept while equal to the AR argmax. Sampling:
-    speculative-sampling acceptance with the denoiser's proposal distributions q (k, V) of the
-    row and the AR distribution p, with the row id ``row``'s random stream."""
+def _accept(sampler: Sampler, row: int, draft: torch.Tensor, picks: torch.Tensor | None, ar_logits: torch.Tensor,
+            q: torch.Tensor | None) -> list[int]:
+    """A row's draft (k,) checked against the AR model's tokens of its targets (k, or k + 1
+    with the target after the draft): the accepted prefix, then the AR model's token at the
+    first rejection or after the draft. Greedy: accept while equal to the AR argmax ``picks``.
+    Sampling: speculative-sampling acceptance with the denoiser's proposal distributions q
+    (k, V) of the row and the AR distribution p of ``ar_logits``, with the row id ``row``'s
+    random stream."""
     k = len(draft)
-    ar_logits = ar_logits[: k + 1]
     if sampler.greedy:
-        ar = ar_logits.argmax(-1)
+        ar = picks[: k + 1]
         kept = int((draft == ar[:k]).long().cumprod(0).sum())
         return draft[:kept].tolist() + ar[kept : kept + 1].tolist()
-    p = sampler.probs(ar_logits)
+    p = sampler.probs(ar_logits[: k + 1])
     rejected = []
     if k:  # (no draft: AR's own next token)
         px = p[:k].gather(-1, draft[:, None])[:, 0]

@@ -7,6 +7,7 @@ from torch import nn
 
 from ..errors import UsageError
 from . import exact_sdpa
+from .argmax_head import MIN_HEAD_PARAMS, certifier_for
 from .cache import ForwardContext, ModelCache, append_context, left_padding
 from .compiled import MAX_TOKENS, LayerCompiler, compiler_for, spans
 from .config import BackboneConfig
@@ -81,6 +82,9 @@ class Backbone(nn.Module):
             else None
         )
         self.compiler: LayerCompiler | None = None  # compile_passes
+        # argmax_tokens proves greedy picks from an int8 product (model/argmax_head.py): None where
+        # the head is large enough for that to pay, True always, False never (the full head)
+        self.certify_argmax: bool | None = None
 
     def compile_passes(self, max_tokens: int = MAX_TOKENS) -> Backbone:
         """Run the sub-layers of passes with at most ``max_tokens`` tokens per row compiled
@@ -135,6 +139,20 @@ class Backbone(nn.Module):
         for span in spans(len(self.layers)):
             x = self.run(run_layers, x.shape[1], tuple(self.layers[span]), x, ctx, rope, tuple(states[span]))
         return self.norm(x)
+
+    def argmax_tokens(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``self.lm_head(hidden).argmax(-1)`` for final hidden states (..., H), the same tokens:
+        where it can, the pick is proved from an int8 product without the full head
+        (model/argmax_head.py), which then runs only for the rows left unproved."""
+        head = self.lm_head
+        certifier = None
+        if (self.certify_argmax is not False and type(head) is Linear and head.bias is None
+                and hidden.dtype == torch.float32
+                and (self.certify_argmax or head.weight.numel() >= MIN_HEAD_PARAMS)):
+            certifier = certifier_for(head.weight)
+        if certifier is None or hidden.device != head.weight.device:
+            return head(hidden).argmax(-1)
+        return certifier(hidden.reshape(-1, hidden.shape[-1]), head).reshape(hidden.shape[:-1])
 
     def forward(
         self,

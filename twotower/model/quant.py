@@ -231,6 +231,31 @@ def quantize_backbone(backbone: nn.Module, scheme: str) -> QuantReport:
     return report
 
 
+def dynamic_int8_pack(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) -> the quantized engine's packed int8 weight (one scale per row: quantize_int8's
+    codes) and the values it multiplies by, dequantized (N, K) fp32."""
+    w = weight.detach().float()
+    scales = int8_scales(w).double()
+    with warnings.catch_warnings():  # quantized tensors are deprecated for new code, not removed
+        warnings.simplefilter("ignore", UserWarning)
+        codes = torch.quantize_per_channel(w, scales, torch.zeros_like(scales, dtype=torch.long), 0, torch.qint8)
+        return torch.ops.quantized.linear_prepack(codes, None), codes.dequantize()
+
+
+def dynamic_int8_product(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """x (R, K) fp32 times a dynamic_int8_pack weight: x quantized per call (one scale and zero
+    for the whole call: ``dynamic_int8_quantize(x)``), the int8 products summed exactly in
+    int32, scaled back to fp32."""
+    # reduce_range: 7-bit activations, so that AVX2's pairwise int8 products cannot saturate
+    return torch.ops.quantized.linear_dynamic(x, packed, True)
+
+
+def dynamic_int8_quantize(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (R, K) fp32 quantized as dynamic_int8_product quantizes it (a quantized tensor:
+    ``.dequantize()`` gives the values the product multiplies by)."""
+    return torch.quantize_per_tensor_dynamic(x, torch.quint8, True)
+
+
 class DynamicInt8Head(nn.Module):
     """An LM head for a drafter alone: int8 weights (one scale per vocabulary row) times the
     activations quantized per call, through the CPU's quantized engine (fbgemm/x86,
@@ -242,17 +267,11 @@ class DynamicInt8Head(nn.Module):
 
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
-        w = weight.detach().float()
-        self.out_features, self.in_features = w.shape
-        scales = int8_scales(w).double()  # quantize_int8's scales: the same codes as QuantLinear's int8
-        with warnings.catch_warnings():  # quantized tensors are deprecated for new code, not removed
-            warnings.simplefilter("ignore", UserWarning)
-            codes = torch.quantize_per_channel(w, scales, torch.zeros_like(scales, dtype=torch.long), 0, torch.qint8)
-            self._packed = torch.ops.quantized.linear_prepack(codes, None)
+        self.out_features, self.in_features = weight.shape
+        self._packed, _ = dynamic_int8_pack(weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # reduce_range: 7-bit activations, so that AVX2's pairwise int8 products cannot saturate
-        y = torch.ops.quantized.linear_dynamic(x.reshape(-1, self.in_features).float(), self._packed, True)
+        y = dynamic_int8_product(x.reshape(-1, self.in_features).float(), self._packed)
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
