@@ -60,10 +60,12 @@ def measure_forward_costs(model: TwoTower, shapes: set[str], context_tokens: int
 
         def run() -> None:
             with torch.inference_mode():
-                if kind == "context":
-                    backbone(new[:, : rows[0]], cache, last_only=rows[0] == 1, record=True)
+                if kind == "context":  # greedy passes end at their picks, as decoding's do
+                    backbone.argmax_tokens(backbone(new[:, : rows[0]], cache, last_only=rows[0] == 1, record=True,
+                                                    head=False))
                 elif kind == "tree":
-                    backbone(new[:, : rows[0]], cache, tree=typical_tree(rows[0]).to(ids.device))
+                    backbone.argmax_tokens(backbone(new[:, : rows[0]], cache, tree=typical_tree(rows[0]).to(ids.device),
+                                                    head=False))
                 elif kind in ("denoiser", "drafter"):
                     with model.drafting_to_verify() if kind == "drafter" else nullcontext():
                         model.denoise_block(block(rows[0]), torch.ones(1, device=ids.device), cache)

@@ -62,8 +62,8 @@ def run_step_bench(
         t = torch.ones(1)
         base = cache.lengths.clone()
 
-        def ar_step():
-            tt.context_forward(one, cache, last_only=True)
+        def ar_step():  # as a greedy step decodes: the hidden state, then the pick
+            tt.context.argmax_tokens(tt.context_forward(one, cache, last_only=True, head=False))
             cache.rollback(base)
 
         def denoiser_step_lora():
@@ -114,9 +114,9 @@ def _profile(tt: TwoTower, merged: TwoTower, one, block, t, cache, base, steps: 
     """One AR step (the cached token, the greedy pick) and one merged denoiser step, profiled."""
 
     def ar_step():
-        logits = tt.context_forward(one, cache, last_only=True)
-        with record_function("twotower.sampling"):
-            logits[:, -1].argmax(-1).tolist()
+        hidden = tt.context_forward(one, cache, last_only=True, head=False)
+        with record_function("twotower.greedy_pick"):  # Backbone.argmax_tokens: the LM head's part
+            tt.context.argmax_tokens(hidden[:, -1]).tolist()
         cache.rollback(base)
 
     def denoiser_step():

@@ -122,6 +122,13 @@ class _Decoding:
         picks (the full head's tokens, cheaper)."""
         return self.sampler.greedy and self.logits_callback is None
 
+    def ar_picks(self, out: torch.Tensor) -> torch.Tensor | None:
+        """The AR model's greedy tokens from a check's output (its hidden states where
+        ``picks_only``, its logits otherwise); None when sampling."""
+        if self.picks_only:
+            return self.model.context.argmax_tokens(out)
+        return out.argmax(-1) if self.sampler.greedy else None
+
     def active(self) -> torch.Tensor:
         finished = self.stopper.finished
         return torch.tensor([not finished[r] for r in self.rows], dtype=torch.bool, device=self.anchor.device)
@@ -456,10 +463,7 @@ def _verified_drafts(run: _Decoding) -> None:
         ar_logits = run.model.context_forward(ext, run.cache, record=True, head=not picks_only)
         run.stats.context_passes += 1
         run.stats.counted("context", width)
-        if picks_only:  # the AR model's greedy tokens; ar_logits are hidden states
-            picks = run.model.context.argmax_tokens(ar_logits)
-        else:
-            picks = ar_logits.argmax(-1) if run.sampler.greedy else None
+        picks = run.ar_picks(ar_logits)  # (ar_logits are hidden states where picks_only)
         q = None if run.sampler.greedy else run.sampler.probs(logits[:, : int(drafted.max())])
         appended = torch.zeros(batch, dtype=torch.long, device=active.device)
         for row in active.nonzero()[:, 0].tolist():
@@ -502,10 +506,8 @@ def _tree_drafts(run: _Decoding, nodes: int) -> None:
         ar_logits = run.model.context_forward(ids, run.cache, tree=tree.ancestors(), head=not picks_only)
         run.stats.context_passes += 1
         run.stats.counted("tree", nodes + 1)
-        if picks_only:  # the AR model's greedy tokens; ar_logits are hidden states
-            picks = run.model.context.argmax_tokens(ar_logits).tolist()
-        else:
-            picks = ar_logits.argmax(-1).tolist() if run.sampler.greedy else None
+        picks = run.ar_picks(ar_logits)  # (ar_logits are hidden states where picks_only)
+        picks = None if picks is None else picks.tolist()
         appended = torch.zeros(batch, dtype=torch.long, device=active.device)
         span = torch.arange(nodes + 1, device=active.device)
         source = before[:, None] + span  # the kept rows' slots (anchor, then the path), per row

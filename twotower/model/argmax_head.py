@@ -1,10 +1,10 @@
 """The greedy pick of an fp32 LM head, proved instead of computed.
 
 Greedy decoding reads one number per row of the LM head's logits: their argmax (an AR step's
-token, a verified check's verdict). SmolLM2's tied 49152 x 576 fp32 head costs ~4.1 ms for a
-row on a 2-core AVX2 EPYC (oneDNN, packed), a sixth of a compiled int4 AR step; an int8 product
-through the CPU's quantized engine costs ~0.8 ms, and a bound on its error leaves a handful of
-tokens that can still be the argmax. Scoring those exactly proves the pick.
+token, a verified check's verdict). SmolLM2's tied 49152 x 576 fp32 head costs 4-5.5 ms for a
+row on a 2-core AVX2 EPYC (oneDNN, packed), a fifth of a compiled int4 AR step; an int8 product
+through the CPU's quantized engine costs 0.8-1.6 ms, and a bound on its error leaves a handful
+of tokens that can still be the argmax. Scoring those exactly proves the pick.
 
 For a row x and a vocabulary row W_r, the full head computes F_r = fl(W_r . x) in fp32, within
 eps_r = gamma_K sum_k |W_rk x_k| of the exact l_r = W_r . x whatever its kernel's order of
@@ -18,8 +18,8 @@ median row, 79 at most) are scored exactly in fp64, L_c; if the best one's L - e
 other one's L + eps, its F is the row's unique maximum: the token torch.argmax of the full head
 returns. A row without that proof (a near tie: 5 of 659 rows there; a non-finite state; more
 than MAX_CANDIDATES contenders) gets the full head. So the tokens are always the full head's;
-only the time differs (one row 4.1 -> 2.3 ms, three rows 4.6 -> 3.1 ms, eight 6.3 -> 5.6 ms,
-measured on that EPYC).
+only the time differs: on that EPYC, one row took 5.3-5.6 ms with the full head against 2.5-3.3
+ms proved (caches hot or flushed), three rows 5.2 against 2.8-3.8 ms, eight rows about even.
 
 It needs fp32 weights and states, a CPU with the x86/fbgemm quantized engine whose products pass
 an exactness check on the head itself (``certifier_for``), and fp32 products at full precision
