@@ -69,6 +69,19 @@ def test_rows_without_a_finite_state_take_the_full_head():
     assert certifier.proved == 1 and certifier.unproved == 2
 
 
+def test_rows_of_one_sign_and_zero_rows():
+    """Rows all of one sign cannot share a call with their scaled residual (two calls then); a
+    zero row ties every token (the full head, which picks the first)."""
+    lin = head()
+    certifier = CertifiedArgmax(lin.weight)
+    x = states(3).abs() + 0.5
+    assert certifier(x, lin).tolist() == lin(x).argmax(-1).tolist() and certifier.proved == 3
+    zero = torch.zeros(2, x.shape[1])
+    zero[1] = 1.0
+    assert certifier(zero, lin).tolist() == lin(zero).argmax(-1).tolist() == [0, int(lin(zero[1]).argmax())]
+    assert certifier.unproved == 1
+
+
 def test_a_bound_that_does_not_hold_is_caught_by_the_check(monkeypatch):
     """The engine's products are checked against their exact sums once per head: an engine
     whose int8 pairs saturate (or any other error) leaves the full head in charge."""
