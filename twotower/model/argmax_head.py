@@ -53,7 +53,8 @@ class CertifiedArgmax:
 
     def __init__(self, weight: torch.Tensor) -> None:
         self.weight = weight.detach()
-        self.packed, values = dynamic_int8_pack(self.weight)
+        self.packed, codes = dynamic_int8_pack(self.weight)
+        values = codes.dequantize()
         k = self.weight.shape[1]
         self.gamma = k * _U / (1 - k * _U)
         # b = [||x||, ||x - x1 - x2||, rounding] @ coefficients: one small product per call (fp32

@@ -233,13 +233,13 @@ def quantize_backbone(backbone: nn.Module, scheme: str) -> QuantReport:
 
 def dynamic_int8_pack(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, K) -> the quantized engine's packed int8 weight (one scale per row: quantize_int8's
-    codes) and the values it multiplies by, dequantized (N, K) fp32."""
+    codes) and those codes as a quantized tensor (``.dequantize()``: the values it multiplies by)."""
     w = weight.detach().float()
     scales = int8_scales(w).double()
     with warnings.catch_warnings():  # quantized tensors are deprecated for new code, not removed
         warnings.simplefilter("ignore", UserWarning)
         codes = torch.quantize_per_channel(w, scales, torch.zeros_like(scales, dtype=torch.long), 0, torch.qint8)
-        return torch.ops.quantized.linear_prepack(codes, None), codes.dequantize()
+        return torch.ops.quantized.linear_prepack(codes, None), codes
 
 
 def dynamic_int8_product(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
